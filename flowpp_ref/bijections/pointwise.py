@@ -1,0 +1,186 @@
+"""Pointwise: the invertible 1x1 convolution (one C x C matrix at every pixel).
+
+Math (convention: pixels are row vectors, as in the released ``_nin``,
+``tf.matmul(x.reshape(-1, C), W)``)::
+
+    y[b, h, w, :] = x[b, h, w, :] @ W
+    logdet = H * W_img * log|det W|            the same for every sample
+    inverse: x[b, h, w, :] = y[b, h, w, :] @ W^{-1},  logdet_inv = -logdet
+
+``log|det W|`` (``slogdet``) and ``W^{-1}`` are computed in float64 on the host
+and cast back to the parameter dtype (the paper's code also takes the
+determinant in double; STYLE.md pitfall 4). That costs one transfer of the
+C x C matrix per call on CuPy (never run on a GPU).
+
+A tuple input ``(x0, x1)`` gets one matrix per element (``W0``, ``W1``, as in the
+paper's ``W{i}``); a single array uses ``W``.
+
+Singular or non-finite W: :class:`FlowInputError`. "Singular" means
+numerically singular in float64: the smallest singular value is at most
+``C * eps64 * largest`` (NumPy's ``matrix_rank`` tolerance), i.e. the condition
+number exceeds ``1 / (C * eps64)`` ~ 4.5e15 / C.
+
+Inits (a host ``np.random.Generator`` is passed to the constructor):
+* ``noisy_identity_init=0.001`` (CIFAR setting): ``W = I + 0.001 * N(0, 1)``;
+* ``noisy_identity_init=None`` (or 0): a random orthogonal matrix, the Q factor
+  of the QR decomposition of a standard normal matrix.
+
+References: Flow++ appendix 8.2 (``Pointwise``); Glow (Kingma & Dhariwal 2018).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import array_module, asarray, to_numpy
+from ..validation import FlowInputError, check_array
+from .base import Bijection
+
+EPS64 = float(np.finfo(np.float64).eps)
+
+
+def factor_matrix(W, name: str = "W"):
+    """``(log|det W|, W^{-1})`` computed in float64; raises on a singular/non-finite W.
+
+    Returns the log-det as a Python float and the inverse on W's backend in W's dtype.
+    """
+    W64 = to_numpy(W).astype(np.float64)
+    C = W64.shape[0]
+    if not np.isfinite(W64).all():
+        bad = int((~np.isfinite(W64)).sum())
+        raise FlowInputError(f"{name}: {bad} non-finite entries in the {C}x{C} matrix")
+    sv = np.linalg.svd(W64, compute_uv=False)
+    if not sv[-1] > sv[0] * C * EPS64:
+        raise FlowInputError(f"{name}: the {C}x{C} matrix is singular (singular values from {sv[0]:.3g} "
+                             f"down to {sv[-1]:.3g}; need smallest > C * eps64 * largest)")
+    _, logabsdet = np.linalg.slogdet(W64)
+    Winv = np.linalg.inv(W64)
+    return float(logabsdet), asarray(Winv, array_module(W), W.dtype)
+
+
+class Pointwise(Bijection):
+    """Invertible 1x1 convolution; see the module docstring for the math.
+
+    Args:
+        channels: C (int) for an array input, or a tuple of ints for a tuple input.
+        rng: host ``np.random.Generator`` for the init (required).
+        noisy_identity_init: noise scale of ``I + s * N(0, 1)``; ``None`` or 0 for
+            a random orthogonal init.
+        xp, dtype: where and how the matrices are stored.
+
+    Shapes: x [B, H, W, C] (or a tuple of such) -> same; logdet (B,).
+    Cache: forward keeps the inputs ``x`` and ``Winv`` (W^{-1}, from the float64
+    inverse) per element; inverse keeps its inputs ``y`` and ``Winv``.
+    """
+
+    def __init__(self, channels, *, rng, noisy_identity_init=0.001, xp=np, dtype=np.float32):
+        super().__init__()
+        if isinstance(channels, (int, np.integer)):
+            self.is_tuple, chans = False, [int(channels)]
+        elif isinstance(channels, (tuple, list)) and len(channels) > 0 and all(
+                isinstance(c, (int, np.integer)) for c in channels):
+            self.is_tuple, chans = True, [int(c) for c in channels]
+        else:
+            raise ValueError(f"channels must be an int or a tuple of ints, got {channels!r}")
+        if any(c < 1 for c in chans):
+            raise ValueError(f"channel counts must be positive, got {channels!r}")
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng must be a host np.random.Generator, got {type(rng).__name__}")
+        self.channels = chans
+        self.noisy_identity_init = noisy_identity_init
+        for i, C in enumerate(chans):
+            if noisy_identity_init:
+                W0 = np.eye(C) + noisy_identity_init * rng.standard_normal((C, C))
+            else:
+                W0 = np.linalg.qr(rng.standard_normal((C, C)))[0]
+            self.params[self._name(i)] = asarray(W0, xp, dtype)
+
+    def _name(self, i):
+        return f"W{i}" if self.is_tuple else "W"
+
+    def _as_list(self, x, name):
+        if self.is_tuple:
+            if not isinstance(x, tuple):
+                raise FlowInputError(f"{name}: expected a tuple of {len(self.channels)} arrays [B, H, W, C_i] "
+                                     f"with C_i = {self.channels}, got one array of shape "
+                                     f"{tuple(getattr(x, 'shape', ()))}")
+            if len(x) != len(self.channels):
+                raise FlowInputError(f"{name}: expected a tuple of {len(self.channels)} arrays, got {len(x)}")
+            xs = list(x)
+        else:
+            if isinstance(x, tuple):
+                raise FlowInputError(f"{name}: expected one array [B, H, W, {self.channels[0]}], got a tuple of "
+                                     f"shapes {[tuple(getattr(a, 'shape', ())) for a in x]}")
+            xs = [x]
+        for i, (a, C) in enumerate(zip(xs, self.channels)):
+            check_array(a, name, ndim=4)
+            if a.shape[3] != C:
+                raise FlowInputError(f"{name}: element {i} must have {C} channels, got shape {tuple(a.shape)}")
+            if a.shape[0] != xs[0].shape[0]:
+                raise FlowInputError(f"{name}: batch sizes differ, shapes {[tuple(b.shape) for b in xs]}")
+        return xs
+
+    def _pack(self, outs):
+        return tuple(outs) if self.is_tuple else outs[0]
+
+    def _factors(self):
+        out = []
+        for i in range(len(self.channels)):
+            out.append(factor_matrix(self.params[self._name(i)], f"Pointwise.{self._name(i)}"))
+        return out
+
+    # ----------------------------------------------------------- forward
+    def forward(self, x, context=None, *, train=False, rng=None):
+        xs = self._as_list(x, "Pointwise.forward")
+        xp = array_module(xs[0])
+        factors = self._factors()
+        out, total = [], 0.0
+        for i, (a, (lad, _)) in enumerate(zip(xs, factors)):
+            out.append(a @ self.params[self._name(i)])
+            total += a.shape[1] * a.shape[2] * lad            # H * W * log|det W_i|
+        logdet = xp.full((xs[0].shape[0],), total, dtype=xs[0].dtype)
+        return self._pack(out), logdet, {"x": xs, "Winv": [f[1] for f in factors]}
+
+    def backward(self, dy, dlogdet, cache):
+        dys = dy if isinstance(dy, tuple) else (dy,)
+        gl = dlogdet.sum()
+        dxs, grads = [], {}
+        for i, (g, a, Winv) in enumerate(zip(dys, cache["x"], cache["Winv"])):
+            W = self.params[self._name(i)]
+            xp = array_module(g)
+            dxs.append(g @ W.T)                                 # dL/dx = dy W^T
+            # dL/dW = sum_{b,h,w} x^T dy + sum_b dlogdet * H*W * W^{-T}
+            gW = xp.tensordot(a, g, axes=([0, 1, 2], [0, 1, 2]))
+            grads[self._name(i)] = gW + (gl * (a.shape[1] * a.shape[2])) * Winv.T
+        return self._pack(dxs), None, grads
+
+    # ----------------------------------------------------------- inverse
+    def inverse(self, y, context=None):
+        x, ld, _ = self.inverse_with_cache(y, context)
+        return x, ld
+
+    def inverse_with_cache(self, y, context=None):
+        ys = self._as_list(y, "Pointwise.inverse")
+        xp = array_module(ys[0])
+        factors = self._factors()
+        out, total = [], 0.0
+        for a, (lad, Winv) in zip(ys, factors):
+            out.append(a @ Winv)
+            total -= a.shape[1] * a.shape[2] * lad
+        logdet = xp.full((ys[0].shape[0],), total, dtype=ys[0].dtype)
+        return self._pack(out), logdet, {"y": ys, "Winv": [f[1] for f in factors]}
+
+    def inverse_backward(self, dx, dlogdet, cache):
+        dxs = dx if isinstance(dx, tuple) else (dx,)
+        gl = dlogdet.sum()
+        dys, grads = [], {}
+        for i, (g, a, Winv) in enumerate(zip(dxs, cache["y"], cache["Winv"])):
+            xp = array_module(g)
+            dys.append(g @ Winv.T)                              # x = y V, V = W^{-1}: dL/dy = dx V^T
+            gV = xp.tensordot(a, g, axes=([0, 1, 2], [0, 1, 2]))  # dL/dV = sum y^T dx
+            # dV = -V dW V  =>  dL/dW = -V^T (dL/dV) V^T ; logdet_inv = -H*W*log|det W| => -H*W * V^T
+            grads[self._name(i)] = -(Winv.T @ gV @ Winv.T) - (gl * (a.shape[1] * a.shape[2])) * Winv.T
+        return self._pack(dys), None, grads
+
+    def __repr__(self):
+        ch = tuple(self.channels) if self.is_tuple else self.channels[0]
+        return f"Pointwise(channels={ch}, noisy_identity_init={self.noisy_identity_init})"
