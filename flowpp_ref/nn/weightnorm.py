@@ -1,0 +1,257 @@
+"""Weight-normalised 3x3 convolution and dense ("nin") layers (paper appendix 8.3).
+
+Both layers use weight normalisation (Salimans & Kingma, 2016)::
+
+    W = g * V / ||V||        (norm per output unit: over every axis of V but the last)
+
+and the paper's data-dependent initialisation (DDI): on the init batch, with
+``m, v`` the mean and (population) variance of each output unit,
+
+    scale = init_scale / sqrt(v + 1e-8);   g <- g * scale;   b <- b - m * scale
+
+after which the layer's output on that batch has per-unit mean 0 and standard
+deviation ``init_scale`` (exactly, when ``b`` was 0 before, as it is at
+construction).
+
+Layout NHWC. Parameters are drawn from the host ``np.random.Generator`` passed as
+``rng`` (``V ~ N(0, 0.05)``, ``g = 1``, ``b = 0``) and moved to ``xp`` with
+:func:`flowpp_ref.backend.asarray`.
+
+Backward through the weight norm, per output unit o (n = ||V_o||)::
+
+    dL/dg_o = sum(dW_o * V_o) / n
+    dL/dV_o = (g_o / n) * (dW_o - (dL/dg_o / n) * V_o)
+
+(from dW_k/dV_j = g/n * delta_kj - g V_k V_j / n^3).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import asarray, array_module
+from ..module import Module
+from ..validation import FlowInputError, check_array
+
+DDI_EPS = 1e-8   # the paper's epsilon in init_scale / sqrt(v + 1e-8)
+
+
+# --------------------------------------------------------------- weight norm
+def weight_norm(V, g):
+    """``W = g * V / ||V||`` with the norm over every axis but the last.
+
+    Returns ``(W, n)`` with ``n`` of shape ``[Cout]`` (kept for the backward).
+    """
+    xp = array_module(V)
+    axes = tuple(range(V.ndim - 1))
+    n = xp.sqrt((V * V).sum(axis=axes))          # [Cout]
+    W = V * (g / n)                               # broadcast on the last axis
+    return W, n
+
+
+def weight_norm_backward(dW, V, g, n):
+    """Gradients of L with respect to ``V`` and ``g`` given ``dW = dL/dW``."""
+    axes = tuple(range(V.ndim - 1))
+    # dL/dg = sum(dW * V) / n
+    dg = (dW * V).sum(axis=axes) / n
+    # dL/dV = (g / n) * (dW - (dg / n) * V)
+    dV = (g / n) * (dW - V * (dg / n))
+    return dV, dg
+
+
+def _host_rng(rng):
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if rng is None:
+        raise TypeError("rng is required: pass a seeded np.random.Generator (np.random.default_rng(seed))")
+    if isinstance(rng, (int, np.integer)):
+        return np.random.default_rng(int(rng))
+    return rng   # another Generator-like object (e.g. a CuPy Generator); its draws are moved by asarray
+
+
+def _ddi_update(layer, out):
+    """The paper's DDI of ``g`` and ``b`` from the output ``out`` (moments over all leading axes)."""
+    xp = array_module(out)
+    axes = tuple(range(out.ndim - 1))
+    m = out.mean(axis=axes)
+    v = out.var(axis=axes)                         # population variance, as tf.nn.moments
+    scale = layer.init_scale / xp.sqrt(v + DDI_EPS)
+    g, b = layer.params["g"], layer.params["b"]
+    layer.params["g"] = (g * scale).astype(g.dtype, copy=False)
+    layer.params["b"] = (b - m * scale).astype(b.dtype, copy=False)
+
+
+# ---------------------------------------------------------------- im2col
+def _same_pads(k: int):
+    """TF "SAME" padding for stride 1: total k-1, the smaller half before."""
+    lo = (k - 1) // 2
+    return lo, k - 1 - lo
+
+
+def _offsets(kh, kw, H, W):
+    """For each kernel tap (i, j): its input shift (di, dj) and the output rows/cols it reaches.
+
+    Output pixel (h, w) reads input (h + di, w + dj) at tap (i, j); the tap is
+    valid for h in [h0, h1), w in [w0, w1) (outside: zero padding).
+    """
+    ph, pw = _same_pads(kh)[0], _same_pads(kw)[0]
+    for i in range(kh):
+        di = i - ph
+        h0, h1 = max(0, -di), min(H, H - di)
+        for j in range(kw):
+            dj = j - pw
+            w0, w1 = max(0, -dj), min(W, W - dj)
+            if h0 < h1 and w0 < w1:
+                yield i, j, di, dj, h0, h1, w0, w1
+
+
+def im2col(x, kh: int, kw: int):
+    """Patches of a "SAME", stride-1 convolution: ``[B,H,W,C] -> [B,H,W,kh,kw,C]``.
+
+    ``cols[b,h,w,i,j,:] = x[b, h+i-ph, w+j-pw, :]`` (zero outside the image).
+    Filled by kh*kw slice copies (no fancy indexing).
+    """
+    xp = array_module(x)
+    B, H, W, C = x.shape
+    cols = xp.zeros((B, H, W, kh, kw, C), dtype=x.dtype)
+    for i, j, di, dj, h0, h1, w0, w1 in _offsets(kh, kw, H, W):
+        cols[:, h0:h1, w0:w1, i, j, :] = x[:, h0 + di:h1 + di, w0 + dj:w1 + dj, :]
+    return cols
+
+
+# ---------------------------------------------------------------- layers
+class Conv2d(Module):
+    """Weight-normalised 2-D convolution, "SAME" padding, stride 1 (paper: ``conv2d``).
+
+    Math:   out[b,h,w,o] = sum_{i,j,c} xpad[b, h+i, w+j, c] * W[i,j,c,o] + b[o],
+            W = g * V / ||V||  (norm over kh, kw, Cin per output unit o).
+    Shapes: x [B,H,W,Cin] -> out [B,H,W,Cout]; V [kh,kw,Cin,Cout], g [Cout], b [Cout].
+    Cache:  dict(x=input (a reference, no copy), W=[kh,kw,Cin,Cout], n=[Cout]).
+            The im2col matrix (kh*kw times the input) is NOT kept: the backward
+            rebuilds it (one copy) for dW. A caller that can recompute ``x`` may
+            store the cache with ``x=None`` and put ``x`` back before backward
+            (GatedResNet does).
+    Implementation: forward is im2col + one matmul ``[BHW, kh*kw*Cin] @ [kh*kw*Cin, Cout]``;
+            backward: dW = cols^T dout (one matmul), dx as kh*kw matmuls
+            ``dout @ W[i,j]^T`` added into shifted slices of dx (slice adds, no
+            scatter with duplicate indices).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, init_scale=1.0, *, rng, xp=np, dtype=np.float32):
+        super().__init__()
+        kh, kw = (kernel_size, kernel_size) if np.isscalar(kernel_size) else tuple(kernel_size)
+        if int(kh) < 1 or int(kw) < 1:
+            raise ValueError(f"kernel_size must be positive, got {kernel_size!r}")
+        if int(in_channels) < 1 or int(out_channels) < 1:
+            raise ValueError(f"channel counts must be positive, got {in_channels}, {out_channels}")
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size = (int(kh), int(kw))
+        self.init_scale = float(init_scale)
+        rng = _host_rng(rng)
+        V = rng.normal(0.0, 0.05, size=(int(kh), int(kw), self.in_channels, self.out_channels))
+        self.params["V"] = asarray(V, xp, dtype)
+        self.params["g"] = asarray(np.ones(self.out_channels), xp, dtype)
+        self.params["b"] = asarray(np.zeros(self.out_channels), xp, dtype)
+
+    def _check(self, x):
+        check_array(x, "Conv2d input", ndim=4)
+        if x.shape[-1] != self.in_channels:
+            raise FlowInputError(f"Conv2d: expected {self.in_channels} input channels, got {x.shape[-1]} "
+                                 f"(input shape {tuple(x.shape)})")
+
+    def forward(self, x, *, train=False, rng=None):   # train/rng unused (Layer protocol)
+        self._check(x)
+        V, g, b = self.params["V"], self.params["g"], self.params["b"]
+        kh, kw = self.kernel_size
+        B, H, Wd, C = x.shape
+        W, n = weight_norm(V, g)
+        cols = im2col(x, kh, kw).reshape(B * H * Wd, kh * kw * C)
+        out = (cols @ W.reshape(kh * kw * C, self.out_channels)).reshape(B, H, Wd, self.out_channels) + b
+        return out, dict(x=x, W=W, n=n)
+
+    def backward(self, dout, cache):
+        x, W, n = cache["x"], cache["W"], cache["n"]
+        if x is None:
+            raise ValueError("Conv2d.backward: cache['x'] is None; put the layer input back first")
+        xp = array_module(dout)
+        kh, kw = self.kernel_size
+        B, H, Wd, C = x.shape
+        Co = self.out_channels
+        if tuple(dout.shape) != (B, H, Wd, Co):
+            raise FlowInputError(f"Conv2d.backward: dout has shape {tuple(dout.shape)}, expected {(B, H, Wd, Co)}")
+        d2 = dout.reshape(B * H * Wd, Co)
+        # dL/db = sum over b,h,w of dout
+        db = d2.sum(axis=0)
+        # dL/dW = cols^T @ dout
+        cols = im2col(x, kh, kw).reshape(B * H * Wd, kh * kw * C)
+        dW = (cols.T @ d2).reshape(kh, kw, C, Co)
+        del cols
+        # dL/dx[b, h+di, w+dj, :] += dout[b,h,w,:] @ W[i,j]^T   (for every tap (i, j))
+        dx = xp.zeros_like(x, dtype=dout.dtype)
+        for i, j, di, dj, h0, h1, w0, w1 in _offsets(kh, kw, H, Wd):
+            t = (d2 @ W[i, j].T).reshape(B, H, Wd, C)
+            dx[:, h0 + di:h1 + di, w0 + dj:w1 + dj, :] += t[:, h0:h1, w0:w1, :]
+        dV, dg = weight_norm_backward(dW, self.params["V"], self.params["g"], n)
+        return dx, {"V": dV, "g": dg, "b": db}
+
+    def data_init(self, x):
+        """DDI on the batch ``x`` (moments over B, H, W per output unit); returns the new output."""
+        out, _ = self.forward(x)
+        _ddi_update(self, out)
+        return self.forward(x)[0]
+
+
+class NIN(Module):
+    """Weight-normalised dense layer on the last axis (paper: ``dense`` / ``nin``).
+
+    Math:   out[..., o] = sum_c x[..., c] W[c, o] + b[o],  W = g * V / ||V|| (norm over Cin).
+    Shapes: x [..., Cin] (any rank >= 1) -> out [..., Cout]; V [Cin,Cout], g [Cout], b [Cout].
+    Cache:  dict(x=input (a reference, no copy), W=[Cin,Cout], n=[Cout]); like Conv2d,
+            ``x`` may be dropped by a caller that can recompute it.
+    """
+
+    def __init__(self, in_channels, out_channels, init_scale=1.0, *, rng, xp=np, dtype=np.float32):
+        super().__init__()
+        if int(in_channels) < 1 or int(out_channels) < 1:
+            raise ValueError(f"channel counts must be positive, got {in_channels}, {out_channels}")
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.init_scale = float(init_scale)
+        rng = _host_rng(rng)
+        V = rng.normal(0.0, 0.05, size=(self.in_channels, self.out_channels))
+        self.params["V"] = asarray(V, xp, dtype)
+        self.params["g"] = asarray(np.ones(self.out_channels), xp, dtype)
+        self.params["b"] = asarray(np.zeros(self.out_channels), xp, dtype)
+
+    def _check(self, x):
+        check_array(x, "NIN input")
+        if x.ndim < 1:
+            raise FlowInputError(f"NIN input: expected at least 1 axis, got shape {tuple(x.shape)}")
+        if x.shape[-1] != self.in_channels:
+            raise FlowInputError(f"NIN: expected {self.in_channels} channels on the last axis, got "
+                                 f"{x.shape[-1]} (input shape {tuple(x.shape)})")
+
+    def forward(self, x, *, train=False, rng=None):   # train/rng unused (Layer protocol)
+        self._check(x)
+        W, n = weight_norm(self.params["V"], self.params["g"])
+        out = (x.reshape(-1, self.in_channels) @ W).reshape(*x.shape[:-1], self.out_channels) + self.params["b"]
+        return out, dict(x=x, W=W, n=n)
+
+    def backward(self, dout, cache):
+        x, W, n = cache["x"], cache["W"], cache["n"]
+        if x is None:
+            raise ValueError("NIN.backward: cache['x'] is None; put the layer input back first")
+        expect = (*x.shape[:-1], self.out_channels)
+        if tuple(dout.shape) != expect:
+            raise FlowInputError(f"NIN.backward: dout has shape {tuple(dout.shape)}, expected {expect}")
+        d2 = dout.reshape(-1, self.out_channels)
+        x2 = x.reshape(-1, self.in_channels)
+        db = d2.sum(axis=0)                       # dL/db = sum of dout over leading axes
+        dW = x2.T @ d2                            # dL/dW = x^T dout
+        dx = (d2 @ W.T).reshape(x.shape)          # dL/dx = dout W^T
+        dV, dg = weight_norm_backward(dW, self.params["V"], self.params["g"], n)
+        return dx, {"V": dV, "g": dg, "b": db}
+
+    def data_init(self, x):
+        """DDI on the batch ``x`` (moments over all leading axes per output unit); returns the new output."""
+        out, _ = self.forward(x)
+        _ddi_update(self, out)
+        return self.forward(x)[0]
