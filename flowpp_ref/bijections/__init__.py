@@ -5,3 +5,4 @@ from .normalize import Normalize
 from .pointwise import Pointwise, factor_matrix
 from .splits import (ChannelSplit, CheckerboardSplit, SpaceToDepth, TupleFlip, checkerboard_merge,
                      checkerboard_split, depth_to_space, space_to_depth)
+from .rescale import Rescale

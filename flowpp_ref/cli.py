@@ -1,0 +1,184 @@
+"""Command line: ``flowpp train | eval | sample | demo`` (also ``python -m flowpp_ref``).
+
+Run ``flowpp COMMAND --help`` for every option.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from .presets import PRESETS
+
+
+def _load_data(args, split):
+    from . import data
+    if args.data == "default":
+        return data.load_default_dataset(split)[0]
+    if args.data == "cifar10":
+        if not args.data_dir:
+            raise SystemExit("--data cifar10 needs --data-dir (a folder with cifar-10-batches-py/ "
+                             "or cifar-10-python.tar.gz)")
+        return data.load_cifar10(args.data_dir, split)[0]
+    if args.data == "imagenet32":
+        if not args.data_dir:
+            raise SystemExit("--data imagenet32 needs --data-dir (a folder with the downsampled ImageNet npz files)")
+        return data.load_imagenet32(args.data_dir, split)[0]
+    raise SystemExit(f"unknown --data {args.data!r}")
+
+
+def _overrides(args):
+    o = {}
+    for key in ("batch_size", "lr", "warmup_steps", "seed", "checkpoint_every", "n_bits", "filters", "blocks",
+                "components", "dropout_p", "ema_decay", "eval_batches"):
+        v = getattr(args, key, None)
+        if v is not None:
+            o[key] = v
+    if getattr(args, "dequantization", None):
+        o["dequantization"] = args.dequantization
+    if getattr(args, "coupling", None):
+        o["coupling"] = args.coupling
+    if getattr(args, "no_attention", False):
+        o["use_attention"] = False
+    return o
+
+
+def _add_common(p):
+    p.add_argument("--backend", default=os.environ.get("FLOWPP_BACKEND", "numpy"), choices=["numpy", "cupy"],
+                   help="array backend: numpy (CPU, numba kernels) or cupy (GPU) [default: $FLOWPP_BACKEND or numpy]")
+    p.add_argument("--seed", type=int, default=None, help="random seed (parameters, batches, noise) [preset: 0]")
+
+
+def _add_data(p):
+    p.add_argument("--data", default="default", choices=["default", "cifar10", "imagenet32"],
+                   help="data set: 'default' is the small CIFAR-10 subset shipped with the package "
+                        "(no download); 'cifar10' reads the official python layout from --data-dir")
+    p.add_argument("--data-dir", default=None, help="folder holding the data set files")
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(prog="flowpp", description="Flow++ with hand-written derivatives: "
+                                 "train, evaluate (bits/dim) and sample.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train a model, writing checkpoints, a JSONL log, a curve and samples")
+    t.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model/training preset [small]")
+    _add_data(t)
+    t.add_argument("--out", default="runs/flowpp", help="output folder (checkpoint.npz, log.jsonl, curve.png, "
+                   "samples.png, summary.json) [runs/flowpp]")
+    t.add_argument("--steps", type=int, default=None, help="total optimiser steps (resumed ones included)")
+    t.add_argument("--minutes", type=float, default=None, help="wall-clock budget in minutes")
+    t.add_argument("--batch-size", type=int, default=None, help="training batch size [preset]")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate after warm-up [preset: 1e-3]")
+    t.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps [preset]")
+    t.add_argument("--ema-decay", type=float, default=None, help="EMA decay of the evaluation parameters [preset]")
+    t.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints [preset]")
+    t.add_argument("--eval-batches", type=int, default=None, help="test batches evaluated at the end [preset]")
+    t.add_argument("--n-bits", type=int, default=None, choices=[3, 5, 8], help="bits per pixel [8]")
+    t.add_argument("--filters", type=int, default=None, help="coupling network width [preset]")
+    t.add_argument("--blocks", type=int, default=None, help="blocks per coupling network [preset]")
+    t.add_argument("--components", type=int, default=None, help="logistic mixture components [preset]")
+    t.add_argument("--dropout-p", type=float, default=None, help="dropout probability [preset]")
+    t.add_argument("--dequantization", choices=["variational", "uniform"], default=None,
+                   help="ablation: 'uniform' replaces the variational dequantizer")
+    t.add_argument("--coupling", choices=["mixlogistic", "affine"], default=None,
+                   help="ablation: 'affine' replaces the logistic-mixture CDF coupling")
+    t.add_argument("--no-attention", action="store_true", help="ablation: convolutions only in the couplings")
+    t.add_argument("--no-resume", action="store_true", help="start afresh even if OUT/checkpoint.npz exists")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common(t)
+
+    e = sub.add_parser("eval", help="bits/dim of a checkpoint on a test set (EMA parameters)")
+    e.add_argument("checkpoint", help="path to checkpoint.npz")
+    _add_data(e)
+    e.add_argument("--k", type=int, default=1, help="importance samples of the dequantizer (1: the ELBO)")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--max-batches", type=int, default=None, help="evaluate only this many batches")
+    e.add_argument("--out", default=None, help="write the result JSON here")
+    _add_common(e)
+
+    s = sub.add_parser("sample", help="draw samples from a checkpoint into a PNG grid")
+    s.add_argument("checkpoint", help="path to checkpoint.npz")
+    s.add_argument("--n", type=int, default=64, help="number of samples [64]")
+    s.add_argument("--temperature", type=float, default=1.0, help="prior temperature T: z ~ N(0, T^2 I) [1.0]")
+    s.add_argument("--out", default="samples.png", help="PNG file [samples.png]")
+    _add_common(s)
+
+    d = sub.add_parser("demo", help="train the 'small' preset on the embedded images for a few minutes on the CPU")
+    d.add_argument("--minutes", type=float, default=4.0, help="training budget [4]")
+    d.add_argument("--out", default="runs/demo", help="output folder [runs/demo]")
+    _add_common(d)
+    return ap
+
+
+def cmd_train(args, preset=None, data_kind=None):
+    from .plotting import plot_training_curve, save_sample_grid
+    from .train import train, use_ema
+    from .backend import make_rng
+    train_x = _load_data(args, "train")
+    test_x = _load_data(args, "test")
+    if args.steps is None and args.minutes is None:
+        raise SystemExit("give --steps or --minutes")
+    preset = preset or args.preset
+    ov = _overrides(args)
+    s = train(preset, train_x, test_x, out_dir=args.out, steps=args.steps, minutes=args.minutes,
+              backend=args.backend, resume=not getattr(args, "no_resume", False),
+              progress=not getattr(args, "no_progress", False), overrides=ov)
+    model, ema = s["model"], s["ema"]
+    plot_training_curve(os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "curve.png"))
+    with use_ema(model, ema):
+        imgs, dt = model.sample(64, rng=make_rng(0, model.xp), return_time=True)
+    save_sample_grid(imgs, os.path.join(args.out, "samples.png"), nrow=8)
+    print(f"steps {s['steps']}  final train bits/dim {s['final_train_bpd']:.4f}"
+          + (f"  test bits/dim (EMA) {s['test_bpd']:.4f}" if "test_bpd" in s else "")
+          + f"  sampling 64 images: {dt:.2f} s")
+    print(f"wrote {args.out}/checkpoint.npz, log.jsonl, curve.png, samples.png, summary.json")
+    return s
+
+
+def cmd_eval(args):
+    from .train import evaluate, load_model
+    model, p, _ = load_model(args.checkpoint, backend=args.backend)
+    x = _load_data(args, "test")
+    if p.model.n_bits < 8:
+        from .data import reduce_bits
+        x = reduce_bits(x, p.model.n_bits)
+    r = evaluate(model, x, batch_size=args.batch_size, max_batches=args.max_batches, k=args.k,
+                 seed=args.seed or 0)
+    r["checkpoint"] = args.checkpoint
+    print(json.dumps(r, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(r, f, indent=2)
+    return r
+
+
+def cmd_sample(args):
+    from .backend import make_rng
+    from .plotting import save_sample_grid
+    from .train import load_model
+    model, _, _ = load_model(args.checkpoint, backend=args.backend)
+    imgs, dt = model.sample(args.n, rng=make_rng(args.seed or 0, model.xp), temperature=args.temperature,
+                            return_time=True)
+    save_sample_grid(imgs, args.out, nrow=int(np.ceil(np.sqrt(args.n))))
+    print(f"sampled {args.n} images in {dt:.3f} s -> {args.out}")
+    return imgs
+
+
+def cmd_demo(args):
+    args.data, args.data_dir, args.steps, args.no_resume, args.no_progress = "default", None, None, True, False
+    print(f"flowpp demo: training the 'small' preset on the embedded CIFAR-10 subset for {args.minutes:g} min "
+          f"({args.backend})")
+    return cmd_train(args, preset="small")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "demo": cmd_demo}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,197 @@
+"""The whole Flow++ model: main flow, dequantization, loss and its gradient, sampling.
+
+Main flow (appendix 8.5, for CIFAR-10 stages = (4, 2, 3))::
+
+    Rescale(256 / 2^n_bits)                     only when n_bits < 8
+    ImgProc                                     y -> logit(0.05 + 0.9 y / 256)
+    CheckerboardSplit
+      stages[0] x [Normalize, Pointwise, MixLogisticAttnCoupling, TupleFlip]
+    Inverse(CheckerboardSplit)
+    SpaceToDepth                                [B,H,W,C] -> [B,H/2,W/2,4C]
+    ChannelSplit
+      stages[1] x [...]
+    Inverse(ChannelSplit)
+    CheckerboardSplit
+      stages[2] x [...]
+    Inverse(CheckerboardSplit)                  z, prior N(0, I)
+
+Loss (bits/dim, averaged over the batch), for x in {0..2^n-1}^D::
+
+    u, log q = dequantizer(x)                   (variational or uniform)
+    z, logdet = flow(x + u)
+    ELBO = log N(z) + logdet - log q
+    L = mean_b[ -ELBO_b / (D ln 2) ]
+
+Backward, with c = dL/dELBO_b = -1 / (B D ln 2)::
+
+    dL/dz = -c z        (d log N(z)/dz = -z)
+    dL/dlogdet = c      -> flow.backward -> dL/dy
+    dL/du = dL/dy,  dL/dlog q = -c  -> dequantizer.backward
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from .backend import array_module, asarray, to_numpy
+from .bijections import (ChannelSplit, CheckerboardSplit, Compose, ImgProc, Inverse, Normalize, Pointwise,
+                         SpaceToDepth, TupleFlip)
+from .bijections.coupling import AffineAttnCoupling, MixLogisticAttnCoupling
+from .bijections.rescale import Rescale
+from .dequantization import UniformDequantizer, VariationalDequantizer
+from .module import Module, prefixed
+from .objective import importance_sampled_log_prob, standard_normal_logprob
+from .presets import ModelConfig
+from .validation import FlowInputError, check_finite
+
+
+def _coupling(cfg, half_shape, filters, blocks, components, context_channels, rng, xp, dtype):
+    common = dict(context_channels=context_channels, use_attention=cfg.use_attention, use_nin=cfg.use_nin,
+                  dropout_p=cfg.dropout_p, rng=rng, xp=xp, dtype=dtype)
+    if cfg.coupling == "affine":                     # ablation: y_e = exp(a) e + b
+        return AffineAttnCoupling(half_shape, filters, blocks, **common)
+    return MixLogisticAttnCoupling(half_shape, filters, blocks, components, with_affine=cfg.with_affine,
+                                   inverse_method=cfg.inverse_method, **common)
+
+
+def coupling_stage(cfg: ModelConfig, half_shape, n, *, filters, blocks, components, context_channels=None,
+                   rng, xp, dtype):
+    """n x [Normalize, Pointwise, coupling, TupleFlip] acting on a tuple of two halves."""
+    flows = []
+    for _ in range(n):
+        flows += [
+            Normalize((half_shape, half_shape), xp=xp, dtype=dtype),
+            Pointwise((half_shape[2], half_shape[2]), noisy_identity_init=cfg.pointwise_init, rng=rng, xp=xp,
+                      dtype=dtype),
+            _coupling(cfg, half_shape, filters, blocks, components, context_channels, rng, xp, dtype),
+            TupleFlip(),
+        ]
+    return flows
+
+
+def build_main_flow(cfg: ModelConfig, *, rng, xp=np, dtype=np.float32) -> Compose:
+    h, w, c = cfg.image_shape
+    kw = dict(filters=cfg.filters, blocks=cfg.blocks, components=cfg.components, rng=rng, xp=xp, dtype=dtype)
+    flows = []
+    if cfg.n_bits < 8:
+        flows.append(Rescale(256.0 / 2 ** cfg.n_bits))
+    flows += [ImgProc(), CheckerboardSplit()]
+    flows += coupling_stage(cfg, (h, w // 2, c), cfg.stages[0], **kw)
+    flows += [Inverse(CheckerboardSplit()), SpaceToDepth(), ChannelSplit()]
+    flows += coupling_stage(cfg, (h // 2, w // 2, 2 * c), cfg.stages[1], **kw)
+    flows += [Inverse(ChannelSplit()), CheckerboardSplit()]
+    flows += coupling_stage(cfg, (h // 2, w // 4, 4 * c), cfg.stages[2], **kw)
+    flows += [Inverse(CheckerboardSplit())]
+    return Compose(flows)
+
+
+class FlowPP(Module):
+    """Flow++: dequantizer + main flow, with a hand-written gradient of the bits/dim loss.
+
+    Parameters are drawn from ``np.random.default_rng(seed)`` on the host and moved
+    to the backend ``xp``, so a NumPy and a CuPy model built with one seed are equal.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, seed: int = 0, xp=np, dtype=np.float32):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.dtype = np.dtype(dtype)
+        self._xp = xp
+        rng = np.random.default_rng(seed)
+        if cfg.dequantization == "variational":
+            self.dequant = self.add("dequant", VariationalDequantizer(cfg, rng=rng, xp=xp, dtype=dtype))
+        else:
+            self.dequant = self.add("dequant", UniformDequantizer())
+        self.flow = self.add("flow", build_main_flow(cfg, rng=rng, xp=xp, dtype=dtype))
+        self.num_dims = int(np.prod(cfg.image_shape))
+        self.levels = 2 ** cfg.n_bits
+
+    @property
+    def xp(self):
+        return self._xp
+
+    # ------------------------------------------------------------------ input
+    def prepare(self, x):
+        """Integer images (uint8 or integer-valued floats) [B,H,W,C] -> float array on the backend."""
+        if tuple(x.shape[1:]) != tuple(self.cfg.image_shape):
+            raise FlowInputError(f"images must have shape [B, {', '.join(map(str, self.cfg.image_shape))}], "
+                                 f"got {tuple(x.shape)}")
+        xf = asarray(x, self.xp).astype(self.dtype)
+        check_finite(xf, "images")
+        lo, hi = float(to_numpy(xf.min())), float(to_numpy(xf.max()))
+        if lo < 0 or hi > self.levels - 1:
+            raise FlowInputError(f"pixel values must be integers in [0, {self.levels - 1}] for n_bits="
+                                 f"{self.cfg.n_bits}, got min {lo:g}, max {hi:g}")
+        return xf
+
+    # --------------------------------------------------------------- objective
+    def elbo(self, xf, *, rng, train=False):
+        """Per-sample ELBO terms (nats) and the cache for :meth:`backward`."""
+        u, logq, dq_cache = self.dequant.forward(xf, rng=rng, train=train)
+        z, logdet, flow_cache = self.flow.forward(xf + u, None, train=train, rng=rng)
+        logpz = standard_normal_logprob(z)
+        elbo = logpz + logdet if logq is None else logpz + logdet - logq
+        return elbo, (z, dq_cache, flow_cache, logq is not None)
+
+    def loss(self, x, *, rng, train=False):
+        """Mean bits/dim of the batch (a 0-d backend array) and the backward cache."""
+        xf = self.prepare(x)
+        elbo, cache = self.elbo(xf, rng=rng, train=train)
+        loss = -elbo.mean() / (self.num_dims * math.log(2.0))
+        return loss, (elbo.shape[0], cache)
+
+    def backward(self, cache):
+        """Gradients of the mean bits/dim with respect to every parameter (flat dict)."""
+        b, (z, dq_cache, flow_cache, variational) = cache
+        c = -1.0 / (b * self.num_dims * math.log(2.0))          # dL/dELBO_b
+        xp = array_module(z)
+        dz = (-c) * z                                            # dL/dz = c * d logN/dz = -c z
+        dlogdet = xp.full((b,), c, dtype=z.dtype)
+        dy, _, g_flow = self.flow.backward(dz, dlogdet, flow_cache)
+        grads = prefixed("flow", g_flow)
+        if variational:                                          # y = x + u: dL/du = dL/dy; dL/dlogq = -c
+            grads.update(prefixed("dequant", self.dequant.backward(dy, -dlogdet, dq_cache)))
+        return grads
+
+    def loss_and_grads(self, x, *, rng, train=True):
+        loss, cache = self.loss(x, rng=rng, train=train)
+        return loss, self.backward(cache)
+
+    def data_init(self, x, *, rng):
+        """Data-dependent initialisation on an init batch (weight norm, actnorm), eval mode."""
+        xf = self.prepare(x)
+        u = self.dequant.data_init(xf, rng=rng)
+        self.flow.data_init(xf + u)
+
+    # -------------------------------------------------------------- evaluation
+    def bits_per_dim(self, x, *, rng, k: int = 1, batch_k: int | None = None):
+        """Per-sample bits/dim (host float64 array): the ELBO for k = 1, else the
+        importance-sampled bound with k samples of the dequantizer."""
+        xf = self.prepare(x)
+        lw = []
+        for _ in range(k):
+            elbo, _ = self.elbo(xf, rng=rng, train=False)
+            lw.append(to_numpy(elbo).astype(np.float64))
+        logp = importance_sampled_log_prob(np.stack(lw)) if k > 1 else lw[0]
+        return -logp / (self.num_dims * math.log(2.0))
+
+    # ---------------------------------------------------------------- sampling
+    def sample(self, n: int, *, rng, temperature: float = 1.0, return_time: bool = False):
+        """Draw z ~ N(0, T^2 I), invert the flow, quantise to uint8 images [n,H,W,C].
+
+        Values of the inverse flow outside [0, 2^n_bits) (ImgProc's inverse spans
+        about [-14, 270]) are clipped to the pixel range when quantised; images with
+        n_bits < 8 are scaled back to 0..255 for display.
+        """
+        h, w, c = self.cfg.image_shape
+        t0 = time.perf_counter()
+        z = rng.standard_normal((n, h // 2, w // 2, 4 * c), dtype=self.dtype) * self.dtype.type(temperature)
+        y, _ = self.flow.inverse(z, None)
+        xp = array_module(y)
+        x = xp.clip(xp.floor(y), 0, self.levels - 1)
+        img = (x * (256 // self.levels)).astype(np.uint8)
+        img = to_numpy(img)
+        dt = time.perf_counter() - t0
+        return (img, dt) if return_time else img
