@@ -32,7 +32,7 @@ def _load_data(args, split):
 
 def _overrides(args):
     o = {}
-    for key in ("batch_size", "lr", "warmup_steps", "seed", "checkpoint_every", "n_bits", "filters", "blocks",
+    for key in ("batch_size", "init_batch_size", "lr", "warmup_steps", "seed", "checkpoint_every", "n_bits", "filters", "blocks",
                 "components", "dropout_p", "ema_decay", "eval_batches"):
         v = getattr(args, key, None)
         if v is not None:
@@ -72,6 +72,8 @@ def build_parser():
     t.add_argument("--steps", type=int, default=None, help="total optimiser steps (resumed ones included)")
     t.add_argument("--minutes", type=float, default=None, help="wall-clock budget in minutes")
     t.add_argument("--batch-size", type=int, default=None, help="training batch size [preset]")
+    t.add_argument("--init-batch-size", type=int, default=None,
+                   help="images in the data-dependent init batch [preset: 128 for the paper presets]")
     t.add_argument("--lr", type=float, default=None, help="peak learning rate after warm-up [preset: 1e-3]")
     t.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps [preset]")
     t.add_argument("--ema-decay", type=float, default=None, help="EMA decay of the evaluation parameters [preset]")
@@ -87,6 +89,7 @@ def build_parser():
     t.add_argument("--coupling", choices=["mixlogistic", "affine"], default=None,
                    help="ablation: 'affine' replaces the logistic-mixture CDF coupling")
     t.add_argument("--no-attention", action="store_true", help="ablation: convolutions only in the couplings")
+    t.add_argument("--samples", type=int, default=64, help="images in the sample grid written at the end [64]")
     t.add_argument("--no-resume", action="store_true", help="start afresh even if OUT/checkpoint.npz exists")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_common(t)
@@ -130,11 +133,12 @@ def cmd_train(args, preset=None, data_kind=None):
     model, ema = s["model"], s["ema"]
     plot_training_curve(os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "curve.png"))
     with use_ema(model, ema):
-        imgs, dt = model.sample(64, rng=make_rng(0, model.xp), return_time=True)
-    save_sample_grid(imgs, os.path.join(args.out, "samples.png"), nrow=8)
+        n = getattr(args, "samples", 64)
+        imgs, dt = model.sample(n, rng=make_rng(0, model.xp), return_time=True)
+    save_sample_grid(imgs, os.path.join(args.out, "samples.png"), nrow=int(np.ceil(np.sqrt(n))))
     print(f"steps {s['steps']}  final train bits/dim {s['final_train_bpd']:.4f}"
           + (f"  test bits/dim (EMA) {s['test_bpd']:.4f}" if "test_bpd" in s else "")
-          + f"  sampling 64 images: {dt:.2f} s")
+          + f"  sampling {n} images: {dt:.2f} s")
     print(f"wrote {args.out}/checkpoint.npz, log.jsonl, curve.png, samples.png, summary.json")
     return s
 
@@ -176,9 +180,11 @@ def cmd_demo(args):
 
 
 def main(argv=None):
+    """Entry point of the ``flowpp`` script; returns the exit status (0)."""
     args = build_parser().parse_args(argv)
-    return {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "demo": cmd_demo}[args.cmd](args)
+    {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "demo": cmd_demo}[args.cmd](args)
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))
