@@ -80,3 +80,15 @@ def test_bad_images_raise_clear_errors():
     model5, _ = tiny_model(np.float32, n_bits=5)
     with pytest.raises(FlowInputError, match=r"\[0, 31\]"):
         model5.loss(tiny_images(), rng=make_rng(0))
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-9), (np.float32, 1e-3)], ids=["float64", "float32"])
+def test_invertibility_whole_main_flow(dtype, tol):
+    """y -> z -> y through all of the main flow, and the two log-dets cancel."""
+    model, _ = tiny_model(dtype)
+    model.data_init(tiny_images(8, seed=1), rng=make_rng(0))
+    y = tiny_images().astype(dtype) + np.random.default_rng(2).random((4, 4, 4, 3)).astype(dtype)
+    z, logdet, _ = model.flow.forward(y)
+    y2, logdet_inv = model.flow.inverse(z)
+    np.testing.assert_allclose(y2, y, atol=tol)
+    np.testing.assert_allclose(logdet + logdet_inv, 0, atol=tol * 10)
