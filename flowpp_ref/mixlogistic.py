@@ -72,8 +72,10 @@ Dispatch: with NumPy arrays and :func:`flowpp_ref.kernels.use_kernels` the fused
 forward, its backward and the inverse CDF run as numba kernels
 (:mod:`flowpp_ref.kernels.numba_mixlogistic`: the same math, summed in linear
 space with a log-space fallback in the deep tails, component loops in the
-inputs' dtype); otherwise the plain-``xp`` references ``_ref_*`` below run (the
-math to read; CuPy uses them, never run on a GPU). ``mixlogistic_logcdf``,
+inputs' dtype); with CuPy arrays the fused forward, its backward and the hybrid
+inverse run as CUDA kernels (:mod:`flowpp_ref.kernels.cuda_mixlogistic`: log space,
+one thread per element; never run on a GPU, their source is checked on the CPU);
+otherwise the plain-``xp`` references ``_ref_*`` below run (the math to read). ``mixlogistic_logcdf``,
 ``mixlogistic_log1mcdf`` and ``mixlogistic_logpdf`` are reference code only.
 The kernels' results agree with the references to round-off, not bit for bit.
 """
@@ -81,7 +83,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import array_module
+from .backend import array_module, is_cupy
 from .kernels import use_kernels
 from .validation import FlowInputError, check_array, check_finite
 
@@ -128,6 +130,17 @@ def _check_mix(x, logits, means, logscales, xname="x"):
 
 def _use_numba(*arrays) -> bool:
     return array_module(*arrays) is np and use_kernels()
+
+
+def _use_cuda(*arrays) -> bool:
+    return is_cupy(array_module(*arrays)) and use_kernels()
+
+
+def _flat_xp(xp, x, logits, means, logscales):
+    """_flat for any backend (CuPy arrays: cupy.ascontiguousarray)."""
+    K = logits.shape[-1]
+    return tuple(xp.ascontiguousarray(a).reshape(shape)
+                 for a, shape in ((x, (-1,)), (logits, (-1, K)), (means, (-1, K)), (logscales, (-1, K))))
 
 
 def _flat(x, logits, means, logscales):
@@ -324,6 +337,10 @@ def mixlogistic_cdf_pdf(x, logits, means, logscales):
         outs = tuple(np.empty(xf.shape, dtype=x.dtype) for _ in range(3))
         nk.cdf_pdf_forward(xf, lf, mf, sf, *outs)
         return tuple(o.reshape(x.shape) for o in outs)
+    if _use_cuda(x, logits, means, logscales):
+        from .kernels import cuda_mixlogistic as ck
+        outs = ck.cdf_pdf_forward(*_flat_xp(array_module(x), x, logits, means, logscales))
+        return tuple(o.reshape(x.shape) for o in outs)
     return _ref_cdf_pdf(x, logits, means, logscales)
 
 
@@ -354,6 +371,13 @@ def mixlogistic_cdf_pdf_backward(x, logits, means, logscales, g_logF=None, g_log
         dx = np.empty(xf.shape, dtype=x.dtype)
         dl, dm, ds = (np.empty(lf.shape, dtype=x.dtype) for _ in range(3))
         nk.cdf_pdf_backward(xf, lf, mf, sf, gf[0], gf[1], gf[2], dx, dl, dm, ds)
+        pshape = tuple(x.shape) + (K,)
+        return dx.reshape(x.shape), dl.reshape(pshape), dm.reshape(pshape), ds.reshape(pshape)
+    if _use_cuda(x, logits, means, logscales, *gs):
+        from .kernels import cuda_mixlogistic as ck
+        K = logits.shape[-1]
+        dx, dl, dm, ds = ck.cdf_pdf_backward(*_flat_xp(xp, x, logits, means, logscales),
+                                             *(xp.ascontiguousarray(g).reshape(-1) for g in gs))
         pshape = tuple(x.shape) + (K,)
         return dx.reshape(x.shape), dl.reshape(pshape), dm.reshape(pshape), ds.reshape(pshape)
     return _ref_cdf_pdf_backward(x, logits, means, logscales, *gs, outputs=outputs)
@@ -409,6 +433,12 @@ def mixlogistic_invcdf(y, logits, means, logscales, method: str = "bisection",
             iters = int(evals.max())
         x = x.reshape(y.shape)
         evals = evals.reshape(y.shape)
+    elif method == "hybrid" and _use_cuda(y, logits, means, logscales):
+        from .kernels import cuda_mixlogistic as ck
+        x, evals, conv = ck.invcdf_hybrid(*_flat_xp(xp, y, logits, means, logscales), tol, max_iters)
+        x, evals = x.reshape(y.shape), evals.reshape(y.shape)
+        iters = int(evals.max()) if n else 0
+        converged = bool(conv.all()) if n else True
     elif method == "bisection":
         x, iters, converged = _ref_invcdf_bisection(y, logits, means, logscales, tol, max_iters)
         evals = xp.full(y.shape, iters, dtype=np.int64)

@@ -1,0 +1,207 @@
+"""The CuPy mixture kernels' source, compiled for the CPU, against the plain-array references.
+
+``flowpp_ref.kernels.cuda_mixlogistic`` keeps its per-element math in one C++ text that
+NVRTC compiles for the GPU. Here the same text is compiled with the machine's C++
+compiler (entry points that loop over the elements) and called through ctypes, so the
+kernels' math is checked on machines without a GPU; where ``nvcc`` is installed, the GPU
+build is compiled to device code too. NVRTC and the launch itself are checked only by
+``test_cuda_kernels_match_reference_on_gpu`` (skips without a GPU).
+
+Tolerances: float64 rel/abs 1e-10 (the kernel sums in another order: online LSE vs
+max-shifted LSE); float32 against the float64 reference of the same inputs, abs 2e-4 +
+rel 2e-4 on values of order 1 (log-space sums of K terms in single precision).
+"""
+import ctypes
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flowpp_ref import mixlogistic as ml
+from flowpp_ref.kernels import cuda_mixlogistic as ck
+
+CXX = shutil.which("g++") or shutil.which("c++")
+pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++/c++) on PATH to build the kernels' source")
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cuda_on_host")
+    src, so = d / "mixlog.cpp", d / "mixlog.so"
+    src.write_text(ck.host_source())
+    r = subprocess.run([CXX, "-O2", "-std=c++11", "-shared", "-fPIC", str(src), "-o", str(so)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, f"the kernels' source does not compile as C++:\n{r.stderr}"
+    return ctypes.CDLL(str(so))
+
+
+def _call(lib, name, n, K, *args):
+    conv = []
+    for a in args:
+        if isinstance(a, np.ndarray):
+            assert a.flags.c_contiguous
+            conv.append(ctypes.c_void_p(a.ctypes.data))
+        elif isinstance(a, np.float64):
+            conv.append(ctypes.c_double(float(a)))
+        elif isinstance(a, np.int32):
+            conv.append(ctypes.c_int(int(a)))
+        else:
+            raise TypeError(type(a))
+    getattr(lib, name)(ctypes.c_longlong(n), ctypes.c_int(K), *conv)
+
+
+def _suffix(dtype):
+    return "f32" if np.dtype(dtype) == np.float32 else "f64"
+
+
+def host_forward(lib, x, l, m, s):
+    n, K = l.shape
+    outs = [np.empty(n, x.dtype) for _ in range(3)]
+    _call(lib, "mixlog_forward_" + _suffix(x.dtype), n, K, x, l, m, s, *outs)
+    return outs
+
+
+def host_backward(lib, x, l, m, s, gF, gG, gP):
+    n, K = l.shape
+    dx = np.empty(n, x.dtype)
+    dl, dm, ds = (np.empty((n, K), x.dtype) for _ in range(3))
+    _call(lib, "mixlog_backward_" + _suffix(x.dtype), n, K, x, l, m, s, gF, gG, gP, dx, dl, dm, ds)
+    return dx, dl, dm, ds
+
+
+def host_invcdf(lib, y, l, m, s, tol, max_iters):
+    n, K = l.shape
+    x = np.empty(n, y.dtype)
+    ev = np.empty(n, np.int64)
+    cv = np.empty(n, np.int8)
+    _call(lib, "mixlog_invcdf_hybrid_" + _suffix(y.dtype), n, K, y, l, m, s, np.float64(tol),
+          np.int32(max_iters), x, ev, cv)
+    return x, ev, cv
+
+
+def _params(rng, n, K, dtype, spread=3.0, tails=True):
+    l = rng.normal(0, 2, (n, K))
+    m = rng.normal(0, spread, (n, K))
+    s = rng.uniform(-7.0, 2.0, (n, K))                    # -7: the coupling's clamp of the log-scales
+    x = rng.normal(0, 4, n)
+    if tails:
+        x[: n // 10] = rng.choice([-1, 1], n // 10) * rng.uniform(50, 500, n // 10)   # deep tails
+    return [np.ascontiguousarray(a, dtype=dtype) for a in (x, l, m, s)]
+
+
+def _close(a, b, rtol, atol, what):
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=what)
+
+
+@pytest.mark.parametrize("K", [1, 3, 32])
+def test_cuda_source_forward_matches_reference_float64(lib, K):
+    x, l, m, s = _params(np.random.default_rng(K), 600, K, np.float64)
+    got = host_forward(lib, x, l, m, s)
+    ref = ml._ref_cdf_pdf(x, l, m, s)
+    for g, r, name in zip(got, ref, ("logF", "log1mF", "logpdf")):
+        assert np.all(np.isfinite(g)), name
+        _close(g, r, 1e-10, 1e-10, name)
+
+
+@pytest.mark.parametrize("K", [1, 3, 32])
+def test_cuda_source_backward_matches_reference_float64(lib, K):
+    rng = np.random.default_rng(10 + K)
+    x, l, m, s = _params(rng, 400, K, np.float64)
+    gF, gG, gP = (rng.normal(size=400) for _ in range(3))
+    got = host_backward(lib, x, l, m, s, gF, gG, gP)
+    ref = ml._ref_cdf_pdf_backward(x, l, m, s, gF, gG, gP)
+    for g, r, name in zip(got, ref, ("dx", "dlogits", "dmeans", "dlogscales")):
+        scale = max(1.0, float(np.max(np.abs(r))))
+        _close(g, r, 1e-9, 1e-10 * scale, name)
+
+
+@given(seed=st.integers(0, 2**32 - 1), K=st.integers(1, 6), spread=st.floats(0.0, 20.0))
+def test_cuda_source_forward_backward_property_float64(lib, seed, K, spread):
+    rng = np.random.default_rng(seed)
+    x, l, m, s = _params(rng, 50, K, np.float64, spread=spread)
+    gF, gG, gP = (rng.normal(size=50) for _ in range(3))
+    for g, r in zip(host_forward(lib, x, l, m, s), ml._ref_cdf_pdf(x, l, m, s)):
+        _close(g, r, 1e-10, 1e-10, "forward")
+    for g, r in zip(host_backward(lib, x, l, m, s, gF, gG, gP), ml._ref_cdf_pdf_backward(x, l, m, s, gF, gG, gP)):
+        _close(g, r, 1e-9, 1e-10 * max(1.0, float(np.max(np.abs(r)))), "backward")
+
+
+def test_cuda_source_float32_close_to_float64_reference(lib):
+    rng = np.random.default_rng(7)
+    x, l, m, s = _params(rng, 600, 8, np.float32, tails=False)
+    ref = ml._ref_cdf_pdf(*(a.astype(np.float64) for a in (x, l, m, s)))
+    for g, r, name in zip(host_forward(lib, x, l, m, s), ref, ("logF", "log1mF", "logpdf")):
+        assert g.dtype == np.float32
+        _close(g, r, 2e-4, 2e-4, name)
+    gF, gG, gP = (rng.normal(size=600).astype(np.float32) for _ in range(3))
+    ref = ml._ref_cdf_pdf_backward(*(a.astype(np.float64) for a in (x, l, m, s, gF, gG, gP)))
+    for g, r, name in zip(host_backward(lib, x, l, m, s, gF, gG, gP), ref, ("dx", "dl", "dm", "ds")):
+        _close(g, r, 2e-3, 2e-3 * max(1.0, float(np.max(np.abs(r)))), name)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("K", [1, 4, 32])
+def test_cuda_source_invcdf_hybrid_matches_reference(lib, dtype, K):
+    rng = np.random.default_rng(20 + K)
+    _, l, m, s = _params(rng, 500, K, dtype, tails=False)
+    y = rng.uniform(1e-5, 1 - 1e-5, 500).astype(dtype)
+    y[:4] = [1e-5, 1 - 1e-5, 0.5, 1e-3]
+    tol, iters = ml.invcdf_defaults(dtype)
+    x, ev, cv = host_invcdf(lib, y, l, m, s, tol, iters)
+    xr, evr, cvr = ml._ref_invcdf_hybrid(y, l, m, s, tol, iters)
+    assert cv.all() and cvr
+    # the same iteration, up to the summation order of the mixture: same roots, same evaluations
+    scale = np.maximum(1.0, np.abs(xr))
+    assert np.max(np.abs(x - xr) / scale) < (1e-9 if dtype == np.float64 else 1e-4)
+    assert abs(ev.mean() - evr.mean()) <= 0.05 * evr.mean() + 0.01
+    if K == 1:
+        assert ev.max() == 0                                # the bracket is the root
+    # and x is the root: F(x) = y, checked with the float64 reference
+    lF, lG, _ = ml._ref_cdf_pdf(*(a.astype(np.float64) for a in (x, l, m, s)))
+    t = np.log(y.astype(np.float64)) - np.log1p(-y.astype(np.float64))
+    assert np.max(np.abs((lF - lG) - t)) < (1e-6 if dtype == np.float64 else 2e-2)
+
+
+def test_cuda_source_is_one_text_for_both_builds():
+    """The GPU build and the CPU build differ only in their prelude and the entry-point wrappers."""
+    cu, host = ck.cuda_source(), ck.host_source()
+    assert ck.ELEMENT_SOURCE in cu and ck.ELEMENT_SOURCE in host
+    for name in ("mixlog_forward", "mixlog_backward", "mixlog_invcdf_hybrid"):
+        for suffix in ("f32", "f64"):
+            assert f'extern "C" __global__ void {name}_{suffix}(' in cu
+            assert f'extern "C" void {name}_{suffix}(' in host
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA compiler) not on PATH")
+def test_cuda_source_compiles_for_the_gpu_with_nvcc(tmp_path):
+    """The GPU build compiles to device code (nvcc, no GPU needed); NVRTC itself runs only on the GPU machine."""
+    src = tmp_path / "mixlog.cu"
+    src.write_text(ck.cuda_source())
+    r = subprocess.run(["nvcc", "-std=c++11", "-c", str(src), "-o", str(tmp_path / "mixlog.o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_cuda_kernels_match_reference_on_gpu():
+    """CuPy dispatch (kernels on) against the reference (kernels off) on the GPU."""
+    from flowpp_ref.backend import gpu_available
+    if not gpu_available():
+        pytest.skip("cupy backend: CuPy or a CUDA device is not available on this machine")
+    import cupy
+
+    from flowpp_ref.kernels import kernels_enabled
+    x, l, m, s = (cupy.asarray(a) for a in _params(np.random.default_rng(3), 2000, 8, np.float64))
+    g = [cupy.asarray(np.random.default_rng(4).normal(size=2000)) for _ in range(3)]
+    with kernels_enabled(True):
+        fk = ml.mixlogistic_cdf_pdf(x, l, m, s)
+        bk = ml.mixlogistic_cdf_pdf_backward(x, l, m, s, *g)
+        yk = ml.mixlogistic_invcdf(cupy.clip(cupy.exp(fk[0]), 1e-5, 1 - 1e-5), l, m, s, method="hybrid")[0]
+    with kernels_enabled(False):
+        fr = ml.mixlogistic_cdf_pdf(x, l, m, s)
+        br = ml.mixlogistic_cdf_pdf_backward(x, l, m, s, *g)
+        yr = ml.mixlogistic_invcdf(cupy.clip(cupy.exp(fr[0]), 1e-5, 1 - 1e-5), l, m, s, method="hybrid")[0]
+    for a, b in zip(fk + bk + (yk,), fr + br + (yr,)):
+        np.testing.assert_allclose(cupy.asnumpy(a), cupy.asnumpy(b), rtol=1e-9, atol=1e-9)
