@@ -11,9 +11,7 @@ Tolerances: float64 rel/abs 1e-10 (the kernel sums in another order: online LSE 
 max-shifted LSE); float32 against the float64 reference of the same inputs, abs 2e-4 +
 rel 2e-4 on values of order 1 (log-space sums of K terms in single precision).
 """
-import ctypes
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -23,44 +21,20 @@ from hypothesis import strategies as st
 from flowpp_ref import mixlogistic as ml
 from flowpp_ref.kernels import cuda_mixlogistic as ck
 
-CXX = shutil.which("g++") or shutil.which("c++")
-pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++/c++) on PATH to build the kernels' source")
+from cuda_host import CXX, NO_CXX, build_host_library, call, nvcc_compile, suffix
+
+pytestmark = pytest.mark.skipif(CXX is None, reason=NO_CXX)
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cuda_on_host")
-    src, so = d / "mixlog.cpp", d / "mixlog.so"
-    src.write_text(ck.host_source())
-    r = subprocess.run([CXX, "-O2", "-std=c++11", "-shared", "-fPIC", str(src), "-o", str(so)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, f"the kernels' source does not compile as C++:\n{r.stderr}"
-    return ctypes.CDLL(str(so))
-
-
-def _call(lib, name, n, K, *args):
-    conv = []
-    for a in args:
-        if isinstance(a, np.ndarray):
-            assert a.flags.c_contiguous
-            conv.append(ctypes.c_void_p(a.ctypes.data))
-        elif isinstance(a, np.float64):
-            conv.append(ctypes.c_double(float(a)))
-        elif isinstance(a, np.int32):
-            conv.append(ctypes.c_int(int(a)))
-        else:
-            raise TypeError(type(a))
-    getattr(lib, name)(ctypes.c_longlong(n), ctypes.c_int(K), *conv)
-
-
-def _suffix(dtype):
-    return "f32" if np.dtype(dtype) == np.float32 else "f64"
+    return build_host_library(ck.host_source(), tmp_path_factory.mktemp("cuda_on_host"), "mixlog")
 
 
 def host_forward(lib, x, l, m, s):
     n, K = l.shape
     outs = [np.empty(n, x.dtype) for _ in range(3)]
-    _call(lib, "mixlog_forward_" + _suffix(x.dtype), n, K, x, l, m, s, *outs)
+    call(lib, "mixlog_forward_" + suffix(x.dtype), n, np.int32(K), x, l, m, s, *outs)
     return outs
 
 
@@ -68,7 +42,7 @@ def host_backward(lib, x, l, m, s, gF, gG, gP):
     n, K = l.shape
     dx = np.empty(n, x.dtype)
     dl, dm, ds = (np.empty((n, K), x.dtype) for _ in range(3))
-    _call(lib, "mixlog_backward_" + _suffix(x.dtype), n, K, x, l, m, s, gF, gG, gP, dx, dl, dm, ds)
+    call(lib, "mixlog_backward_" + suffix(x.dtype), n, np.int32(K), x, l, m, s, gF, gG, gP, dx, dl, dm, ds)
     return dx, dl, dm, ds
 
 
@@ -77,8 +51,8 @@ def host_invcdf(lib, y, l, m, s, tol, max_iters):
     x = np.empty(n, y.dtype)
     ev = np.empty(n, np.int64)
     cv = np.empty(n, np.int8)
-    _call(lib, "mixlog_invcdf_hybrid_" + _suffix(y.dtype), n, K, y, l, m, s, np.float64(tol),
-          np.int32(max_iters), x, ev, cv)
+    call(lib, "mixlog_invcdf_hybrid_" + suffix(y.dtype), n, np.int32(K), y, l, m, s, np.float64(tol),
+         np.int32(max_iters), x, ev, cv)
     return x, ev, cv
 
 
@@ -178,11 +152,8 @@ def test_cuda_source_is_one_text_for_both_builds():
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA compiler) not on PATH")
 def test_cuda_source_compiles_for_the_gpu_with_nvcc(tmp_path):
     """The GPU build compiles to device code (nvcc, no GPU needed); NVRTC itself runs only on the GPU machine."""
-    src = tmp_path / "mixlog.cu"
-    src.write_text(ck.cuda_source())
-    r = subprocess.run(["nvcc", "-std=c++11", "-c", str(src), "-o", str(tmp_path / "mixlog.o")],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    ok, err = nvcc_compile(ck.cuda_source(), tmp_path, "mixlog")
+    assert ok, err
 
 
 def test_cuda_kernels_match_reference_on_gpu():
@@ -205,3 +176,90 @@ def test_cuda_kernels_match_reference_on_gpu():
         yr = ml.mixlogistic_invcdf(cupy.clip(cupy.exp(fr[0]), 1e-5, 1 - 1e-5), l, m, s, method="hybrid")[0]
     for a, b in zip(fk + bk + (yk,), fr + br + (yr,)):
         np.testing.assert_allclose(cupy.asnumpy(a), cupy.asnumpy(b), rtol=1e-9, atol=1e-9)
+
+
+# ------------------------------------------------------------ concat_elu, gate, layer norm
+from flowpp_ref.kernels import cuda_layers as cl  # noqa: E402
+from flowpp_ref.nn import activations as act  # noqa: E402
+from flowpp_ref.nn import layernorm as lnm  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def layers_lib(tmp_path_factory):
+    return build_host_library(cl.host_source(), tmp_path_factory.mktemp("cuda_layers_on_host"), "layers")
+
+
+def _rows(rng, shape, dtype, scale=3.0):
+    x = rng.normal(0, scale, shape)
+    x.flat[:4] = [0.0, -0.0, 60.0, -60.0]                   # the branch points and saturated tails
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-13), (np.float32, 2e-6)])
+def test_cuda_source_concat_elu_and_gate_match_references(layers_lib, dtype, tol):
+    rng = np.random.default_rng(5)
+    x = _rows(rng, (3, 5, 7, 6), dtype)
+    C = x.shape[-1]
+    out = np.empty((*x.shape[:-1], 2 * C), dtype)
+    call(layers_lib, "concat_elu_fwd_" + suffix(dtype), x.size, np.int32(C), x, out)
+    np.testing.assert_allclose(out, act.concat_elu_reference(x), rtol=tol, atol=tol)
+    d = _rows(rng, out.shape, dtype, 1.0)
+    dx = np.empty_like(x)
+    call(layers_lib, "concat_elu_bwd_" + suffix(dtype), x.size, np.int32(C), d, x, dx)
+    np.testing.assert_allclose(dx, act.concat_elu_backward_reference(d, x), rtol=tol, atol=tol)
+
+    g_out = np.empty((*x.shape[:-1], C // 2), dtype)
+    call(layers_lib, "gate_fwd_" + suffix(dtype), g_out.size, np.int32(C // 2), x, g_out)
+    np.testing.assert_allclose(g_out, act.gate_reference(x), rtol=tol, atol=tol)
+    d = _rows(rng, g_out.shape, dtype, 1.0)
+    call(layers_lib, "gate_bwd_" + suffix(dtype), g_out.size, np.int32(C // 2), d, x, dx)
+    np.testing.assert_allclose(dx, act.gate_backward_reference(d, x), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 2e-5)])
+@pytest.mark.parametrize("C", [1, 4, 96])
+def test_cuda_source_layernorm_matches_reference(layers_lib, dtype, tol, C):
+    rng = np.random.default_rng(C)
+    x = np.ascontiguousarray(rng.normal(2.0, 3.0, (2, 5, 3, C)), dtype=dtype)
+    g = rng.normal(1.0, 0.5, C).astype(dtype)
+    b = rng.normal(0.0, 0.5, C).astype(dtype)
+    rows = x.size // C
+    out, xhat, rstd = np.empty_like(x), np.empty_like(x), np.empty((*x.shape[:-1], 1), dtype)
+    call(layers_lib, "layernorm_fwd_" + suffix(dtype), rows, np.int32(C), x, g, b, np.float64(1e-5), out, xhat, rstd)
+    ro, rh, rr = lnm.layernorm_forward_ref(x, g, b, 1e-5)
+    for a, r, name in ((out, ro, "out"), (xhat, rh, "xhat"), (rstd, rr, "rstd")):
+        np.testing.assert_allclose(a, r, rtol=tol, atol=tol, err_msg=name)
+    d = np.ascontiguousarray(rng.normal(size=x.shape), dtype=dtype)
+    dx = np.empty_like(x)
+    call(layers_lib, "layernorm_bwd_" + suffix(dtype), rows, np.int32(C), d, rh, rr, g, dx)
+    np.testing.assert_allclose(dx, lnm.layernorm_backward_ref(d, rh, rr, g)[0], rtol=10 * tol, atol=10 * tol)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA compiler) not on PATH")
+def test_cuda_layers_source_compiles_for_the_gpu_with_nvcc(tmp_path):
+    ok, err = nvcc_compile(cl.cuda_source(), tmp_path, "layers")
+    assert ok, err
+
+
+def test_cuda_layer_kernels_match_reference_on_gpu():
+    """CuPy dispatch (kernels on) against the reference (kernels off) on the GPU."""
+    from flowpp_ref.backend import gpu_available
+    if not gpu_available():
+        pytest.skip("cupy backend: CuPy or a CUDA device is not available on this machine")
+    import cupy
+
+    from flowpp_ref.kernels import kernels_enabled
+    rng = np.random.default_rng(6)
+    x = cupy.asarray(rng.normal(size=(4, 8, 8, 96)))
+    g, b = cupy.asarray(rng.normal(size=96)), cupy.asarray(rng.normal(size=96))
+    d2, d1, dh = (cupy.asarray(rng.normal(size=s)) for s in ((4, 8, 8, 192), (4, 8, 8, 96), (4, 8, 8, 48)))
+    res = {}
+    for on in (True, False):
+        with kernels_enabled(on):
+            ce, cache = act.concat_elu_forward(x)
+            ga, gcache = act.gate_forward(x)
+            out, xhat, rstd = lnm.layernorm_forward(x, g, b)
+            res[on] = [ce, act.concat_elu_backward(d2, cache), ga, act.gate_backward(dh, gcache),
+                       out, *lnm.layernorm_backward(d1, xhat, rstd, g)]
+    for a, r in zip(res[True], res[False]):
+        np.testing.assert_allclose(cupy.asnumpy(a), cupy.asnumpy(r), rtol=1e-10, atol=1e-10)

@@ -2,15 +2,11 @@
 and the hybrid (safeguarded Newton) inverse CDF, one GPU thread per element.
 
 **Never run on a GPU.** No GPU machine has been lent to this project yet. The per-element
-math below is plain C++ (templates over float / double) and is compiled twice:
-
-* for CuPy (:func:`module`): with NVRTC through ``cupy.RawModule``, wrapped in
-  ``__global__`` kernels (one thread per element, grid-stride free);
-* for the tests (:func:`host_source`): with the machine's C++ compiler as an ordinary
-  shared library whose entry points loop over the elements on the CPU, so that the
-  *same source text* is compared with the plain-array references of
-  :mod:`flowpp_ref.mixlogistic` on machines without a GPU
-  (``tests/test_cuda_kernels_on_host.py``).
+math below is plain C++ (templates over float / double), built twice by
+:mod:`flowpp_ref.kernels.cuda_build`: by NVRTC for CuPy (one thread per element), and
+by the machine's C++ compiler for the tests, which compare the *same source text* with
+the plain-array references of :mod:`flowpp_ref.mixlogistic` on machines without a GPU
+(``tests/test_cuda_kernels_on_host.py``).
 
 What the CPU compilation cannot check: that NVRTC accepts the source, the launch
 configuration, and device-specific rounding (the tests' tolerances allow for it).
@@ -38,6 +34,8 @@ on the plain-array reference on every backend.
 from __future__ import annotations
 
 import numpy as np
+
+from . import cuda_build as build
 
 # --------------------------------------------------------------------------- source
 # Per-element functions. FLOWPP_DEVICE / FLOWPP_INF come from the prelude of each build.
@@ -154,84 +152,36 @@ FLOWPP_DEVICE void mixlog_invcdf_hybrid_elem(int K, T y, const T* l, const T* mu
 }
 """
 
-# Entry points: name -> (arguments after "long long n, int K", per-element call with index i)
-_ENTRIES = {
+# Entry points: name -> (arguments after "long long n", per-element call with index i)
+ENTRIES = {
     "mixlog_forward": (
-        "const {T}* x, const {T}* l, const {T}* mu, const {T}* s, {T}* logF, {T}* log1mF, {T}* logp",
+        "int K, const {T}* x, const {T}* l, const {T}* mu, const {T}* s, {T}* logF, {T}* log1mF, {T}* logp",
         "mixlog_forward_elem<{T}>(K, x[i], l + i * K, mu + i * K, s + i * K, logF + i, log1mF + i, logp + i);"),
     "mixlog_backward": (
-        "const {T}* x, const {T}* l, const {T}* mu, const {T}* s, const {T}* gF, const {T}* gG, "
+        "int K, const {T}* x, const {T}* l, const {T}* mu, const {T}* s, const {T}* gF, const {T}* gG, "
         "const {T}* gP, {T}* dx, {T}* dl, {T}* dmu, {T}* ds",
         "mixlog_backward_elem<{T}>(K, x[i], l + i * K, mu + i * K, s + i * K, gF[i], gG[i], gP[i], "
         "dx + i, dl + i * K, dmu + i * K, ds + i * K);"),
     "mixlog_invcdf_hybrid": (
-        "const {T}* y, const {T}* l, const {T}* mu, const {T}* s, double tol, int max_iters, "
+        "int K, const {T}* y, const {T}* l, const {T}* mu, const {T}* s, double tol, int max_iters, "
         "{T}* x, long long* evals, signed char* converged",
         "mixlog_invcdf_hybrid_elem<{T}>(K, y[i], l + i * K, mu + i * K, s + i * K, ({T})tol, max_iters, "
         "x + i, evals + i, converged + i);"),
 }
-_TYPES = (("float", "f32"), ("double", "f64"))
-
-_CUDA_PRELUDE = r"""
-#define FLOWPP_DEVICE __device__ __forceinline__
-#define FLOWPP_INF __int_as_float(0x7f800000)
-"""
-_HOST_PRELUDE = r"""
-#include <cmath>
-using std::exp; using std::log; using std::log1p; using std::fabs; using std::fmin; using std::fmax;
-#define FLOWPP_DEVICE inline
-#define FLOWPP_INF INFINITY
-"""
-
-
-def _wrappers(kind: str) -> str:
-    out = []
-    for name, (args, call) in _ENTRIES.items():
-        for T, suffix in _TYPES:
-            a, c = args.format(T=T), call.format(T=T)
-            if kind == "cuda":
-                out.append(f'extern "C" __global__ void {name}_{suffix}(long long n, int K, {a}) {{\n'
-                           f"    long long i = (long long)blockDim.x * blockIdx.x + threadIdx.x;\n"
-                           f"    if (i < n) {{ {c} }}\n}}\n")
-            else:
-                out.append(f'extern "C" void {name}_{suffix}(long long n, int K, {a}) {{\n'
-                           f"    for (long long i = 0; i < n; ++i) {{ {c} }}\n}}\n")
-    return "\n".join(out)
 
 
 def cuda_source() -> str:
     """The CUDA translation unit given to NVRTC."""
-    return _CUDA_PRELUDE + ELEMENT_SOURCE + _wrappers("cuda")
+    return build.cuda_source(ELEMENT_SOURCE, ENTRIES)
 
 
 def host_source() -> str:
     """The same per-element code as a C++ file for the CPU (tests only)."""
-    return _HOST_PRELUDE + ELEMENT_SOURCE + _wrappers("host")
+    return build.host_source(ELEMENT_SOURCE, ENTRIES)
 
 
 # --------------------------------------------------------------------------- CuPy launch
-_THREADS = 256
-_module_cache = {}
-
-
-def module():
-    """The compiled ``cupy.RawModule`` (compiled once per process; CuPy caches it on disk)."""
-    if "m" not in _module_cache:
-        import cupy
-        _module_cache["m"] = cupy.RawModule(code=cuda_source(), options=("--std=c++11",))
-    return _module_cache["m"]
-
-
-def _suffix(dtype) -> str:
-    return {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}[np.dtype(dtype)]
-
-
-def _launch(name, n, K, *args):
-    if n == 0:
-        return
-    f = module().get_function(name)
-    blocks = (n + _THREADS - 1) // _THREADS
-    f((blocks,), (_THREADS,), (np.int64(n), np.int32(K), *args))
+_kernels = build.RawModuleCache(cuda_source)
 
 
 def cdf_pdf_forward(x, logits, means, logscales):
@@ -239,7 +189,7 @@ def cdf_pdf_forward(x, logits, means, logscales):
     import cupy
     n, K = logits.shape
     outs = tuple(cupy.empty((n,), dtype=x.dtype) for _ in range(3))
-    _launch(f"mixlog_forward_{_suffix(x.dtype)}", n, K, x, logits, means, logscales, *outs)
+    _kernels.launch(f"mixlog_forward_{build.suffix(x.dtype)}", n, np.int32(K), x, logits, means, logscales, *outs)
     return outs
 
 
@@ -249,8 +199,8 @@ def cdf_pdf_backward(x, logits, means, logscales, gF, gG, gP):
     n, K = logits.shape
     dx = cupy.empty((n,), dtype=x.dtype)
     dl, dm, ds = (cupy.empty((n, K), dtype=x.dtype) for _ in range(3))
-    _launch(f"mixlog_backward_{_suffix(x.dtype)}", n, K, x, logits, means, logscales, gF, gG, gP,
-            dx, dl, dm, ds)
+    _kernels.launch(f"mixlog_backward_{build.suffix(x.dtype)}", n, np.int32(K), x, logits, means, logscales,
+                    gF, gG, gP, dx, dl, dm, ds)
     return dx, dl, dm, ds
 
 
@@ -261,6 +211,6 @@ def invcdf_hybrid(y, logits, means, logscales, tol, max_iters):
     x = cupy.empty((n,), dtype=y.dtype)
     evals = cupy.empty((n,), dtype=np.int64)
     conv = cupy.empty((n,), dtype=np.int8)
-    _launch(f"mixlog_invcdf_hybrid_{_suffix(y.dtype)}", n, K, y, logits, means, logscales,
-            np.float64(tol), np.int32(max_iters), x, evals, conv)
+    _kernels.launch(f"mixlog_invcdf_hybrid_{build.suffix(y.dtype)}", n, np.int32(K), y, logits, means,
+                    logscales, np.float64(tol), np.int32(max_iters), x, evals, conv)
     return x, evals, conv

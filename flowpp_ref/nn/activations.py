@@ -8,8 +8,9 @@ Paper appendix 8.3::
 ``*_reference`` functions are the plain-xp math (the reference every kernel is
 tested against). The public ``*_forward`` / ``*_backward`` pairs dispatch to the
 fused numba kernels of :mod:`flowpp_ref.kernels.numba_activations` when the arrays
-are NumPy arrays and :func:`flowpp_ref.kernels.use_kernels` is on, else to the
-reference.
+are NumPy arrays and :func:`flowpp_ref.kernels.use_kernels` is on, to the CUDA
+kernels of :mod:`flowpp_ref.kernels.cuda_layers` for CuPy arrays (never run on a GPU),
+else to the reference.
 
 Caches: both ``concat_elu_forward`` and ``gate_forward`` return their *input* as
 the cache (a reference, no copy): for concat_elu that is half the size of the
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module
+from ..backend import array_module, is_cupy
 from ..kernels import use_kernels
 from ..validation import FlowInputError, check_array
 
@@ -49,6 +50,11 @@ def _use_numba(x) -> bool:
     return use_kernels() and array_module(x) is np
 
 
+def _use_cuda(*arrays) -> bool:
+    return (use_kernels() and is_cupy(array_module(*arrays))
+            and all(a.dtype in (np.float32, np.float64) for a in arrays))
+
+
 def _check_last_axis(x, name):
     check_array(x, name)
     if x.ndim < 1 or x.shape[-1] < 1:
@@ -74,6 +80,9 @@ def concat_elu_forward(x):
     if _use_numba(x):
         from ..kernels.numba_activations import concat_elu_numba
         return concat_elu_numba(x), x
+    if _use_cuda(x):
+        from ..kernels.cuda_layers import concat_elu as concat_elu_cuda
+        return concat_elu_cuda(x), x
     return concat_elu_reference(x), x
 
 
@@ -86,6 +95,9 @@ def concat_elu_backward(dout, cache):
     if _use_numba(x) and array_module(dout) is np:
         from ..kernels.numba_activations import concat_elu_backward_numba
         return concat_elu_backward_numba(dout, x)
+    if _use_cuda(x, dout):
+        from ..kernels.cuda_layers import concat_elu_backward as concat_elu_backward_cuda
+        return concat_elu_backward_cuda(dout, x)
     return concat_elu_backward_reference(dout, x)
 
 
@@ -125,6 +137,9 @@ def gate_forward(x):
     if _use_numba(x):
         from ..kernels.numba_activations import gate_numba
         return gate_numba(x), x
+    if _use_cuda(x):
+        from ..kernels.cuda_layers import gate as gate_cuda
+        return gate_cuda(x), x
     return gate_reference(x), x
 
 
@@ -137,6 +152,9 @@ def gate_backward(dout, cache):
     if _use_numba(x) and array_module(dout) is np:
         from ..kernels.numba_activations import gate_backward_numba
         return gate_backward_numba(dout, x)
+    if _use_cuda(x, dout):
+        from ..kernels.cuda_layers import gate_backward as gate_backward_cuda
+        return gate_backward_cuda(dout, x)
     return gate_backward_reference(dout, x)
 
 

@@ -19,13 +19,14 @@ Cache: ``(xhat, rstd)``: xhat ``[..., C]`` and rstd ``[..., 1]``; x itself is no
 
 The plain-``xp`` functions :func:`layernorm_forward_ref` / :func:`layernorm_backward_ref`
 are the math; with NumPy arrays and kernels enabled the fused numba kernels of
-:mod:`flowpp_ref.kernels.numba_layernorm` run instead (same results to round-off).
+:mod:`flowpp_ref.kernels.numba_layernorm` run instead (same results to round-off); with
+CuPy arrays the CUDA kernels of :mod:`flowpp_ref.kernels.cuda_layers` (never run on a GPU).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module, asarray
+from ..backend import array_module, asarray, is_cupy
 from ..kernels import use_kernels
 from ..module import Module
 from ..validation import FlowInputError, check_array
@@ -60,9 +61,16 @@ def _numba_ok(xp, x):
     return xp is np and use_kernels() and x.dtype in (np.float32, np.float64)
 
 
+def _cuda_ok(xp, x):
+    return is_cupy(xp) and use_kernels() and x.dtype in (np.float32, np.float64)
+
+
 def layernorm_forward(x, g, b, eps=1e-5):
-    """``(out, xhat, rstd)``: numba kernel for NumPy arrays, else the reference."""
+    """``(out, xhat, rstd)``: numba kernel for NumPy arrays, CUDA kernel for CuPy arrays, else the reference."""
     xp = array_module(x)
+    if _cuda_ok(xp, x):
+        from ..kernels import cuda_layers
+        return cuda_layers.layernorm_forward(x, g, b, eps)
     if not _numba_ok(xp, x):
         return layernorm_forward_ref(x, g, b, eps)
     from ..kernels import numba_layernorm as k
@@ -78,8 +86,11 @@ def layernorm_forward(x, g, b, eps=1e-5):
 
 
 def layernorm_backward(dout, xhat, rstd, g):
-    """``(dx, dg, db)``: numba kernel for NumPy arrays, else the reference."""
+    """``(dx, dg, db)``: numba kernel for NumPy arrays, CUDA kernel for CuPy arrays, else the reference."""
     xp = array_module(dout)
+    if _cuda_ok(xp, dout):
+        from ..kernels import cuda_layers
+        return cuda_layers.layernorm_backward(dout, xhat, rstd, g)
     if not _numba_ok(xp, dout):
         return layernorm_backward_ref(dout, xhat, rstd, g)
     import numba
