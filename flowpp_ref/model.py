@@ -77,7 +77,7 @@ def build_main_flow(cfg: ModelConfig, *, rng, xp=np, dtype=np.float32) -> Compos
     flows = []
     if cfg.n_bits < 8:
         flows.append(Rescale(256.0 / 2 ** cfg.n_bits))
-    flows += [ImgProc(), CheckerboardSplit()]
+    flows += [ImgProc(check_input=False), CheckerboardSplit()]   # FlowPP.prepare checks the pixels
     flows += coupling_stage(cfg, (h, w // 2, c), cfg.stages[0], **kw)
     flows += [Inverse(CheckerboardSplit()), SpaceToDepth(), ChannelSplit()]
     flows += coupling_stage(cfg, (h // 2, w // 2, 2 * c), cfg.stages[1], **kw)
@@ -118,13 +118,14 @@ class FlowPP(Module):
         if tuple(x.shape[1:]) != tuple(self.cfg.image_shape):
             raise FlowInputError(f"images must have shape [B, {', '.join(map(str, self.cfg.image_shape))}], "
                                  f"got {tuple(x.shape)}")
-        xf = asarray(x, self.xp).astype(self.dtype)
-        check_finite(xf, "images")
-        lo, hi = float(to_numpy(xf.min())), float(to_numpy(xf.max()))
+        # checked where the images are: host arrays before the upload (no device sync)
+        xc = x if isinstance(x, np.ndarray) else asarray(x, self.xp)
+        check_finite(xc, "images")
+        lo, hi = float(to_numpy(xc.min())), float(to_numpy(xc.max()))
         if lo < 0 or hi > self.levels - 1:
             raise FlowInputError(f"pixel values must be integers in [0, {self.levels - 1}] for n_bits="
                                  f"{self.cfg.n_bits}, got min {lo:g}, max {hi:g}")
-        return xf
+        return asarray(x, self.xp).astype(self.dtype)
 
     # --------------------------------------------------------------- objective
     def elbo(self, xf, *, rng, train=False):

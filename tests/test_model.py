@@ -80,6 +80,22 @@ def test_bad_images_raise_clear_errors():
     model5, _ = tiny_model(np.float32, n_bits=5)
     with pytest.raises(FlowInputError, match=r"\[0, 31\]"):
         model5.loss(tiny_images(), rng=make_rng(0))
+    neg = tiny_images().astype(np.int16)
+    neg[1, 2, 3, 0] = -1
+    with pytest.raises(FlowInputError, match=r"\[0, 255\].*min -1"):
+        model.loss(neg, rng=make_rng(0))
+
+
+def test_non_finite_dequantization_reaches_the_loss_instead_of_raising_mid_step():
+    """The pixels are checked once, in prepare (on the host); the main flow's ImgProc does not
+    check x + u again (no device syncs), so a diverged dequantizer gives a non-finite loss
+    that the training loop can skip."""
+    model, _ = tiny_model(np.float32)
+    assert model.flow.flows[0].check_input is False
+    model.data_init(tiny_images(8, seed=1), rng=make_rng(0))
+    model.parameters()["dequant.context.proj.b"][...] = np.nan    # the dequantizer's context network
+    loss, _ = model.loss(tiny_images(), rng=make_rng(0))
+    assert not np.isfinite(float(loss))
 
 
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-9), (np.float32, 1e-3)], ids=["float64", "float32"])

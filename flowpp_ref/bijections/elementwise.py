@@ -72,18 +72,27 @@ class ImgProc(Bijection):
     so the values lie in [0, 256); the check accepts the closed interval
     [0, 256] like the paper's commented-out assertion. ``forward`` raises
     :class:`FlowInputError` on non-finite values or values outside [0, 256]
-    (one host sync on CuPy: this is the flow's first layer, checked once per step).
+    (two host syncs on CuPy). ``check_input=False`` skips that check: the whole model
+    uses it, because :meth:`flowpp_ref.model.FlowPP.prepare` has validated the integer
+    pixels (on the host, before the upload) and ``x + u`` lies in [0, 256] by
+    construction; a non-finite ``u`` from a diverging dequantizer then reaches the
+    loss, and the training loop skips that step instead of failing inside it.
     ``inverse`` accepts any finite z (no clipping of samples back into [0, 256]).
 
     Shapes: ``y`` [B, ...] -> ``z`` same shape; logdet (B,).
     Cache: forward keeps ``s`` (= sigmoid(z)); inverse keeps ``s = sigmoid(z)``.
     """
 
+    def __init__(self, check_input: bool = True):
+        super().__init__()
+        self.check_input = bool(check_input)
+
     def forward(self, x, context=None, *, train=False, rng=None):
         _reject_tuple(x, "ImgProc.forward")
         _check_batched(x, "ImgProc.forward")
-        check_finite(x, "ImgProc.forward (pixel values)")
-        check_range(x, "ImgProc.forward (pixel values)", 0.0, IMG_MAX, hi_inclusive=True)
+        if self.check_input:
+            check_finite(x, "ImgProc.forward (pixel values)")
+            check_range(x, "ImgProc.forward (pixel values)", 0.0, IMG_MAX, hi_inclusive=True)
         xp = array_module(x)
         s = IMG_LO + IMG_SCALE * x
         z = xp.log(s) - xp.log1p(-s)
