@@ -40,6 +40,12 @@ def _like(a, ref):
     return _to(a, array_module(ref), ref.dtype)
 
 
+def _scalar(s, dtype):
+    """A Python float stays as it is (NumPy treats it as weakly typed); a 0-d backend array is
+    cast to ``dtype`` so that it does not promote float32 arrays to float64."""
+    return s.astype(dtype) if hasattr(s, "astype") else s
+
+
 # ------------------------------------------------------------------------ Adam
 class Adam:
     """Adam (Kingma & Ba 2015, Algorithm 1), the form used by ``torch.optim.Adam``.
@@ -79,8 +85,14 @@ class Adam:
                 self.m[k] = xp.zeros_like(p)
                 self.v[k] = xp.zeros_like(p)
 
-    def step(self, params: dict, grads: dict, lr: float) -> None:
-        """One update of every array in ``params`` (in place) from ``grads`` (same keys and shapes)."""
+    def step(self, params: dict, grads: dict, lr: float, *, grad_scale=None, apply=None) -> None:
+        """One update of every array in ``params`` (in place) from ``grads`` (same keys and shapes).
+
+        ``grad_scale`` (a 0-d backend array, e.g. :func:`clip_scale`) multiplies the
+        gradients. ``apply`` (a 0-d boolean backend array) makes the update conditional
+        without a host sync: where it is False, ``p``, ``m``, ``v`` and ``t`` keep their
+        values (``t`` then becomes a 0-d backend array: it counts applied updates).
+        """
         _check_same_keys(params, grads)
         lr = float(lr)
         if not (math.isfinite(lr) and lr >= 0):
@@ -89,11 +101,11 @@ class Adam:
             if tuple(grads[k].shape) != tuple(p.shape):
                 raise ValueError(f"gradient {k}: shape {tuple(grads[k].shape)} differs from the parameter's "
                                  f"{tuple(p.shape)}")
-        self.t += 1
+        self.t = self.t + 1 if apply is None else self.t + apply.astype(np.int64)
         bc1 = 1.0 - self.beta1 ** self.t   # 1 - beta1^t
         bc2 = 1.0 - self.beta2 ** self.t   # 1 - beta2^t
         step_size = lr / bc1               # lr / (1 - beta1^t)
-        inv_sqrt_bc2 = 1.0 / math.sqrt(bc2)
+        inv_sqrt_bc2 = 1.0 / (math.sqrt(bc2) if isinstance(bc2, float) else array_module(bc2).sqrt(bc2))
         for k, p in params.items():
             g = grads[k]
             xp = array_module(p)
@@ -102,17 +114,23 @@ class Adam:
             m = xp.zeros_like(p) if m is None else _like(m, p)
             v = xp.zeros_like(p) if v is None else _like(v, p)
             g = _like(g, p)
-            m *= self.beta1
-            m += (1.0 - self.beta1) * g                # m = b1 m + (1 - b1) g
-            v *= self.beta2
-            v += (1.0 - self.beta2) * (g * g)          # v = b2 v + (1 - b2) g^2
-            denom = xp.sqrt(v) * inv_sqrt_bc2 + self.eps  # sqrt(v_hat) + eps
-            p -= (step_size * m / denom).astype(p.dtype, copy=False)  # p -= lr m_hat / (sqrt(v_hat) + eps)
-            self.m[k], self.v[k] = m, v
+            if grad_scale is not None:
+                g = g * _scalar(grad_scale, p.dtype)
+            # (xp.asarray: NumPy turns 0-d results into scalars; the state stays arrays)
+            m_new = xp.asarray(m * self.beta1 + (1.0 - self.beta1) * g)        # m = b1 m + (1 - b1) g
+            v_new = xp.asarray(v * self.beta2 + (1.0 - self.beta2) * (g * g))  # v = b2 v + (1 - b2) g^2
+            denom = xp.sqrt(v_new) * _scalar(inv_sqrt_bc2, p.dtype) + self.eps  # sqrt(v_hat) + eps
+            upd = (_scalar(step_size, p.dtype) * m_new / denom).astype(p.dtype, copy=False)  # lr m_hat / (...)
+            if apply is None:
+                p -= upd
+                self.m[k], self.v[k] = m_new, v_new
+            else:
+                p -= xp.where(apply, upd, p.dtype.type(0))
+                self.m[k], self.v[k] = xp.where(apply, m_new, m), xp.where(apply, v_new, v)
 
     def state_dict(self) -> dict:
         """``{"t", "beta1", "beta2", "eps", "m": {...}, "v": {...}}`` (arrays on their backend, not copied)."""
-        return {"t": int(self.t), "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,
+        return {"t": int(to_numpy(self.t)), "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,
                 "m": dict(self.m), "v": dict(self.v)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -152,14 +170,30 @@ def warmup_lr(step: int, max_lr: float, warmup_steps: int) -> float:
 
 
 # ------------------------------------------------------------------- clipping
-def global_grad_norm(grads: dict) -> float:
-    """sqrt(sum_k sum(g_k^2)) in float64; one host transfer (one sync on CuPy)."""
-    if not grads:
-        return 0.0
+def global_grad_norm_array(grads: dict):
+    """sqrt(sum_k sum(g_k^2)) as a 0-d float64 array on the gradients' backend (no host sync)."""
     arrays = list(grads.values())
+    if not arrays:
+        return np.zeros((), np.float64)
     xp = array_module(*arrays)
     sq = xp.stack([xp.sum(xp.square(g.astype(xp.float64, copy=False))) for g in arrays])
-    return math.sqrt(float(to_numpy(sq.sum())))
+    return xp.sqrt(sq.sum())
+
+
+def global_grad_norm(grads: dict) -> float:
+    """sqrt(sum_k sum(g_k^2)) in float64, as a Python float (one host sync on CuPy)."""
+    return float(to_numpy(global_grad_norm_array(grads)))
+
+
+def clip_scale(norm, max_norm: float):
+    """The clipping factor ``max_norm / max(n, max_norm)`` of a 0-d norm array, on its backend.
+
+    1 when n <= max_norm; nan when n is nan (the caller skips such a step).
+    """
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be positive, got {max_norm}")
+    xp = array_module(norm)
+    return max_norm / xp.maximum(norm, max_norm)
 
 
 def clip_grad_norm(grads: dict, max_norm: float):
@@ -208,14 +242,19 @@ class EMA:
         self.shadow = {k: p.copy() for k, p in params.items()}
         self.num_updates = 0
 
-    def update(self, params: dict) -> None:
+    def update(self, params: dict, *, apply=None) -> None:
+        """One averaging step; ``apply`` (0-d boolean backend array): skip it where False, without a host sync."""
         _check_same_keys(self.shadow, params, "parameters")
         d = self.decay
         for k, p in params.items():
             s = self.shadow[k]
-            s *= d
-            s += (1.0 - d) * p                  # shadow = d shadow + (1 - d) param
-        self.num_updates += 1
+            if apply is None:
+                s *= d
+                s += (1.0 - d) * p              # shadow = d shadow + (1 - d) param
+            else:
+                xp = array_module(s)
+                self.shadow[k] = xp.where(apply, s * d + (1.0 - d) * p, s)
+        self.num_updates = self.num_updates + 1 if apply is None else self.num_updates + apply.astype(np.int64)
 
     def copy_to(self, params: dict) -> None:
         """Write the shadow values into the arrays of ``params`` (in place)."""
@@ -225,7 +264,7 @@ class EMA:
 
     def state_dict(self) -> dict:
         """``{"decay", "num_updates", "shadow": {...}}`` (arrays on their backend, not copied)."""
-        return {"decay": self.decay, "num_updates": int(self.num_updates), "shadow": dict(self.shadow)}
+        return {"decay": self.decay, "num_updates": int(to_numpy(self.num_updates)), "shadow": dict(self.shadow)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from :meth:`state_dict` output (copied; moved to the backend/dtype of the current shadow)."""

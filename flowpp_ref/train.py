@@ -12,9 +12,15 @@ from a generator seeded with (seed, s), and the batch order of epoch e from one
 seeded with (seed, e). A run resumed from a checkpoint at step s therefore sees
 exactly the numbers an uninterrupted run sees (tested).
 
+Host syncs: a step keeps its loss, gradient norm and "finite" flag on the backend;
+clipping and the skip of a non-finite step are applied there (``Adam.step(...,
+grad_scale=, apply=)``), and the scalars of the pending steps are read back together
+every ``log_every`` steps (and before a checkpoint): on CuPy that is the loop's only
+host round trip.
+
 Non-finite loss or gradients: the step is skipped (parameters, Adam and EMA
-untouched) and reported; ``max_bad_steps`` consecutive failures stop the run with
-:class:`TrainingDiverged`. Checkpoints are only written from finite parameters,
+untouched) and reported when its scalars are read back; ``max_bad_steps``
+consecutive failures stop the run with :class:`TrainingDiverged`. Checkpoints are only written from finite parameters,
 atomically (:mod:`flowpp_ref.checkpoint`).
 """
 from __future__ import annotations
@@ -27,10 +33,10 @@ import time
 
 import numpy as np
 
-from .backend import get_xp, make_rng, synchronize, to_numpy
+from .backend import get_xp, make_rng, to_numpy
 from .checkpoint import load_checkpoint, save_checkpoint
 from .model import FlowPP
-from .optim import EMA, Adam, clip_grad_norm, warmup_lr
+from .optim import EMA, Adam, clip_scale, global_grad_norm_array, warmup_lr
 from .presets import ModelConfig, Preset, TrainConfig, get_preset
 
 CKPT_NAME = "checkpoint.npz"
@@ -132,53 +138,71 @@ def train(preset, train_images, test_images=None, *, out_dir=None, steps=None, m
         ema.load_state_dict({"decay": tc.ema_decay, "shadow": {k: v.copy() for k, v in params.items()}})
 
     log = _Logger(os.path.join(out_dir, "log.jsonl") if out_dir else None)
-    history, bad, skipped = [], 0, 0
+    history, state = [], {"bad": 0, "skipped": 0}
+    pending = []                    # (step, loss, grad norm, ok, lr) of steps not yet read back
     total = steps if steps is not None else 10 ** 12
     deadline = time.perf_counter() + 60 * minutes if minutes is not None else math.inf
     bar = _progress(progress, start, total if steps is not None else None, p.name)
-    t_last, n_last, step = time.perf_counter(), 0, start
+    t_last, step = time.perf_counter(), start
+
+    def flush():
+        """Read the pending steps' scalars back (one host transfer), log them, count skipped steps."""
+        nonlocal t_last
+        if not pending:
+            return
+        vals = to_numpy(xp.stack([xp.stack([lo.astype(xp.float64), gn, ok.astype(xp.float64)])
+                                  for _, lo, gn, ok, _ in pending]))
+        now = time.perf_counter()
+        n_ok = int(vals[:, 2].sum())
+        for (s, _, _, _, lr), (loss_f, gnorm, ok) in zip(pending, vals.tolist()):
+            if not ok:
+                state["bad"] += 1
+                state["skipped"] += 1
+                log.write({"step": s, "skipped": True, "loss": repr(loss_f), "grad_norm": repr(gnorm)})
+                if bar is not None:
+                    bar.write(f"step {s}: non-finite loss/gradient ({loss_f}, {gnorm}); step skipped")
+                if state["bad"] >= tc.max_bad_steps:
+                    raise TrainingDiverged(
+                        f"{state['bad']} consecutive steps with a non-finite loss or gradient (last at step {s}); "
+                        f"the last checkpoint ({ckpt_path}) holds the last finite parameters. "
+                        "Lower the learning rate or check the data.")
+                continue
+            state["bad"] = 0
+            rec = {"step": s, "train_bpd": loss_f, "grad_norm": gnorm, "lr": lr}
+            history.append(rec)
+            if on_step is not None:
+                on_step(s, rec)
+        if history and history[-1]["step"] == pending[-1][0]:
+            history[-1]["img_per_s"] = n_ok * tc.batch_size / max(now - t_last, 1e-9)
+            log.write(history[-1])
+            if bar is not None:
+                bar.set_postfix(bpd=f"{history[-1]['train_bpd']:.3f}", ips=f"{history[-1]['img_per_s']:.1f}")
+        t_last = now
+        pending.clear()
+
     try:
         while step < total and time.perf_counter() < deadline:
             idx = batch_indices(len(train_images), tc.batch_size, tc.seed, step)
             loss, grads = model.loss_and_grads(train_images[idx], rng=step_rng(tc.seed, step, xp), train=True)
-            grads, gnorm = clip_grad_norm(grads, tc.grad_clip)
-            loss_f = float(to_numpy(loss))
+            gnorm = global_grad_norm_array(grads)
+            ok = xp.isfinite(loss) & xp.isfinite(gnorm)      # a skipped step changes nothing (no host sync)
             step += 1
-            if not (math.isfinite(loss_f) and math.isfinite(gnorm)):
-                bad += 1
-                skipped += 1
-                log.write({"step": step, "skipped": True, "loss": repr(loss_f), "grad_norm": repr(gnorm)})
-                if bar is not None:
-                    bar.write(f"step {step}: non-finite loss/gradient ({loss_f}, {gnorm}); step skipped")
-                if bad >= tc.max_bad_steps:
-                    raise TrainingDiverged(
-                        f"{bad} consecutive steps with a non-finite loss or gradient (last at step {step}); "
-                        f"the last checkpoint ({ckpt_path}) holds the last finite parameters. "
-                        "Lower the learning rate or check the data.")
-                continue
-            bad = 0
             lr = warmup_lr(step, tc.lr, tc.warmup_steps)
-            adam.step(params, grads, lr)
-            ema.update(params)
-            n_last += tc.batch_size
-            rec = {"step": step, "train_bpd": loss_f, "grad_norm": gnorm, "lr": lr}
-            history.append(rec)
-            if step % tc.log_every == 0 or step == total:
-                synchronize(xp)
-                now = time.perf_counter()
-                rec["img_per_s"] = n_last / max(now - t_last, 1e-9)
-                t_last, n_last = now, 0
-                log.write(rec)
+            adam.step(params, grads, lr, grad_scale=clip_scale(gnorm, tc.grad_clip), apply=ok)
+            ema.update(params, apply=ok)
+            pending.append((step, loss, gnorm, ok, lr))
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(bpd=f"{loss_f:.3f}", ips=f"{rec.get('img_per_s', float('nan')):.1f}")
-            if on_step is not None:
-                on_step(step, rec)
-            if ckpt_path and step % tc.checkpoint_every == 0:
+            due_ckpt = ckpt_path and step % tc.checkpoint_every == 0
+            if step % tc.log_every == 0 or step == total or due_ckpt:
+                flush()                                      # the only host sync of the loop
+            if due_ckpt:
                 _save(ckpt_path, model, adam, ema, step, p)
+        flush()
     finally:
         if bar is not None:
             bar.close()
+    skipped = state["skipped"]
     if ckpt_path:
         _save(ckpt_path, model, adam, ema, step, p)
     summary = {"preset": p.name, "steps": step, "skipped_steps": skipped,

@@ -8,7 +8,8 @@ import pytest
 
 from flowpp_ref import checkpoint as ckpt_mod
 from flowpp_ref.checkpoint import CheckpointError, load_checkpoint, restore_rng, save_checkpoint
-from flowpp_ref.optim import EMA, Adam, clip_grad_norm, global_grad_norm, warmup_lr
+from flowpp_ref.optim import (EMA, Adam, clip_grad_norm, clip_scale, global_grad_norm, global_grad_norm_array,
+                              warmup_lr)
 
 
 def _params(rng, dtype=np.float64):
@@ -140,6 +141,38 @@ def test_clip_grad_norm():
     with pytest.raises(ValueError, match="max_norm"):
         clip_grad_norm(g, 0.0)
     assert clip_grad_norm({}, 1.0)[1] == 0.0
+
+
+def test_device_side_clipping_and_conditional_updates_match_the_host_path():
+    """Adam.step(grad_scale=, apply=) and EMA.update(apply=) (the training loop's sync-free
+    step) against clip_grad_norm + an unconditional step, and a skipped step changes nothing."""
+    rng = np.random.default_rng(6)
+    p0 = {"a": rng.standard_normal((5, 3)).astype(np.float32), "b": rng.standard_normal(4).astype(np.float32)}
+    grads = [{k: (4 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in p0.items()} for _ in range(3)]
+    grads[1]["b"][2] = np.nan                                    # step 2 must be skipped
+    host = {k: v.copy() for k, v in p0.items()}
+    dev = {k: v.copy() for k, v in p0.items()}
+    a_host, a_dev = Adam(host), Adam(dev)
+    e_host, e_dev = EMA(host, 0.9), EMA(dev, 0.9)
+    for g in grads:
+        n = global_grad_norm_array(g)
+        assert n.shape == () and n.dtype == np.float64
+        ok = np.isfinite(n)
+        a_dev.step(dev, g, 1e-2, grad_scale=clip_scale(n, 1.0), apply=ok)
+        e_dev.update(dev, apply=ok)
+        clipped, nf = clip_grad_norm(g, 1.0)
+        if math.isfinite(nf):
+            a_host.step(host, clipped, 1e-2)
+            e_host.update(host)
+        for k in p0:
+            np.testing.assert_allclose(dev[k], host[k], rtol=2e-6, atol=1e-7, err_msg=k)
+            np.testing.assert_allclose(e_dev.shadow[k], e_host.shadow[k], rtol=2e-6, atol=1e-7, err_msg=k)
+            np.testing.assert_allclose(a_dev.m[k], a_host.m[k], rtol=2e-6, atol=1e-7, err_msg=k)
+            assert dev[k].dtype == np.float32 and a_dev.m[k].dtype == np.float32
+    assert int(a_dev.t) == a_host.t == 2 and int(e_dev.num_updates) == e_host.num_updates == 2
+    assert a_dev.state_dict()["t"] == 2
+    assert float(clip_scale(np.float64(0.5), 1.0)) == 1.0 and float(clip_scale(np.float64(4.0), 1.0)) == 0.25
+    assert math.isnan(float(clip_scale(np.float64(np.nan), 1.0)))
 
 
 def test_clip_grad_norm_matches_torch():

@@ -68,6 +68,31 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
     assert good["steps"] == 2
 
 
+def test_training_loop_reads_scalars_back_once_per_log_interval(tmp_path, monkeypatch):
+    """The loop's only host transfers are the batched read-backs every log_every steps; a
+    non-finite step inside an interval is still skipped (nothing updated) and reported."""
+    from flowpp_ref import model as model_mod
+    from flowpp_ref import train as train_mod
+    calls = []
+    real = train_mod.to_numpy
+    monkeypatch.setattr(train_mod, "to_numpy", lambda a: calls.append(getattr(a, "shape", None)) or real(a))
+    orig = model_mod.FlowPP.loss_and_grads
+
+    def nan_at_step_3(self, xb, *, rng, train=True):
+        loss, grads = orig(self, xb, rng=rng, train=train)
+        nan_at_step_3.n += 1
+        return (loss * np.nan, grads) if nan_at_step_3.n == 3 else (loss, grads)
+    nan_at_step_3.n = 0
+    monkeypatch.setattr(model_mod.FlowPP, "loss_and_grads", nan_at_step_3)
+    s = train("tiny", images(), out_dir=str(tmp_path), steps=8, progress=False,
+              overrides=dict(log_every=4, checkpoint_every=100))
+    assert calls == [(4, 3), (4, 3)]                      # two read-backs of 4 steps x (loss, norm, ok)
+    assert s["skipped_steps"] == 1 and [h["step"] for h in s["history"]] == [1, 2, 4, 5, 6, 7, 8]
+    recs = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in recs if r.get("skipped")] == [3]
+    assert all(np.isfinite(v).all() for v in s["model"].parameters().values())
+
+
 @pytest.mark.slow
 def test_checkpoint_reloads_for_evaluation_and_importance_sampling(tmp_path):
     x = images()
