@@ -409,6 +409,31 @@ def test_pointwise_inverse_and_slogdet_in_float64():
     assert ld_inv[0] == pytest.approx(-4 * np.linalg.slogdet(W64)[1], rel=1e-6)
 
 
+def test_pointwise_device_path_matches_host_path(monkeypatch):
+    """The CuPy path (float64 slogdet/inv on the device, no host transfer, no check), run
+    here on NumPy arrays: same factors, same forward/inverse and log-dets as the host path."""
+    from flowpp_ref.bijections import pointwise as pw
+    W32 = _ill_conditioned(4, 1e3, seed=3)
+    lad_h, inv_h = factor_matrix(W32)
+    lad_d, inv_d = factor_matrix(W32, on_device=True)
+    assert isinstance(lad_h, float) and getattr(lad_d, "shape", None) == () and lad_d.dtype == np.float64
+    assert float(lad_d) == pytest.approx(lad_h, rel=1e-14) and inv_d.dtype == np.float32
+    np.testing.assert_array_equal(inv_d, inv_h)
+    p = Pointwise((4, 4), rng=np.random.default_rng(0))
+    x = tuple(np.random.default_rng(i).standard_normal((2, 3, 2, 4)).astype(np.float32) for i in (4, 5))
+    y_h, ld_h, _ = p.forward(x)
+    yi_h, ldi_h = p.inverse(y_h)
+    real = pw.factor_matrix
+    monkeypatch.setattr(pw, "factor_matrix", lambda W, name="W": real(W, name, on_device=True))
+    y_d, ld_d, _ = p.forward(x)
+    yi_d, ldi_d = p.inverse(y_d)
+    for a, b in zip(y_d + yi_d, y_h + yi_h):
+        np.testing.assert_array_equal(a, b)
+    assert ld_d.dtype == ld_h.dtype == np.float32 and ld_d.shape == (2,)
+    np.testing.assert_allclose(ld_d, ld_h, rtol=1e-6)
+    np.testing.assert_allclose(ldi_d, ldi_h, rtol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["forward", "inverse"])
 @pytest.mark.parametrize("W, match", [
     pytest.param(np.array([[1.0, 2.0], [2.0, 4.0]]), "singular", id="rank-one"),

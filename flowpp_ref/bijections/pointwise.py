@@ -7,10 +7,12 @@ Math (convention: pixels are row vectors, as in the released ``_nin``,
     logdet = H * W_img * log|det W|            the same for every sample
     inverse: x[b, h, w, :] = y[b, h, w, :] @ W^{-1},  logdet_inv = -logdet
 
-``log|det W|`` (``slogdet``) and ``W^{-1}`` are computed in float64 on the host
-and cast back to the parameter dtype (the paper's code also takes the
-determinant in double; STYLE.md pitfall 4). That costs one transfer of the
-C x C matrix per call on CuPy (never run on a GPU).
+``log|det W|`` (``slogdet``) and ``W^{-1}`` are computed in float64 and cast back
+to the parameter dtype (the paper's code also takes the determinant in double;
+STYLE.md pitfall 4). NumPy: on the host, with the checks below. CuPy: on the
+device (``cupy.linalg``), unchecked, so that a training step needs no host round
+trip; a singular or non-finite W then gives a non-finite log-det, which the
+training loop's non-finite check catches (never run on a GPU).
 
 A tuple input ``(x0, x1)`` gets one matrix per element (``W0``, ``W1``, as in the
 paper's ``W{i}``); a single array uses ``W``.
@@ -31,18 +33,28 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module, asarray, to_numpy
+from ..backend import array_module, asarray, is_cupy, to_numpy
 from ..validation import FlowInputError, check_array
 from .base import Bijection
 
 EPS64 = float(np.finfo(np.float64).eps)
 
 
-def factor_matrix(W, name: str = "W"):
-    """``(log|det W|, W^{-1})`` computed in float64; raises on a singular/non-finite W.
+def factor_matrix(W, name: str = "W", *, on_device: bool | None = None):
+    """``(log|det W|, W^{-1})`` computed in float64.
 
-    Returns the log-det as a Python float and the inverse on W's backend in W's dtype.
+    Host path (NumPy arrays; ``on_device=False``): raises on a singular/non-finite W and
+    returns the log-det as a Python float. Device path (CuPy arrays; ``on_device=True``):
+    no check, no transfer; the log-det is a 0-d float64 array on W's backend. The
+    inverse is returned on W's backend in W's dtype.
     """
+    if on_device is None:
+        on_device = is_cupy(array_module(W))
+    if on_device:
+        xp = array_module(W)
+        W64 = W.astype(xp.float64)
+        _, logabsdet = xp.linalg.slogdet(W64)
+        return logabsdet, xp.linalg.inv(W64).astype(W.dtype)
     W64 = to_numpy(W).astype(np.float64)
     C = W64.shape[0]
     if not np.isfinite(W64).all():
@@ -55,6 +67,13 @@ def factor_matrix(W, name: str = "W"):
     _, logabsdet = np.linalg.slogdet(W64)
     Winv = np.linalg.inv(W64)
     return float(logabsdet), asarray(Winv, array_module(W), W.dtype)
+
+
+def _per_sample(xp, a, total):
+    """The log-det ``total`` (a float or a 0-d backend array) for each of a's samples, in a's dtype."""
+    out = xp.empty((a.shape[0],), dtype=a.dtype)
+    out[...] = total
+    return out
 
 
 class Pointwise(Bijection):
@@ -137,8 +156,7 @@ class Pointwise(Bijection):
         for i, (a, (lad, _)) in enumerate(zip(xs, factors)):
             out.append(a @ self.params[self._name(i)])
             total += a.shape[1] * a.shape[2] * lad            # H * W * log|det W_i|
-        logdet = xp.full((xs[0].shape[0],), total, dtype=xs[0].dtype)
-        return self._pack(out), logdet, {"x": xs, "Winv": [f[1] for f in factors]}
+        return self._pack(out), _per_sample(xp, xs[0], total), {"x": xs, "Winv": [f[1] for f in factors]}
 
     def backward(self, dy, dlogdet, cache):
         dys = dy if isinstance(dy, tuple) else (dy,)
@@ -166,8 +184,7 @@ class Pointwise(Bijection):
         for a, (lad, Winv) in zip(ys, factors):
             out.append(a @ Winv)
             total -= a.shape[1] * a.shape[2] * lad
-        logdet = xp.full((ys[0].shape[0],), total, dtype=ys[0].dtype)
-        return self._pack(out), logdet, {"y": ys, "Winv": [f[1] for f in factors]}
+        return self._pack(out), _per_sample(xp, ys[0], total), {"y": ys, "Winv": [f[1] for f in factors]}
 
     def inverse_backward(self, dx, dlogdet, cache):
         dxs = dx if isinstance(dx, tuple) else (dx,)
