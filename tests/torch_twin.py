@@ -125,28 +125,33 @@ class TorchFlowPP(torch.nn.Module):
     ``P``: dict dotted name -> Parameter (the names of ``model.parameters()``).
     """
 
-    def __init__(self, model, dtype=torch.float64):
+    def __init__(self, model, dtype=torch.float64, device="cpu"):
         super().__init__()
         self.model = model
         self.dtype = dtype
+        self.device = torch.device(device)
         self.np_dtype = np.dtype(model.dtype)
         self.levels = int(model.levels)
         self.num_dims = int(model.num_dims)
         names = sorted(model.parameters())
         self._plist = torch.nn.ParameterList(
-            [torch.nn.Parameter(torch.tensor(np.array(to_numpy(model.parameters()[k])), dtype=dtype))
+            [torch.nn.Parameter(torch.tensor(np.array(to_numpy(model.parameters()[k])), dtype=dtype,
+                                             device=self.device))
              for k in names])
         self.P = dict(zip(names, self._plist))
 
     # -------------------------------------------------------------- helpers
     def _tensor(self, a):
-        return torch.as_tensor(np.asarray(a)).to(self.dtype)
+        """A host array (or a tensor, e.g. from an RNG that draws with torch on the device) as a tensor of ours."""
+        if not isinstance(a, torch.Tensor):
+            a = torch.as_tensor(np.asarray(a))
+        return a.to(device=self.device, dtype=self.dtype)
 
     def _dropout(self, x, p, train, rng):
         """The model's inverted dropout: mask = rng.random(x.shape) >= p (drawn on the host)."""
         if not train or p == 0.0:
             return x
-        mask = torch.from_numpy(rng.random(tuple(x.shape)) >= p).to(self.dtype)
+        mask = self._tensor(rng.random(tuple(x.shape)) >= p)
         return x * mask / (1.0 - p)
 
     # -------------------------------------------------------------- network
@@ -337,7 +342,7 @@ class TorchFlowPP(torch.nn.Module):
 
     def grads_numpy(self):
         """{dotted name: gradient as float64 ndarray}; a parameter the loss never reached maps to None."""
-        return {k: (None if p.grad is None else p.grad.detach().to(torch.float64).numpy())
+        return {k: (None if p.grad is None else p.grad.detach().to(torch.float64).cpu().numpy())
                 for k, p in self.P.items()}
 
 
