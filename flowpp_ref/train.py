@@ -98,12 +98,14 @@ class _Logger:
 
 
 def train(preset, train_images, test_images=None, *, out_dir=None, steps=None, minutes=None, backend="numpy",
-          resume=True, progress=True, overrides=None, dtype=np.float32, sample_every=0, on_step=None):
+          resume=True, progress=True, overrides=None, dtype=np.float32, on_step=None):
     """Train a Flow++ model; returns a summary dict (also written to ``out_dir/summary.json``).
 
     ``train_images``: uint8 [N,H,W,C]. Stops after ``steps`` optimiser steps (total,
     counting resumed ones) or ``minutes`` of wall-clock time, whichever comes first.
     With ``out_dir`` and ``resume``, continues from ``out_dir/checkpoint.npz``.
+    ``on_step(step, record)`` is called for every step that was not skipped, when its
+    scalars are read back (every ``log_every`` steps).
     """
     p = _resolve(preset, overrides)
     tc = p.train
