@@ -41,6 +41,8 @@ import sys
 import tempfile
 import time
 
+from _common import maxrss_bytes, median, rss_bytes, thread_env  # benchmarks/ is on sys.path
+
 SETTINGS = {
     "cifar": dict(shape=(32, 16, 3), filters=96, blocks=10, components=32),
     "small": dict(shape=(16, 8, 3), filters=32, blocks=2, components=4),
@@ -48,23 +50,10 @@ SETTINGS = {
 DROPOUT = 0.2
 
 
-def _thread_env(threads: int) -> dict:
-    env = dict(os.environ)
-    for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        env[k] = str(threads)
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _maxrss_bytes() -> int:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # KiB on Linux
 
 
 # ----------------------------------------------------------------- flowpp_ref
@@ -119,9 +108,9 @@ def worker_ours(setting, path, repeats, profile=False):
         del cache, grads, dx, y
         return t1 - t0, t2 - t1, c2 - c0
 
-    base = _rss_bytes()
+    base = rss_bytes()
     times = [step() for _ in range(repeats + 1)]            # first = warm-up (numba compile if uncached)
-    peak_rss = _maxrss_bytes() - base
+    peak_rss = maxrss_bytes() - base
     import tracemalloc
     tracemalloc.start()
     step()
@@ -244,25 +233,21 @@ def worker_torch(setting, path, repeats, threads, sdpa=False):
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1, time.process_time() - c0
 
-    base = _rss_bytes()
+    base = rss_bytes()
     times = [step() for _ in range(repeats + 1)]
-    return dict(times=times[1:], warmup=times[0], peak_rss_delta=_maxrss_bytes() - base,
+    return dict(times=times[1:], warmup=times[0], peak_rss_delta=maxrss_bytes() - base,
                 torch_threads=torch.get_num_threads(), sdpa=sdpa)
 
 
 # ----------------------------------------------------------------- driver
 def _run_worker(args_list, threads):
     cmd = [sys.executable, os.path.abspath(__file__), *args_list]
-    res = subprocess.run(cmd, env=_thread_env(threads), capture_output=True, text=True)
+    res = subprocess.run(cmd, env=thread_env(threads), capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"worker {args_list} failed:\n{res.stderr[-4000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def _median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
 def main(argv=None):
@@ -313,7 +298,7 @@ def main(argv=None):
                 tot = [a + b for a, b, _ in steps]
                 cpu = [t[2] for t in steps]
                 best = min(range(len(tot)), key=tot.__getitem__)
-                run[side] = dict(step_s=tot[best], step_median_s=_median(tot), cpu_min_s=min(cpu),
+                run[side] = dict(step_s=tot[best], step_median_s=median(tot), cpu_min_s=min(cpu),
                                  forward_s=steps[best][0],
                                  backward_s=steps[best][1], times=steps,
                                  peak_rss_delta_mb=max(r["peak_rss_delta"] for r in raw[side]) / 2**20)
@@ -322,7 +307,7 @@ def main(argv=None):
                 label = "flowpp_ref" if side == "ours" else side
                 extra = (f", tracemalloc peak {run[side]['peak_tracemalloc_mb']:.0f} MB" if side == "ours" else "")
                 print(f"  {label:<11s}: step {tot[best]:7.3f} s (fwd {steps[best][0]:.3f}, bwd {steps[best][1]:.3f}; "
-                      f"median step {_median(tot):.3f} s; min CPU time {min(cpu):.3f} s); peak RSS +{run[side]['peak_rss_delta_mb']:.0f} MB{extra}")
+                      f"median step {median(tot):.3f} s; min CPU time {min(cpu):.3f} s); peak RSS +{run[side]['peak_rss_delta_mb']:.0f} MB{extra}")
             for side in sides[1:]:
                 run[f"ratio_vs_{side}"] = run["ours"]["step_s"] / run[side]["step_s"]
                 run[f"ratio_vs_{side}_median"] = run["ours"]["step_median_s"] / run[side]["step_median_s"]

@@ -51,34 +51,19 @@ import sys
 import tempfile
 import time
 
+from _common import maxrss_bytes, median, rss_bytes, thread_env  # benchmarks/ is on sys.path
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
 # ----------------------------------------------------------------- helpers
-def _thread_env(threads: int) -> dict:
-    env = dict(os.environ)
-    for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        env[k] = str(threads)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]
-                                        + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    return env
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _maxrss_bytes() -> int:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # KiB on Linux
 
 
-def _median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
 def load_cifar(data_dir):
@@ -128,7 +113,7 @@ def worker_train(a):
         model.sample(2, rng=make_rng(1))                                   # warm-up
         dts = [model.sample(a.sample_batch, rng=make_rng(2 + i), return_time=True)[1]
                for i in range(a.sample_repeats)]
-    maxrss = _maxrss_bytes()
+    maxrss = maxrss_bytes()
 
     batch = tr[np.random.default_rng(a.seed).permutation(len(tr))[:bs]]
     tracemalloc.start()
@@ -189,9 +174,9 @@ def worker_step_ours(a):
         del grads
         return dt
 
-    base = _rss_bytes()
+    base = rss_bytes()
     times = [step() for _ in range(a.repeats + 1)]                  # first = warm-up
-    return dict(times=times[1:], warmup=times[0], peak_rss_delta_mb=(_maxrss_bytes() - base) / 2**20)
+    return dict(times=times[1:], warmup=times[0], peak_rss_delta_mb=(maxrss_bytes() - base) / 2**20)
 
 
 def worker_step_torch(a):
@@ -211,9 +196,9 @@ def worker_step_torch(a):
         loss.backward()
         return time.perf_counter() - t0
 
-    base = _rss_bytes()
+    base = rss_bytes()
     times = [step() for _ in range(a.repeats + 1)]
-    peak = (_maxrss_bytes() - base) / 2**20
+    peak = (maxrss_bytes() - base) / 2**20
     with torch.no_grad():                                           # same loss on the same noise?
         lt = float(twin.loss(x, rng=np.random.default_rng(7), train=True))
     lo = float(model.loss(x, rng=np.random.default_rng(7), train=True)[0])
@@ -232,7 +217,7 @@ def _run_worker(a, worker, extra=()):
            "--eval-batches", str(a.eval_batches), "--eval-batch-size", str(a.eval_batch_size),
            "--sample-batch", str(a.sample_batch), "--sample-repeats", str(a.sample_repeats),
            "--repeats", str(a.repeats), "--step-dequant", a.step_dequant, *extra]
-    res = subprocess.run(cmd, env=_thread_env(a.threads), capture_output=True, text=True)
+    res = subprocess.run(cmd, env=thread_env(a.threads), capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"worker {worker} {list(extra)} failed:\n{res.stderr[-4000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -327,7 +312,7 @@ def main(argv=None):
         step = dict(dequantization=a.step_dequant, statistic="min over all timed steps (median also given)")
         for side, rs in raw.items():
             ts = [t for r in rs for t in r["times"]]
-            step[side] = dict(step_s=min(ts), step_median_s=_median(ts), times=ts,
+            step[side] = dict(step_s=min(ts), step_median_s=median(ts), times=ts,
                               warmup_s=[r["warmup"] for r in rs],
                               peak_rss_delta_mb=max(r["peak_rss_delta_mb"] for r in rs))
         tr = raw["torch"][0]
