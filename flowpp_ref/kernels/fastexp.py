@@ -1,39 +1,45 @@
-"""exp and expm1 for float32 that LLVM can vectorise, for the numba kernels' hot loops.
+"""exp (and float32 expm1) in plain arithmetic, so that numba kernels' loops vectorise.
 
-numba's ``np.exp`` is a call into libm, which LLVM cannot vectorise (numba's SVML path
-needs an SVML-patched llvmlite, which PyPI's is not), so a loop over a row of attention
-scores runs one scalar exp at a time. :func:`fast_exp` and :func:`fast_expm1` are
-straight-line float32 code (a polynomial and an exponent bit pattern) that the loop
-vectoriser turns into SIMD code; for float64 arguments they are ``np.exp`` / ``np.expm1``
-(so the float64 derivative checks see libm).
+``math.exp`` / ``np.exp`` in a numba loop is a libm call that LLVM cannot vectorise
+(numba's SVML path needs an SVML-patched llvmlite, which PyPI's is not). :func:`fast_exp`
+is exp written in plain arithmetic, float32 or float64 by the argument's type; the loops
+that call it become SIMD loops (8 float32 or 4 float64 lanes with AVX2). Used by the
+mixture-of-logistics kernels (``numba_mixlogistic.py``), the softmax
+(``numba_softmax.py``) and concat_elu / gate (``numba_activations.py``).
 
-Math (float32, Cephes ``expf``)::
+Math::
 
-    n = floor(x log2(e) + 1/2),  r = x - n ln2        (ln2 in two parts, |r| <= ln2 / 2)
-    exp(r) = 1 + r + r^2 P(r)                         (P: Cephes' degree-5 fit)
-    exp(x) = exp(r) * 2^n1 * 2^(n - n1),  n1 = floor(n / 2)
-    2^k = the float32 with exponent bits k + 127       (two factors: n reaches 128 and -150)
+    x = n ln2 + r,  |r| <= ln2 / 2     (Cody-Waite: ln2 in two parts; n rounded with the
+                                        (v + 1.5 * 2^52) - 1.5 * 2^52 trick: floor would not vectorise)
+    exp(r) = sum_{j <= 13} r^j / j!     (float64; degree 7 in float32), Horner
+    exp(x) = exp(r) * 2^h * 2^(n - h),  h = floor(n / 2)   (2^k from its exponent bits; two
+                                        factors so that n may reach 1025 / -1077 (float32: 129 / -150))
 
-computed for x clamped to [-104, 88.8], then x < -104 -> 0, x > 88.8 -> inf, nan -> nan
-(exp(-104) is below half the smallest subnormal, exp(88.8) above the largest float32).
+computed for x clamped to [-746, 710] (float32: [-104, 89]): below, exp underflows to 0;
+above, the product overflows to inf; nan stays nan.
 
-    expm1(x) = x + x^2/2! + ... + x^8/8!   for |x| <= 1/2   (Horner; no cancellation)
-             = exp(x) - 1                   otherwise
+    expm1(x) = x + x^2/2! + ... + x^8/8!   for |x| <= 1/2 (float32; Horner, no cancellation)
+             = exp(x) - 1                   otherwise;   float64: np.expm1 (libm)
 
-Measured (2 cores, float32): softmax of [65536, 512] scores 51 -> 19-22 ms, concat_elu
-forward on [32, 32, 16, 96] 18.0 -> 11.4 ms, its backward 12.9 -> 1.7 ms.
+Accuracy (tests: ``test_mixlogistic.py``, ``test_nn_attention_norm.py``): relative error of
+exp <= 4.5e-16 (float64) / 1.5 float32 eps over the normal range, subnormal results rounded
+once; float32 expm1 within 3e-7 relative.
 
-numba's on-disk cache keys a kernel on its own source file only: a change to this module
-must also touch the kernel modules that use it (``numba_softmax.py``,
-``numba_activations.py``), or their cached machine code keeps the old exp.
+Measured (2 cores, float32, against ``np.exp``/``np.expm1`` in the same kernels): softmax of
+[65536, 512] scores 51 -> 28 ms; concat_elu forward on [32, 32, 16, 96] 18.0 -> 10.8 ms, its
+backward 12.9 -> 1.7 ms.
 
-Accuracy (``tests/test_nn_attention_norm.py``): relative error of exp at most 2.5e-7
-(about 2 ulp; libm: 1 ulp) where the result is a normal float32; subnormal results within
-2 subnormal ulps; 0, inf and nan where libm gives them. expm1 within 3e-7 relative.
+Compiled without ``reassoc`` (``EXACT_OPTS``): reassociation would fold the rounding trick
+``(v + c) - c`` into ``v`` and the two-constant reduction into one product (7 digits lost at
+|x| ~ 700).
+
+numba's on-disk cache keys a kernel on its own source file only: a change here must also
+touch the kernel modules that use it, or their cached machine code keeps the old code.
 """
 from __future__ import annotations
 
-import numba
+import math
+
 import numpy as np
 from llvmlite import ir
 from numba.core import types
@@ -41,77 +47,121 @@ from numba.extending import intrinsic, overload
 
 from . import NUMBA_OPTS
 
+# NUMBA_OPTS with NumPy's error model, without reassoc (see above) and without cache (overloads)
+EXACT_OPTS = {k: v for k, v in dict(NUMBA_OPTS, error_model="numpy").items() if k != "cache"}
+EXACT_OPTS["fastmath"] = set(NUMBA_OPTS["fastmath"]) - {"reassoc"}
+
 
 @intrinsic
-def _int32_bits_as_float32(typingctx, x):
-    """Reinterpret the bits of an int32 as a float32 (LLVM bitcast; vectorises)."""
+def _i64_bits_as_f64(typingctx, v):
+    """Reinterpret the bits of an int64 as a float64 (an LLVM bitcast, vectorisable)."""
+    sig = types.float64(types.int64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _i32_bits_as_f32(typingctx, v):
+    """Reinterpret the bits of an int32 as a float32."""
     sig = types.float32(types.int32)
 
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.FloatType())
+
     return sig, codegen
 
 
-@numba.njit(inline="always", **NUMBA_OPTS)
-def _pow2(n):
-    """2^n for an int32 n in [-126, 127] (exponent bits n + 127)."""
-    return _int32_bits_as_float32((n + np.int32(127)) << np.int32(23))
+_LOG2E = 1.4426950408889634
+_LN2_HI = 6.93147180369123816490e-01    # ln 2 split so that n * _LN2_HI is exact for |n| < 2^11
+_LN2_LO = 1.90821492927058770002e-10
+_ROUND = 6755399441055744.0             # 1.5 * 2^52: (v + _ROUND) - _ROUND rounds |v| < 2^51 to an integer
+
+_F = np.float32
+_LOG2E_32 = _F(1.4426950408889634)
+_LN2_HI_32 = _F(0.693359375)            # 8 significant bits: n * _LN2_HI_32 exact for |n| < 2^15
+_LN2_LO_32 = _F(-2.12194440e-4)
+_ROUND_32 = _F(12582912.0)              # 1.5 * 2^23
+_LO_32, _HI_32, _I127, _I23 = _F(-104.0), _F(89.0), np.int32(127), np.int32(23)
+_C32 = [_F(1.0 / math.factorial(j)) for j in range(8)]
+_C32_0, _C32_1, _C32_2, _C32_3, _C32_4, _C32_5, _C32_6, _C32_7 = _C32
+_HALF_32 = _F(0.5)
+_E32 = tuple(_F(1.0 / math.factorial(j)) for j in range(2, 9))  # 1/2!, ..., 1/8! (expm1)
 
 
-@numba.njit(inline="always", **NUMBA_OPTS)
-def exp32(x):
-    """exp of a float32 (Cephes expf); IEEE results at the edges; see the module docstring."""
-    xc = min(max(x, np.float32(-104.0)), np.float32(88.8))
-    n = np.floor(xc * np.float32(1.44269504088896341) + np.float32(0.5))
-    r = xc - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)  # x - n ln2, two parts
-    p = np.float32(1.9875691500e-4)
-    p = p * r + np.float32(1.3981999507e-3)
-    p = p * r + np.float32(8.3334519073e-3)
-    p = p * r + np.float32(4.1665795894e-2)
-    p = p * r + np.float32(1.6666665459e-1)
-    p = p * r + np.float32(5.0000001201e-1)
-    y = p * r * r + r + np.float32(1.0)                                   # exp(r)
-    ni = np.int32(n)
-    n1 = ni >> np.int32(1)
-    y = y * _pow2(n1) * _pow2(ni - n1)         # * 2^n in two factors: 2^128 and subnormal results
-    y = np.float32(0.0) if x < np.float32(-104.0) else y                  # underflow
-    y = np.float32(np.inf) if x > np.float32(88.8) else y                 # overflow
-    return x if x != x else y                                             # nan
+def _exp64_impl(x):
+    xc = min(max(x, -746.0), 710.0)
+    n = (xc * _LOG2E + _ROUND) - _ROUND           # nearest integer to x / ln2 (floor would not vectorise)
+    r = (xc - n * _LN2_HI) - n * _LN2_LO          # |r| <= ln2 / 2
+    p = 1.0 / 6227020800.0                        # sum_{j<=13} r^j / j!  (Horner)
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    ni = np.int64(np.int32(n))                    # n in [-1077, 1025]
+    h = ni >> 1                                   # 2^n = 2^h 2^(n-h): both factors are normal
+    return p * _i64_bits_as_f64((h + 1023) << 52) * _i64_bits_as_f64((ni - h + 1023) << 52)
 
 
-@numba.njit(inline="always", **NUMBA_OPTS)
-def expm1_32(x):
-    """expm1 of a float32: Taylor series to x^8/8! for |x| <= 1/2, exp32(x) - 1 outside."""
-    t = np.float32(1.0 / 40320.0)
-    t = t * x + np.float32(1.0 / 5040.0)
-    t = t * x + np.float32(1.0 / 720.0)
-    t = t * x + np.float32(1.0 / 120.0)
-    t = t * x + np.float32(1.0 / 24.0)
-    t = t * x + np.float32(1.0 / 6.0)
-    t = t * x + np.float32(0.5)
+def _exp32_impl(x):
+    xc = min(max(x, _LO_32), _HI_32)
+    n = (xc * _LOG2E_32 + _ROUND_32) - _ROUND_32
+    r = (xc - n * _LN2_HI_32) - n * _LN2_LO_32
+    p = _C32_7                                    # sum_{j<=7} r^j / j!
+    p = p * r + _C32_6
+    p = p * r + _C32_5
+    p = p * r + _C32_4
+    p = p * r + _C32_3
+    p = p * r + _C32_2
+    p = p * r + _C32_1
+    p = p * r + _C32_0
+    ni = np.int32(n)                              # n in [-150, 129]
+    h = ni >> np.int32(1)
+    return p * _i32_bits_as_f32((h + _I127) << _I23) * _i32_bits_as_f32((ni - h + _I127) << _I23)
+
+
+def _expm1_32_impl(x):
+    t = _E32[6]                                   # x + x^2 (1/2! + x/3! + ... + x^6/8!)
+    t = t * x + _E32[5]
+    t = t * x + _E32[4]
+    t = t * x + _E32[3]
+    t = t * x + _E32[2]
+    t = t * x + _E32[1]
+    t = t * x + _E32[0]
     small = x + x * x * t
-    return small if abs(x) <= np.float32(0.5) else exp32(x) - np.float32(1.0)
+    return small if abs(x) <= _HALF_32 else fast_exp(x) - _C32_0
 
 
 def fast_exp(x):
-    """exp: :func:`exp32` for float32 inside numba kernels, ``np.exp`` otherwise."""
-    return np.exp(x)
+    """exp(x) in plain arithmetic inside numba kernels (float32 or float64 by type)."""
+    return math.exp(x)
 
 
 def fast_expm1(x):
-    """expm1: :func:`expm1_32` for float32 inside numba kernels, ``np.expm1`` otherwise."""
-    return np.expm1(x)
+    """expm1(x): the float32 polynomial inside numba kernels, libm for float64."""
+    return math.expm1(x)
 
 
-@overload(fast_exp)
+@overload(fast_exp, jit_options=EXACT_OPTS)
 def _fast_exp_overload(x):
     if x == types.float32:
-        return lambda x: exp32(x)
-    return lambda x: np.exp(x)
+        return _exp32_impl
+    return _exp64_impl
 
 
-@overload(fast_expm1)
+@overload(fast_expm1, jit_options=EXACT_OPTS)
 def _fast_expm1_overload(x):
     if x == types.float32:
-        return lambda x: expm1_32(x)
+        return _expm1_32_impl
     return lambda x: np.expm1(x)

@@ -4,8 +4,8 @@ References (the math these must match): ``concat_elu_reference``,
 ``concat_elu_backward_reference``, ``gate_reference``, ``gate_backward_reference``
 in :mod:`flowpp_ref.nn.activations`. Each kernel makes one pass over its data
 instead of the references' several temporaries. Single-threaded loops over a
-``[N, C]`` view (N = product of the leading axes). float32 inputs use the vectorised
-exp/expm1 of :mod:`flowpp_ref.kernels.fastexp` (float64: libm).
+``[N, C]`` view (N = product of the leading axes). exp and expm1 are the vectorisable ones of
+:mod:`flowpp_ref.kernels.fastexp`.
 """
 from __future__ import annotations
 

@@ -38,16 +38,10 @@ Where the speed comes from (same math as the reference):
    ``exp``/``log1p``). Above ``_tiny`` the terms dropped by underflow are
    negligible to round-off (each is below the smallest normal number).
 2. *A vectorisable exp.* ``math.exp`` is a libm call that LLVM cannot vectorise
-   (numba has no SVML here); :func:`_exp` is exp written in plain arithmetic
-   (Cody-Waite reduction ``x = n ln2 + r``, |r| <= ln2/2, n rounded with the
-   ``(v + 1.5 * 2^52) - 1.5 * 2^52`` trick, a Taylor polynomial -- degree 13 in
-   float64, 7 in float32 -- and ``2^n`` built from its bits), so the component
-   loops become SIMD loops (8 float32 or 4 float64 lanes with AVX2). Relative
-   error <= 2.3e-16 (float64) / 7.2e-8 (float32) over the normal range;
-   subnormal results are rounded once. It is compiled without ``reassoc``
-   (``_EXACT_OPTS``): reassociation would fold the rounding trick ``(v + c) - c``
-   into ``v`` and the two-constant reduction ``(x - n ln2_hi) - n ln2_lo`` into
-   one product (7 digits lost at |x| ~ 700).
+   (numba has no SVML here); ``_exp`` (:func:`flowpp_ref.kernels.fastexp.fast_exp`)
+   is exp written in plain arithmetic, so the component loops become SIMD loops
+   (8 float32 or 4 float64 lanes with AVX2). Relative error <= 2.3e-16 (float64) /
+   7.2e-8 (float32) over the normal range; subnormal results are rounded once.
 3. *NumPy's error model* (``_OPTS = NUMBA_OPTS + error_model="numpy"``): with
    Python's model every division carries a zero-divisor check (to raise
    ZeroDivisionError) that keeps LLVM from vectorising (measured on a loop with two
@@ -71,11 +65,11 @@ import math
 
 import numba
 import numpy as np
-from llvmlite import ir
 from numba.core import types
-from numba.extending import intrinsic, overload
+from numba.extending import overload
 
 from . import NUMBA_OPTS
+from .fastexp import fast_exp as _exp
 
 _CHUNK = 64
 # Below this many (element, component) pairs everything runs in the calling thread: handing
@@ -84,10 +78,6 @@ PARALLEL_MIN_WORK = 1 << 15
 
 # NUMBA_OPTS plus NumPy's error model (see the module docstring, point 3).
 _OPTS = dict(NUMBA_OPTS, error_model="numpy")
-# ... and without reassociation, for _exp (point 2). Used as jit_options of an overload,
-# whose implementations are compiled into (and cached with) their callers.
-_EXACT_OPTS = {k: v for k, v in _OPTS.items() if k != "cache"}
-_EXACT_OPTS["fastmath"] = set(NUMBA_OPTS["fastmath"]) - {"reassoc"}
 
 _TINY64 = 1e-280
 _TINY32 = 1e-28
@@ -150,95 +140,7 @@ def _tiny_overload(like):
 
 
 # ------------------------------------------------------------------ vectorisable exp
-@intrinsic
-def _i64_bits_as_f64(typingctx, v):
-    """Reinterpret the bits of an int64 as a float64 (an LLVM bitcast, vectorisable)."""
-    sig = types.float64(types.int64)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
-
-    return sig, codegen
-
-
-@intrinsic
-def _i32_bits_as_f32(typingctx, v):
-    """Reinterpret the bits of an int32 as a float32."""
-    sig = types.float32(types.int32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return sig, codegen
-
-
-_LOG2E = 1.4426950408889634
-_LN2_HI = 6.93147180369123816490e-01    # ln 2 split so that n * _LN2_HI is exact for |n| < 2^11
-_LN2_LO = 1.90821492927058770002e-10
-_ROUND = 6755399441055744.0             # 1.5 * 2^52: (v + _ROUND) - _ROUND rounds |v| < 2^51 to an integer
-
-_F = np.float32
-_LOG2E_32 = _F(1.4426950408889634)
-_LN2_HI_32 = _F(0.693359375)            # 8 significant bits: n * _LN2_HI_32 exact for |n| < 2^15
-_LN2_LO_32 = _F(-2.12194440e-4)
-_ROUND_32 = _F(12582912.0)              # 1.5 * 2^23
-_LO_32, _HI_32, _I127, _I23 = _F(-104.0), _F(89.0), np.int32(127), np.int32(23)
-_C32 = [_F(1.0 / math.factorial(j)) for j in range(8)]
-_C32_0, _C32_1, _C32_2, _C32_3, _C32_4, _C32_5, _C32_6, _C32_7 = _C32
-
-
-def _exp64_impl(x):
-    xc = min(max(x, -746.0), 710.0)
-    n = (xc * _LOG2E + _ROUND) - _ROUND           # nearest integer to x / ln2 (floor would not vectorise)
-    r = (xc - n * _LN2_HI) - n * _LN2_LO          # |r| <= ln2 / 2
-    p = 1.0 / 6227020800.0                        # sum_{j<=13} r^j / j!  (Horner)
-    p = p * r + 1.0 / 479001600.0
-    p = p * r + 1.0 / 39916800.0
-    p = p * r + 1.0 / 3628800.0
-    p = p * r + 1.0 / 362880.0
-    p = p * r + 1.0 / 40320.0
-    p = p * r + 1.0 / 5040.0
-    p = p * r + 1.0 / 720.0
-    p = p * r + 1.0 / 120.0
-    p = p * r + 1.0 / 24.0
-    p = p * r + 1.0 / 6.0
-    p = p * r + 0.5
-    p = p * r + 1.0
-    p = p * r + 1.0
-    ni = np.int64(np.int32(n))                    # n in [-1077, 1025]
-    h = ni >> 1                                   # 2^n = 2^h 2^(n-h): both factors are normal
-    return p * _i64_bits_as_f64((h + 1023) << 52) * _i64_bits_as_f64((ni - h + 1023) << 52)
-
-
-def _exp32_impl(x):
-    xc = min(max(x, _LO_32), _HI_32)
-    n = (xc * _LOG2E_32 + _ROUND_32) - _ROUND_32
-    r = (xc - n * _LN2_HI_32) - n * _LN2_LO_32
-    p = _C32_7                                    # sum_{j<=7} r^j / j!
-    p = p * r + _C32_6
-    p = p * r + _C32_5
-    p = p * r + _C32_4
-    p = p * r + _C32_3
-    p = p * r + _C32_2
-    p = p * r + _C32_1
-    p = p * r + _C32_0
-    ni = np.int32(n)                              # n in [-150, 129]
-    h = ni >> np.int32(1)
-    return p * _i32_bits_as_f32((h + _I127) << _I23) * _i32_bits_as_f32((ni - h + _I127) << _I23)
-
-
-def _exp(x):
-    """exp(x) in plain arithmetic, float32 or float64 by the argument's type (see point 2)."""
-    return math.exp(x)
-
-
-@overload(_exp, jit_options=_EXACT_OPTS)
-def _exp_overload(x):
-    if x == types.float32:
-        return _exp32_impl
-    return _exp64_impl
-
-
+# _exp: exp in plain arithmetic (flowpp_ref/kernels/fastexp.py, point 2 above)
 @numba.njit(**_OPTS)
 def exp_array(a, out):
     """out[i] = _exp(a[i]) in a's dtype; exposed for the test of the vectorisable exp."""

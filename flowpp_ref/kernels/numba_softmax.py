@@ -8,8 +8,8 @@ that the NumPy expression allocates.
 
 Each kernel has a serial and a parallel driver (rows split over numba's threads); the
 caller picks the parallel one only for big arrays (:data:`PARALLEL_MIN_SIZE`), because
-waking the thread pool costs more than a small softmax. float32 rows use the vectorised
-exp of :mod:`flowpp_ref.kernels.fastexp` (2.9x faster on [65536, 512] scores).
+waking the thread pool costs more than a small softmax. The exp is the vectorisable one of
+:mod:`flowpp_ref.kernels.fastexp` (1.8x faster than ``np.exp`` on [65536, 512] float32 scores).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _softmax_row(s, i):
             m = s[i, j]
     z = 0.0
     for j in range(t):
-        e = fast_exp(s[i, j] - m)            # float32: vectorised exp (fastexp.py)
+        e = fast_exp(s[i, j] - m)            # vectorisable exp (fastexp.py)
         s[i, j] = e
         z += e
     inv = 1.0 / z
