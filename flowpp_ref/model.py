@@ -114,7 +114,11 @@ class FlowPP(Module):
 
     # ------------------------------------------------------------------ input
     def prepare(self, x):
-        """Integer images (uint8 or integer-valued floats) [B,H,W,C] -> float array on the backend."""
+        """Integer images [B,H,W,C] -> float array on the backend.
+
+        uint8 (or another integer dtype) pixels; floating-point arrays are accepted only
+        when every value is a whole number in range (checked), for tests and tutorials.
+        """
         if tuple(x.shape[1:]) != tuple(self.cfg.image_shape):
             raise FlowInputError(f"images must have shape [B, {', '.join(map(str, self.cfg.image_shape))}], "
                                  f"got {tuple(x.shape)}")
@@ -125,6 +129,14 @@ class FlowPP(Module):
         if lo < 0 or hi > self.levels - 1:
             raise FlowInputError(f"pixel values must be integers in [0, {self.levels - 1}] for n_bits="
                                  f"{self.cfg.n_bits}, got min {lo:g}, max {hi:g}")
+        if np.dtype(x.dtype).kind == "f":                 # floats only with whole-number values
+            xpc = array_module(xc)
+            frac = int(to_numpy((xc != xpc.floor(xc)).sum()))
+            if frac:
+                raise FlowInputError(f"pixel values must be integers in [0, {self.levels - 1}]: {frac} of "
+                                     f"{xc.size} values of the {x.dtype} images have a fractional part")
+        elif np.dtype(x.dtype).kind not in "iu":
+            raise FlowInputError(f"images must be integer pixels (uint8), got dtype {x.dtype}")
         return asarray(x, self.xp).astype(self.dtype)
 
     # --------------------------------------------------------------- objective

@@ -20,8 +20,16 @@ host round trip.
 
 Non-finite loss or gradients: the step is skipped (parameters, Adam and EMA
 untouched) and reported when its scalars are read back; ``max_bad_steps``
-consecutive failures stop the run with :class:`TrainingDiverged`. Checkpoints are only written from finite parameters,
-atomically (:mod:`flowpp_ref.checkpoint`).
+consecutive failures stop the run with :class:`TrainingDiverged`.
+
+Run folder (:mod:`flowpp_ref.runfolder`): checkpoints are written atomically, only
+from parameters (training and EMA) that give a finite loss on a fixed check batch and
+when the last step was not skipped; the one before is kept as
+``checkpoint-prev.npz``. A resumed run truncates ``log.jsonl`` to its checkpoint's
+step, states (or refuses) options that differ from the checkpoint's, and returns at
+once when the checkpoint is already at ``steps``. SIGINT/SIGTERM stop the loop after
+the current step, write a checkpoint and raise :class:`TrainingInterrupted`. Option
+ranges: :mod:`flowpp_ref.options`.
 """
 from __future__ import annotations
 
@@ -38,12 +46,21 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .model import FlowPP
 from .optim import EMA, Adam, clip_scale, global_grad_norm_array, warmup_lr
 from .presets import ModelConfig, Preset, TrainConfig, get_preset
+from . import runfolder
+from .options import ConfigError, check_model_config, check_option, check_run_limits, check_train_config
+from .runfolder import TrainingInterrupted  # noqa: F401  (re-exported)
+from .validation import check_pixels
 
 CKPT_NAME = "checkpoint.npz"
 
 
 class TrainingDiverged(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
+    """Too many consecutive steps with a non-finite loss or gradient, or parameters that
+    give a non-finite loss on the check batch."""
+
+
+class NonFiniteResult(ValueError):
+    """An evaluation produced a bits/dim that is not finite (never reported as a number)."""
 
 
 def step_rng(seed: int, step: int, xp=np):
@@ -98,54 +115,96 @@ class _Logger:
 
 
 def train(preset, train_images, test_images=None, *, out_dir=None, steps=None, minutes=None, backend="numpy",
-          resume=True, progress=True, overrides=None, dtype=np.float32, on_step=None):
+          resume=True, progress=True, overrides=None, dtype=np.float32, on_step=None, report=None):
     """Train a Flow++ model; returns a summary dict (also written to ``out_dir/summary.json``).
 
-    ``train_images``: uint8 [N,H,W,C]. Stops after ``steps`` optimiser steps (total,
-    counting resumed ones) or ``minutes`` of wall-clock time, whichever comes first.
-    With ``out_dir`` and ``resume``, continues from ``out_dir/checkpoint.npz``.
-    ``on_step(step, record)`` is called for every step that was not skipped, when its
-    scalars are read back (every ``log_every`` steps).
+    ``train_images``, ``test_images``: 8-bit pixels, an integer array (uint8) [N,H,W,C]
+    with values 0..255 (reduced to ``n_bits`` here); anything else is refused before
+    training. Stops after ``steps`` optimiser steps (total, counting resumed ones) or
+    ``minutes`` of wall-clock time, whichever comes first. With ``out_dir`` and
+    ``resume``, continues from ``out_dir/checkpoint.npz``; if that is already at
+    ``steps``, nothing is done or written (``summary["already_done"]``). On resume only
+    the ``overrides`` given are compared with the checkpoint's options (all fields when
+    ``preset`` is a :class:`Preset` or another preset's name): see
+    :func:`flowpp_ref.runfolder.reconcile`. ``on_step(step, record)`` is called for every
+    step that was not skipped, when its scalars are read back (every ``log_every``
+    steps). ``report(message)`` receives the sentences about resuming, skipped
+    checkpoints and signals (default: print to stderr).
     """
+    import sys
+    say = report or (lambda msg: print(msg, file=sys.stderr, flush=True))
     p = _resolve(preset, overrides)
+    check_run_limits(steps, minutes)
+    check_train_config(p.train)
+    check_model_config(p.model)
+    train_images = check_pixels(train_images, "train_images", image_shape=p.model.image_shape)
+    if test_images is not None:
+        test_images = check_pixels(test_images, "test_images", image_shape=p.model.image_shape)
+
+    start, ck = 0, None
+    ckpt_path = os.path.join(out_dir, CKPT_NAME) if out_dir else None
+    if ckpt_path and resume and os.path.exists(ckpt_path):
+        ck = runfolder.load_for_resume(ckpt_path)
+        start = int(ck["step"])
+        explicit = set(overrides or {}) if isinstance(preset, str) and preset == ck["config"].get("preset") else None
+        p, notes = runfolder.reconcile(preset_from_config(ck["config"]), p, explicit, step=start, where=ckpt_path)
+        check_train_config(p.train)
+        if steps is not None and start >= steps:
+            say(f"{ckpt_path} is already at step {start} (asked: {steps} steps): nothing to do, nothing written. "
+                "Give a larger --steps (steps=) to continue, or --no-resume (resume=False) to start afresh.")
+            return {"preset": p.name, "steps": start, "steps_run": 0, "already_done": True, "skipped_steps": 0,
+                    "final_train_bpd": None, "history": [], "backend": backend, "checkpoint": ckpt_path}
+        for n in notes:
+            say(n)
     tc = p.train
-    if steps is None and minutes is None:
-        raise ValueError("give steps=, minutes= or both")
-    train_images = np.asarray(train_images)
-    if train_images.ndim != 4 or tuple(train_images.shape[1:]) != tuple(p.model.image_shape):
-        raise ValueError(f"train_images must be [N, {p.model.image_shape}], got {train_images.shape}")
+    for name, n_img in (("batch_size", len(train_images)), ("init_batch_size", len(train_images))):
+        if getattr(tc, name) > n_img and (name == "batch_size" or ck is None):
+            raise ConfigError(f"{name} {getattr(tc, name)} exceeds the {n_img} training images")
     if p.model.n_bits < 8:
         from .data import reduce_bits
         train_images = reduce_bits(train_images, p.model.n_bits)
-        test_images = None if test_images is None else reduce_bits(np.asarray(test_images), p.model.n_bits)
+        test_images = None if test_images is None else reduce_bits(test_images, p.model.n_bits)
 
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        stale = runfolder.remove_stale_temporaries(out_dir)
+        if stale:
+            say(f"removed {len(stale)} temporary file(s) left by an interrupted write in {out_dir}: {', '.join(stale)}")
     model = build_model(p, backend, dtype)
     xp = model.xp
     params = model.parameters()
     adam = Adam(params)
     ema = EMA(params, decay=tc.ema_decay)
-    start = 0
-    ckpt_path = os.path.join(out_dir, CKPT_NAME) if out_dir else None
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-    if ckpt_path and resume and os.path.exists(ckpt_path):
-        ck = load_checkpoint(ckpt_path)
+    if ck is not None:
         _restore(model, adam, ema, ck, xp)
-        start = int(ck["step"])
+        ema.decay = float(tc.ema_decay)             # a changed --ema-decay applies from here on
         params = model.parameters()
     else:
         idx = np.random.default_rng([tc.seed, 99]).permutation(len(train_images))[:tc.init_batch_size]
         model.data_init(train_images[idx], rng=step_rng(tc.seed, -1, xp))
         params = model.parameters()
         ema.load_state_dict({"decay": tc.ema_decay, "shadow": {k: v.copy() for k, v in params.items()}})
+    check_x = train_images[np.random.default_rng([tc.seed, 98]).permutation(len(train_images))[:min(tc.batch_size, 16)]]
 
+    if out_dir:
+        runfolder.truncate_log(os.path.join(out_dir, "log.jsonl"), start)
     log = _Logger(os.path.join(out_dir, "log.jsonl") if out_dir else None)
-    history, state = [], {"bad": 0, "skipped": 0}
+    history = []
+    state = {"bad": 0, "skipped": 0, "good_ckpt": (ckpt_path, start) if ck is not None else None, "deferred": False}
     pending = []                    # (step, loss, grad norm, ok, lr) of steps not yet read back
     total = steps if steps is not None else 10 ** 12
     deadline = time.perf_counter() + 60 * minutes if minutes is not None else math.inf
     bar = _progress(progress, start, total if steps is not None else None, p.name)
     t_last, step = time.perf_counter(), start
+
+    def last_good():
+        g = state["good_ckpt"]
+        if g is None:
+            return ("no checkpoint of this run was written (the first was due at step "
+                    f"{(start // tc.checkpoint_every + 1) * tc.checkpoint_every}), so there is nothing to resume")
+        prev = os.path.join(os.path.dirname(g[0]), runfolder.PREV_NAME)
+        return (f"the last good checkpoint is {g[0]} (step {g[1]}, finite)"
+                + (f"; {prev} holds the one before" if os.path.exists(prev) else ""))
 
     def flush():
         """Read the pending steps' scalars back (one host transfer), log them, count skipped steps."""
@@ -166,8 +225,7 @@ def train(preset, train_images, test_images=None, *, out_dir=None, steps=None, m
                 if state["bad"] >= tc.max_bad_steps:
                     raise TrainingDiverged(
                         f"{state['bad']} consecutive steps with a non-finite loss or gradient (last at step {s}); "
-                        f"the last checkpoint ({ckpt_path}) holds the last finite parameters. "
-                        "Lower the learning rate or check the data.")
+                        f"{last_good()}. Lower the learning rate (--lr) or check the data.")
                 continue
             state["bad"] = 0
             rec = {"step": s, "train_bpd": loss_f, "grad_norm": gnorm, "lr": lr}
@@ -182,47 +240,98 @@ def train(preset, train_images, test_images=None, *, out_dir=None, steps=None, m
         t_last = now
         pending.clear()
 
+    def checkpoint(final=False):
+        """Write a checkpoint if the parameters are sound; else keep the last good one."""
+        if state["bad"]:
+            if final:
+                say(f"the last step ({step}) was skipped, so no checkpoint of it was written; {last_good()}")
+            elif not state["deferred"]:
+                say(f"step {step}: checkpoint postponed (the last step was skipped); {last_good()}")
+            state["deferred"] = True
+            return False
+        nonlocal params
+        bad = _check_batch_failure(model, ema, check_x, tc.seed, xp)
+        params = model.parameters()              # use_ema put back copies: the loop must update those
+        if bad:
+            raise TrainingDiverged(f"at step {step} the {bad} give a non-finite loss on the check batch, so no "
+                                   f"checkpoint was written; {last_good()}. Lower the learning rate (--lr).")
+        runfolder.keep_previous(ckpt_path)
+        _save(ckpt_path, model, adam, ema, step, p)
+        state["good_ckpt"], state["deferred"] = (ckpt_path, step), False
+        return True
+
+    guard = runfolder.InterruptGuard(say)
     try:
-        while step < total and time.perf_counter() < deadline:
-            idx = batch_indices(len(train_images), tc.batch_size, tc.seed, step)
-            loss, grads = model.loss_and_grads(train_images[idx], rng=step_rng(tc.seed, step, xp), train=True)
-            gnorm = global_grad_norm_array(grads)
-            ok = xp.isfinite(loss) & xp.isfinite(gnorm)      # a skipped step changes nothing (no host sync)
-            step += 1
-            lr = warmup_lr(step, tc.lr, tc.warmup_steps)
-            adam.step(params, grads, lr, grad_scale=clip_scale(gnorm, tc.grad_clip), apply=ok)
-            ema.update(params, apply=ok)
-            pending.append((step, loss, gnorm, ok, lr))
-            if bar is not None:
-                bar.update(1)
-            due_ckpt = ckpt_path and step % tc.checkpoint_every == 0
-            if step % tc.log_every == 0 or step == total or due_ckpt:
-                flush()                                      # the only host sync of the loop
-            if due_ckpt:
-                _save(ckpt_path, model, adam, ema, step, p)
-        flush()
+        with guard:
+            while step < total and time.perf_counter() < deadline and not guard.requested:
+                idx = batch_indices(len(train_images), tc.batch_size, tc.seed, step)
+                loss, grads = model.loss_and_grads(train_images[idx], rng=step_rng(tc.seed, step, xp), train=True)
+                gnorm = global_grad_norm_array(grads)
+                ok = xp.isfinite(loss) & xp.isfinite(gnorm)      # a skipped step changes nothing (no host sync)
+                step += 1
+                lr = warmup_lr(step, tc.lr, tc.warmup_steps)
+                adam.step(params, grads, lr, grad_scale=clip_scale(gnorm, tc.grad_clip), apply=ok)
+                ema.update(params, apply=ok)
+                pending.append((step, loss, gnorm, ok, lr))
+                if bar is not None:
+                    bar.update(1)
+                due_ckpt = ckpt_path and (step % tc.checkpoint_every == 0 or state["deferred"])
+                if step % tc.log_every == 0 or step == total or due_ckpt:
+                    flush()                                      # the only host sync of the loop
+                if due_ckpt:
+                    checkpoint()
+            flush()
     finally:
         if bar is not None:
             bar.close()
     skipped = state["skipped"]
-    if ckpt_path:
-        _save(ckpt_path, model, adam, ema, step, p)
-    summary = {"preset": p.name, "steps": step, "skipped_steps": skipped,
+    steps_run = step - start
+    wrote = False
+    if ckpt_path and steps_run and state["good_ckpt"] != (ckpt_path, step):
+        wrote = checkpoint(final=True)
+    if guard.requested:
+        import signal as _signal
+        name = _signal.Signals(guard.requested).name
+        log.close()
+        where = (f"checkpoint written to {ckpt_path} (step {step})" if wrote or state["good_ckpt"] == (ckpt_path, step)
+                 else (last_good() if ckpt_path else "no out_dir, so no checkpoint"))
+        raise TrainingInterrupted(
+            f"{name} at step {step}: {where}. To continue, run the same command again (it resumes from the "
+            "checkpoint); add --no-resume to start afresh.", step=step,
+            checkpoint=state["good_ckpt"][0] if state["good_ckpt"] else None, signum=guard.requested)
+    summary = {"preset": p.name, "steps": step, "steps_run": steps_run, "skipped_steps": skipped,
                "final_train_bpd": history[-1]["train_bpd"] if history else None,
                "num_parameters": model.num_parameters(), "backend": backend}
+    if steps_run == 0:
+        say(f"no optimiser step fitted in the time budget (minutes={minutes}); nothing written")
+        log.close()
+        summary.update(history=history, model=model, ema=ema)
+        return summary
     if test_images is not None and len(test_images):
         with use_ema(model, ema):
             summary["test_bpd"] = evaluate(model, test_images, batch_size=tc.batch_size,
-                                           max_batches=tc.eval_batches, seed=tc.seed)["bpd"]
+                                           max_batches=tc.eval_batches, seed=tc.seed,
+                                           label=f"the test images at step {step}")["bpd"]
         log.write({"step": step, "test_bpd": summary["test_bpd"]})
     log.close()
     summary["history"] = history
     if out_dir:
-        with open(os.path.join(out_dir, "summary.json"), "w") as f:
-            json.dump({k: v for k, v in summary.items() if k != "history"}, f, indent=2)
+        runfolder.atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(
+            {k: v for k, v in summary.items() if k != "history"}, indent=2, allow_nan=False))
     summary["model"] = model
     summary["ema"] = ema
     return summary
+
+
+def _check_batch_failure(model, ema, check_x, seed, xp):
+    """None if the training and the EMA parameters give a finite loss on ``check_x``
+    (eval mode, a fixed generator); else which of them do not. One host read-back."""
+    loss_p, _ = model.loss(check_x, rng=make_rng(2 ** 40 + int(seed), xp), train=False)
+    with use_ema(model, ema):
+        loss_e, _ = model.loss(check_x, rng=make_rng(2 ** 40 + int(seed), xp), train=False)
+    fin = np.isfinite(to_numpy(xp.stack([loss_p, loss_e]).astype(xp.float64)))
+    bad = [what for what, f in zip(("training parameters", "EMA parameters"), fin) if not f]
+    return " and ".join(bad) or None
 
 
 class use_ema:
@@ -241,17 +350,32 @@ class use_ema:
         return False
 
 
-def evaluate(model, images, *, batch_size=64, max_batches=None, k=1, seed=0):
-    """Mean test bits/dim over (up to max_batches) batches; k > 1: importance-sampled bound."""
+def evaluate(model, images, *, batch_size=64, max_batches=None, k=1, seed=0, label=None):
+    """Mean test bits/dim over (up to ``max_batches``; None: all) batches; k > 1: importance-sampled bound.
+
+    Raises :class:`NonFiniteResult` naming the batch (and ``label``, e.g. the checkpoint)
+    if any image's bits/dim is not finite: a result is a number or an error.
+    """
+    check_option("batch_size", batch_size)
+    check_option("max_batches", max_batches, none_ok=True)
+    check_option("k", k)
     images = np.asarray(images)
     n = len(images)
+    if n == 0:
+        raise ConfigError("evaluate: no images")
     nb = math.ceil(n / batch_size)
-    if max_batches:
+    if max_batches is not None:
         nb = min(nb, max_batches)
     rng = make_rng(int(seed) + 12345, model.xp)
     vals = []
     for i in range(nb):
-        vals.append(model.bits_per_dim(images[i * batch_size:(i + 1) * batch_size], rng=rng, k=k))
+        v = model.bits_per_dim(images[i * batch_size:(i + 1) * batch_size], rng=rng, k=k)
+        if not np.isfinite(v).all():
+            raise NonFiniteResult(
+                f"bits/dim is not finite for {int((~np.isfinite(v)).sum())} of the {len(v)} images of batch {i} "
+                f"(images {i * batch_size}..{i * batch_size + len(v) - 1}) of {label or 'the evaluation'}: the "
+                "parameters are broken; use an earlier checkpoint (checkpoint-prev.npz of the run folder)")
+        vals.append(v)
     v = np.concatenate(vals)
     return {"bpd": float(v.mean()), "bpd_sem": float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0,
             "num_images": int(len(v)), "k": int(k)}

@@ -47,3 +47,34 @@ def check_range(x, name: str, lo: float, hi: float, *, hi_inclusive: bool = Fals
 def check_same_shape(a, b, name_a: str, name_b: str):
     if tuple(a.shape) != tuple(b.shape):
         raise FlowInputError(f"{name_a} has shape {tuple(a.shape)} but {name_b} has shape {tuple(b.shape)}")
+
+
+def check_pixels(x, name: str, *, image_shape=None, n_bits: int = 8):
+    """Images as integer pixels: a host array [N, H, W, C] of an integer dtype with values in
+    [0, 2^n_bits - 1]; returns it as uint8 (a view when it is uint8 already).
+
+    Floating-point arrays are refused even when their values are whole numbers (pass
+    ``x.astype(np.uint8)`` then): images scaled to [0, 1] or already dequantized would
+    otherwise train and report bits/dim that are not a measurement of the data.
+    """
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        x = np.asarray(x)
+    x = to_numpy(x)
+    if x.ndim != 4:
+        raise FlowInputError(f"{name}: expected images [N, H, W, C], got shape {tuple(x.shape)}")
+    if image_shape is not None and tuple(x.shape[1:]) != tuple(image_shape):
+        raise FlowInputError(f"{name}: the model takes images of shape {tuple(image_shape)} (H, W, C), "
+                             f"got {tuple(x.shape[1:])}")
+    if len(x) == 0:
+        raise FlowInputError(f"{name}: no images (shape {tuple(x.shape)})")
+    top = 2 ** int(n_bits) - 1
+    if x.dtype == np.bool_ or not np.issubdtype(x.dtype, np.integer):
+        hint = ""
+        if np.issubdtype(x.dtype, np.floating) and np.isfinite(x).all() and x.max() <= 1.0:
+            hint = " (the values look scaled to [0, 1]: the model needs the original integer pixels)"
+        raise FlowInputError(f"{name}: pixels must be integers 0..{top} in an integer array (pass uint8), got "
+                             f"dtype {x.dtype}{hint}")
+    lo, hi = int(x.min()), int(x.max())
+    if lo < 0 or hi > top:
+        raise FlowInputError(f"{name}: pixel values must lie in [0, {top}] ({n_bits}-bit), got min {lo}, max {hi}")
+    return x if x.dtype == np.uint8 else x.astype(np.uint8)

@@ -86,7 +86,9 @@ def test_training_loop_reads_scalars_back_once_per_log_interval(tmp_path, monkey
     monkeypatch.setattr(model_mod.FlowPP, "loss_and_grads", nan_at_step_3)
     s = train("tiny", images(), out_dir=str(tmp_path), steps=8, progress=False,
               overrides=dict(log_every=4, checkpoint_every=100))
-    assert calls == [(4, 3), (4, 3)]                      # two read-backs of 4 steps x (loss, norm, ok)
+    # two read-backs of 4 steps x (loss, norm, ok), then the final checkpoint's check batch
+    # (training and EMA loss, read back together)
+    assert calls == [(4, 3), (4, 3), (2,)]
     assert s["skipped_steps"] == 1 and [h["step"] for h in s["history"]] == [1, 2, 4, 5, 6, 7, 8]
     recs = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
     assert [r["step"] for r in recs if r.get("skipped")] == [3]
