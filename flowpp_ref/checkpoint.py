@@ -209,8 +209,7 @@ def load_checkpoint(path, xp=None) -> dict:
         raise
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, UnicodeDecodeError,
             AttributeError, TypeError) as e:
-        raise CheckpointError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); "
-                              "use an earlier checkpoint") from e
+        raise CheckpointError(f"{path} is truncated or corrupt ({type(e).__name__}: {e})") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a flowpp-ref checkpoint (format {meta.get('format')!r})"
                               if isinstance(meta, dict) else f"{path}: bad metadata")

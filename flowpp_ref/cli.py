@@ -11,6 +11,8 @@ import sys
 
 import numpy as np
 
+from . import cli_args
+from .cli_args import UsageError
 from .presets import PRESETS
 
 
@@ -20,14 +22,14 @@ def _load_data(args, split):
         return data.load_default_dataset(split)[0]
     if args.data == "cifar10":
         if not args.data_dir:
-            raise SystemExit("--data cifar10 needs --data-dir (a folder with cifar-10-batches-py/ "
+            raise UsageError("--data cifar10 needs --data-dir (a folder with cifar-10-batches-py/ "
                              "or cifar-10-python.tar.gz)")
         return data.load_cifar10(args.data_dir, split)[0]
     if args.data == "imagenet32":
         if not args.data_dir:
-            raise SystemExit("--data imagenet32 needs --data-dir (a folder with the downsampled ImageNet npz files)")
+            raise UsageError("--data imagenet32 needs --data-dir (a folder with the downsampled ImageNet npz files)")
         return data.load_imagenet32(args.data_dir, split)[0]
-    raise SystemExit(f"unknown --data {args.data!r}")
+    raise UsageError(f"unknown --data {args.data!r}")
 
 
 def _overrides(args):
@@ -50,6 +52,7 @@ def _add_common(p):
     p.add_argument("--backend", default=os.environ.get("FLOWPP_BACKEND", "numpy"), choices=["numpy", "cupy"],
                    help="array backend: numpy (CPU, numba kernels) or cupy (GPU) [default: $FLOWPP_BACKEND or numpy]")
     p.add_argument("--seed", type=int, default=None, help="random seed (parameters, batches, noise) [preset: 0]")
+    cli_args.add_debug(p)
 
 
 def _add_data(p):
@@ -90,7 +93,8 @@ def build_parser():
                    help="ablation: 'affine' replaces the logistic-mixture CDF coupling")
     t.add_argument("--no-attention", action="store_true", help="ablation: convolutions only in the couplings")
     t.add_argument("--samples", type=int, default=64, help="images in the sample grid written at the end [64]")
-    t.add_argument("--no-resume", action="store_true", help="start afresh even if OUT/checkpoint.npz exists")
+    t.add_argument("--no-resume", action="store_true", help="start afresh even if OUT/checkpoint.npz exists "
+                   "(its checkpoints and log are then replaced)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_common(t)
 
@@ -98,8 +102,8 @@ def build_parser():
     e.add_argument("checkpoint", help="path to checkpoint.npz")
     _add_data(e)
     e.add_argument("--k", type=int, default=1, help="importance samples of the dequantizer (1: the ELBO)")
-    e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--max-batches", type=int, default=None, help="evaluate only this many batches")
+    e.add_argument("--batch-size", type=int, default=32, help="images per batch [32]")
+    e.add_argument("--max-batches", type=int, default=None, help="evaluate only this many batches [all]")
     e.add_argument("--out", default=None, help="write the result JSON here")
     _add_common(e)
 
@@ -114,32 +118,40 @@ def build_parser():
     d.add_argument("--minutes", type=float, default=4.0, help="training budget [4]")
     d.add_argument("--out", default="runs/demo", help="output folder [runs/demo]")
     _add_common(d)
-    return ap
+    return cli_args.apply_ranges(ap)
 
 
 def cmd_train(args, preset=None, data_kind=None):
     from .plotting import plot_training_curve, save_sample_grid
     from .train import train, use_ema
     from .backend import make_rng
-    train_x = _load_data(args, "train")
-    test_x = _load_data(args, "test")
-    if args.steps is None and args.minutes is None:
-        raise SystemExit("give --steps or --minutes")
+    from .presets import get_preset
     preset = preset or args.preset
     ov = _overrides(args)
+    cli_args.check_train_args(args, preset, ov)            # before any work
+    train_x = _load_data(args, "train")
+    shape = get_preset(preset, **ov).model.image_shape
+    cli_args.check_images_fit(train_x.shape, shape, f"--preset {preset}", args.data)
+    test_x = _load_data(args, "test")
     s = train(preset, train_x, test_x, out_dir=args.out, steps=args.steps, minutes=args.minutes,
               backend=args.backend, resume=not getattr(args, "no_resume", False),
               progress=not getattr(args, "no_progress", False), overrides=ov)
+    if s.get("already_done") or not s.get("steps_run"):
+        return s                                            # train() said why; nothing written
     model, ema = s["model"], s["ema"]
     plot_training_curve(os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "curve.png"))
-    with use_ema(model, ema):
-        n = getattr(args, "samples", 64)
-        imgs, dt = model.sample(n, rng=make_rng(0, model.xp), return_time=True)
-    save_sample_grid(imgs, os.path.join(args.out, "samples.png"), nrow=int(np.ceil(np.sqrt(n))))
-    print(f"steps {s['steps']}  final train bits/dim {s['final_train_bpd']:.4f}"
+    n = getattr(args, "samples", 64)
+    dt, wrote = None, ["checkpoint.npz", "log.jsonl", "curve.png", "summary.json"]
+    if n:
+        with use_ema(model, ema):
+            imgs, dt = model.sample(n, rng=make_rng(0, model.xp), return_time=True)
+        save_sample_grid(imgs, os.path.join(args.out, "samples.png"), nrow=int(np.ceil(np.sqrt(n))))
+        wrote.insert(3, "samples.png")
+    bpd = s["final_train_bpd"]
+    print(f"steps {s['steps']}  final train bits/dim " + (f"{bpd:.4f}" if bpd is not None else "- (no step logged)")
           + (f"  test bits/dim (EMA) {s['test_bpd']:.4f}" if "test_bpd" in s else "")
-          + f"  sampling {n} images: {dt:.2f} s")
-    print(f"wrote {args.out}/checkpoint.npz, log.jsonl, curve.png, samples.png, summary.json")
+          + (f"  sampling {n} images: {dt:.2f} s" if dt is not None else ""))
+    print(f"wrote {args.out}/" + ", ".join(wrote))
     return s
 
 
@@ -147,16 +159,18 @@ def cmd_eval(args):
     from .train import evaluate, load_model
     model, p, _ = load_model(args.checkpoint, backend=args.backend)
     x = _load_data(args, "test")
+    cli_args.check_images_fit(x.shape, p.model.image_shape, f"checkpoint {args.checkpoint}", args.data)
     if p.model.n_bits < 8:
         from .data import reduce_bits
         x = reduce_bits(x, p.model.n_bits)
     r = evaluate(model, x, batch_size=args.batch_size, max_batches=args.max_batches, k=args.k,
-                 seed=args.seed or 0)
+                 seed=args.seed or 0, label=f"checkpoint {args.checkpoint} (EMA parameters) on --data {args.data}")
     r["checkpoint"] = args.checkpoint
-    print(json.dumps(r, indent=2))
+    text = json.dumps(r, indent=2, allow_nan=False)       # strict JSON: evaluate() refuses non-finite results
+    print(text)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(r, f, indent=2)
+            f.write(text + "\n")
     return r
 
 
@@ -180,10 +194,11 @@ def cmd_demo(args):
 
 
 def main(argv=None):
-    """Entry point of the ``flowpp`` script; returns the exit status (0)."""
+    """Entry point of the ``flowpp`` script; returns the exit status (0 ok, 1 diverged, 2 error,
+    130/143 stopped by SIGINT/SIGTERM after a checkpoint; see :func:`flowpp_ref.cli_args.run`)."""
     args = build_parser().parse_args(argv)
-    {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "demo": cmd_demo}[args.cmd](args)
-    return 0
+    return cli_args.run({"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "demo": cmd_demo}[args.cmd],
+                        args)
 
 
 if __name__ == "__main__":

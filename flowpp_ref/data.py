@@ -136,7 +136,8 @@ def _cifar_missing_message(root, names):
     return (f"CIFAR-10 not found under {root!r}: expected {os.path.join(root, CIFAR10_DIR)}/"
             f"{{{','.join(names)}}} or {os.path.join(root, CIFAR10_ARCHIVE)}. Download the official "
             f"archive from {CIFAR10_URL} (MD5 {CIFAR10_MD5}) and put it in {root!r} (unpacked or not), "
-            "or pass download=True on a machine with internet access.")
+            "or, from Python, call load_cifar10(root, download=True) on a machine with internet access "
+            "(the flowpp command does not download).")
 
 
 class _RestrictedUnpickler(pickle.Unpickler):

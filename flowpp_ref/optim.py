@@ -102,8 +102,11 @@ class Adam:
                 raise ValueError(f"gradient {k}: shape {tuple(grads[k].shape)} differs from the parameter's "
                                  f"{tuple(p.shape)}")
         self.t = self.t + 1 if apply is None else self.t + apply.astype(np.int64)
-        bc1 = 1.0 - self.beta1 ** self.t   # 1 - beta1^t
-        bc2 = 1.0 - self.beta2 ** self.t   # 1 - beta2^t
+        # t is 0 here only when every update so far was skipped (apply False): nothing is
+        # applied then, and t = 1 in the bias corrections keeps them finite (no 1/0)
+        tb = self.t if apply is None else array_module(self.t).maximum(self.t, 1)
+        bc1 = 1.0 - self.beta1 ** tb       # 1 - beta1^t
+        bc2 = 1.0 - self.beta2 ** tb       # 1 - beta2^t
         step_size = lr / bc1               # lr / (1 - beta1^t)
         inv_sqrt_bc2 = 1.0 / (math.sqrt(bc2) if isinstance(bc2, float) else array_module(bc2).sqrt(bc2))
         for k, p in params.items():

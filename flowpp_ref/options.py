@@ -39,7 +39,7 @@ class Range:
             s = f"a finite {what[2:].strip()}" if self.kind is float else what
         if self.multiple_of:
             s += f", a multiple of {self.multiple_of}"
-        return s + (f"; {self.note}" if self.note else "")
+        return s + (f" ({self.note})" if self.note else "")
 
     def ok(self, v) -> bool:
         if self.kind is int:
@@ -59,7 +59,7 @@ class Range:
 
 # Keyed by the option's field name (the CLI's argparse ``dest``, the TrainConfig/ModelConfig field).
 RANGES: dict[str, Range] = {
-    "steps": Range(int, 1, note="counted from the start of the run, resumed steps included"),
+    "steps": Range(int, 1),
     "minutes": Range(float, 0, lo_open=True),
     "batch_size": Range(int, 1, note="at most the number of images"),
     "init_batch_size": Range(int, 1, note="at most the number of training images"),

@@ -114,7 +114,7 @@ def read_checkpoint_step(path) -> int:
             meta = json.loads(z["__meta__"].tobytes().decode("utf-8"))
         return int(meta["tree"]["step"])
     except Exception as e:  # noqa: BLE001 - any failure: let the full loader give the precise error
-        load_checkpoint(path)
+        load_for_resume(path)
         raise CheckpointError(f"{path}: cannot read its step ({type(e).__name__}: {e})") from e
 
 

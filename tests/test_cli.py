@@ -58,6 +58,7 @@ def test_train_eval_sample_from_the_command_line(tmp_path, capsys):
     assert os.path.getsize(png) > 0
 
 
-def test_cifar10_without_a_data_dir_is_a_clear_error():
-    with pytest.raises(SystemExit, match="--data-dir"):
-        main(["train", "--data", "cifar10", "--steps", "1"])
+def test_cifar10_without_a_data_dir_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--data", "cifar10", "--steps", "1", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flowpp: error:") and "--data-dir" in err
