@@ -151,6 +151,9 @@ class ReleaseConfig:
     affine: bool = False             # affine coupling (abl_nomixlog.py): 2 outputs per dim
     attention: bool = True           # main flow attention
     pointwise_block: bool = False    # abl_noattn.py: gated pointwise block instead of attention
+    context_channels: int = 32
+    dequant_components: int | None = None   # None: as components
+    pos_emb_without_attention: bool = True  # the release creates pos_emb in every coupling
     # training
     max_lr: float = 3e-4
     warmup: int = 2000
@@ -185,11 +188,13 @@ RELEASE = {
     "cifar10-affine": ReleaseConfig(
         "cifar10-affine", "flows/ablations/abl_nomixlog.py", (32, 32, 3), 8,
         (("checker", 4), ("s2d",), ("channel", 2), ("checker", 3)), filters=108, blocks=10, components=32,
-        dequant="variational", dequant_filters=96, affine=True, dropout=0.2, paper_bpd=3.200),
+        dequant="variational", dequant_filters=108, affine=True, dropout=0.2, stated_params=32_045_708,
+        paper_bpd=3.200),
     "cifar10-no-attention": ReleaseConfig(
         "cifar10-no-attention", "flows/ablations/abl_noattn.py", (32, 32, 3), 8,
         (("checker", 4), ("s2d",), ("channel", 2), ("checker", 3)), filters=96, blocks=10, components=32,
-        dequant="variational", attention=False, pointwise_block=True, dropout=0.2, paper_bpd=3.193),
+        dequant="variational", attention=False, pointwise_block=True, dropout=0.2, stated_params=31_443_440,
+        paper_bpd=3.193),
     "imagenet32": ReleaseConfig(
         "imagenet32", "flows_imagenet/launchers/imagenet32_official.py", (32, 32, 3), 8,
         (("checker", 4), ("checker", 3), ("s2d",), ("channel", 3), ("checker", 3)), filters=128, blocks=20,
@@ -240,30 +245,34 @@ def _gated_resnet(f, cc, use_nin, wn):
 
 
 def release_coupling_params(rc: ReleaseConfig, half, filters, blocks, context_channels, attention,
-                            pointwise_block=False):
+                            pointwise_block=False, components=None):
     """Parameters of one coupling's conditioning network on a half of shape (H, W, C)."""
     h, w, c = half
     wn = rc.weight_norm
-    out = c * (2 if rc.affine else 2 + 3 * rc.components)
-    n = h * w * filters                                   # pos_emb (created even when unused)
+    components = rc.components if components is None else components
+    out = c * (2 if rc.affine else 2 + 3 * components)
+    n = 0
+    if attention or pointwise_block or rc.pos_emb_without_attention:
+        n += h * w * filters                              # pos_emb (the release: created even when unused)
     n += _conv(c, filters, 3, wn)
     for _ in range(blocks):
         n += _gated_resnet(filters, context_channels, True, wn) + 2 * filters       # + ln1
-        if attention:
+        if attention and not pointwise_block:
             n += _attn(filters, wn) + 2 * filters                                    # + ln2
         elif pointwise_block:
-            n += pointwise_block_params(filters) + 2 * filters
+            n += pointwise_block_params(filters, wn) + 2 * filters
     n += _conv(2 * filters if rc.final_concat_elu else filters, out, 3, wn)
     return n
 
 
-def pointwise_block_params(f):
+def pointwise_block_params(f, wn=False):
     """``abl_noattn.py``'s replacement of attention, with the parameter count of
     attention: one NIN F -> 3F (a 3-way maxout), then NIN F -> 2F and a gate."""
-    return _conv(f, 3 * f, 1, False) + _conv(f, 2 * f, 1, False)
+    return _conv(f, 3 * f, 1, wn) + _conv(f, 2 * f, 1, wn)
 
 
-def _flow_params(rc, shape, layout, filters, blocks, context_channels, attention, pointwise_block=False):
+def _flow_params(rc, shape, layout, filters, blocks, context_channels, attention, pointwise_block=False,
+                 components=None):
     h, w, c = shape
     n = 0
     for step in layout:
@@ -275,7 +284,8 @@ def _flow_params(rc, shape, layout, filters, blocks, context_channels, attention
         per = 2 * 2 * half[0] * half[1] * half[2]                        # Norm on both halves
         if rc.pointwise:
             per += 2 * half[2] * half[2]
-        per += release_coupling_params(rc, half, filters, blocks, context_channels, attention, pointwise_block)
+        per += release_coupling_params(rc, half, filters, blocks, context_channels, attention, pointwise_block,
+                                       components)
         n += count * per
     return n
 
@@ -289,7 +299,7 @@ def release_param_count(rc: ReleaseConfig) -> dict:
     ctx = deq = 0
     if rc.dequant == "variational":
         h, w, c = rc.image_shape
-        cc = 32
+        cc = rc.context_channels
         ctx = _conv(2 * c, cc, 3, wn)
         if rc.context_attention:
             ctx += h * (w // 2) * cc                                      # pos_emb_dq
@@ -300,5 +310,6 @@ def release_param_count(rc: ReleaseConfig) -> dict:
             if rc.context_attention:
                 ctx += _attn(cc, wn) + 2 * cc
         deq = _flow_params(rc, rc.image_shape, rc.dequant_layout, rc.dequant_filters, rc.dequant_blocks, cc,
-                           rc.dequant_attention)
+                           rc.dequant_attention, rc.pointwise_block and rc.dequant_attention,
+                           rc.dequant_components)
     return {"main": main, "dequant": deq, "context": ctx, "total": main + deq + ctx}

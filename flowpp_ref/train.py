@@ -36,7 +36,8 @@ import numpy as np
 from .backend import get_xp, make_rng, to_numpy
 from .checkpoint import load_checkpoint, save_checkpoint
 from .model import FlowPP
-from .optim import EMA, Adam, clip_scale, global_grad_norm_array, warmup_lr
+from .optim import EMA, Adam, clip_scale, global_grad_norm_array, warmup_lr  # noqa: F401
+from .schedules import learning_rate
 from .presets import ModelConfig, Preset, TrainConfig, get_preset
 
 CKPT_NAME = "checkpoint.npz"
@@ -75,6 +76,8 @@ def preset_from_config(d: dict) -> Preset:
     m = dict(d["model"])
     m["image_shape"] = tuple(m["image_shape"])
     m["stages"] = tuple(m["stages"])
+    if m.get("layout") is not None:
+        m["layout"] = tuple(tuple(s) for s in m["layout"])
     return Preset(d.get("preset", "custom"), ModelConfig(**m), TrainConfig(**d["train"]))
 
 
@@ -189,7 +192,7 @@ def train(preset, train_images, test_images=None, *, out_dir=None, steps=None, m
             gnorm = global_grad_norm_array(grads)
             ok = xp.isfinite(loss) & xp.isfinite(gnorm)      # a skipped step changes nothing (no host sync)
             step += 1
-            lr = warmup_lr(step, tc.lr, tc.warmup_steps)
+            lr = learning_rate(step, tc)                      # warm-up, or a release schedule
             adam.step(params, grads, lr, grad_scale=clip_scale(gnorm, tc.grad_clip), apply=ok)
             ema.update(params, apply=ok)
             pending.append((step, loss, gnorm, ok, lr))

@@ -57,7 +57,8 @@ class _AttnCoupling(Bijection):
     params_per_channel = 2
 
     def __init__(self, shape, filters, blocks, context_channels=None, use_attention=True, use_nin=True,
-                 dropout_p=0.0, init_scale_out=0.1, *, rng, xp=np, dtype=np.float32):
+                 dropout_p=0.0, init_scale_out=0.1, *, rng, xp=np, dtype=np.float32, mixer="attention",
+                 final_concat_elu=False):
         super().__init__()
         H, W, C = (int(s) for s in shape)
         self.shape = (H, W, C)
@@ -65,7 +66,7 @@ class _AttnCoupling(Bijection):
         self.net = self.add("net", ConditioningNetwork(
             (H, W, C), C * self.params_per_channel, filters, blocks, context_channels=context_channels,
             use_attention=use_attention, use_nin=use_nin, dropout_p=dropout_p, init_scale_out=init_scale_out,
-            rng=rng, xp=xp, dtype=dtype))
+            rng=rng, xp=xp, dtype=dtype, mixer=mixer, final_concat_elu=final_concat_elu))
 
     def _split_input(self, x, what):
         if not isinstance(x, tuple) or len(x) != 2:
@@ -117,7 +118,7 @@ class MixLogisticAttnCoupling(_AttnCoupling):
 
     def __init__(self, shape, filters, blocks, components, with_affine=True, context_channels=None,
                  use_attention=True, use_nin=True, dropout_p=0.0, inverse_method="hybrid", init_scale_out=0.1,
-                 *, rng, xp=np, dtype=np.float32):
+                 *, rng, xp=np, dtype=np.float32, mixer="attention", final_concat_elu=False):
         if inverse_method not in ("hybrid", "bisection"):
             raise ValueError(f"inverse_method must be 'hybrid' or 'bisection', got {inverse_method!r}")
         self.components = int(components)
@@ -127,7 +128,8 @@ class MixLogisticAttnCoupling(_AttnCoupling):
         self.with_affine = bool(with_affine)
         self.inverse_method = inverse_method
         super().__init__(shape, filters, blocks, context_channels, use_attention, use_nin, dropout_p,
-                         init_scale_out, rng=rng, xp=xp, dtype=dtype)
+                         init_scale_out, rng=rng, xp=xp, dtype=dtype, mixer=mixer,
+                         final_concat_elu=final_concat_elu)
 
     # ------------------------------------------------------------- heads
     def _heads(self, raw5):
