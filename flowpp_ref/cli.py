@@ -27,7 +27,48 @@ def _load_data(args, split):
         if not args.data_dir:
             raise SystemExit("--data imagenet32 needs --data-dir (a folder with the downsampled ImageNet npz files)")
         return data.load_imagenet32(args.data_dir, split)[0]
+    if args.data in _RELEASE_DATA:                   # issue 12: the release's other data sets, the user's own
+        return _load_release_data(args, split)
     raise SystemExit(f"unknown --data {args.data!r}")
+
+
+# ---- issue 12: ImageNet 64x64, CelebA (.npy at n bits), a user's images -------------------
+_RELEASE_DATA = ("imagenet64", "celeba", "images")
+
+
+def _load_release_data(args, split):
+    import re
+
+    from . import datasets
+    from .data import DataError
+    path = args.data_dir
+    if not path:
+        raise SystemExit(f"--data {args.data} needs --data-dir: " + {
+            "imagenet64": "a folder with the downsampled ImageNet 64x64 npz batch files",
+            "celeba": "the release's CelebA .npy file (e.g. celeba_full_64x64_5bit.npy)",
+            "images": "a folder of PNG/JPEG files, or an .npy/.npz file of uint8 [N, H, W, C] images"}[args.data])
+    frac = getattr(args, "test_fraction", 0.0) or 0.0
+    if not 0.0 <= frac < 1.0:
+        raise SystemExit(f"--test-fraction must lie in [0, 1), got {frac}")
+    # with no held-out fraction, training has no test set and 'eval' scores every image
+    part = split if frac > 0 else ("all" if split == "train" or args.cmd == "eval" else None)
+    try:
+        if args.data == "imagenet64":
+            return datasets.load_imagenet64(path, split, cache_dir=getattr(args, "cache_dir", None))
+        if part is None:
+            return None
+        if args.data == "celeba":
+            bits = getattr(args, "data_bits", None)
+            if bits is None:
+                m = re.search(r"(\d)bit", os.path.basename(path))
+                if not m:
+                    raise SystemExit(f"--data celeba: give --data-bits (the bits of the stored values); "
+                                     f"it cannot be read from the name {os.path.basename(path)!r}")
+                bits = int(m.group(1))
+            return datasets.load_celeba_npy(path, bits, part, test_fraction=frac)
+        return datasets.load_user_images(path, part, test_fraction=frac)
+    except DataError as e:
+        raise SystemExit(f"--data {args.data}: {e}") from None
 
 
 def _overrides(args):
@@ -53,10 +94,17 @@ def _add_common(p):
 
 
 def _add_data(p):
-    p.add_argument("--data", default="default", choices=["default", "cifar10", "imagenet32"],
+    p.add_argument("--data", default="default", choices=["default", "cifar10", "imagenet32", *_RELEASE_DATA],
                    help="data set: 'default' is the small CIFAR-10 subset shipped with the package "
                         "(no download); 'cifar10' reads the official python layout from --data-dir")
-    p.add_argument("--data-dir", default=None, help="folder holding the data set files")
+    p.add_argument("--data-dir", default=None, help="folder holding the data set files (--data celeba / images: "
+                   "the .npy/.npz file or the image folder)")
+    p.add_argument("--test-fraction", type=float, default=0.0,
+                   help="--data celeba / images: hold out this last fraction as the test set [0: none]")
+    p.add_argument("--data-bits", type=int, default=None,
+                   help="--data celeba: bits of the stored values [read from the file name, e.g. '3bit']")
+    p.add_argument("--cache-dir", default=None,
+                   help="--data imagenet64: where the memory-mapped .npy copy is written [--data-dir]")
 
 
 def build_parser():
