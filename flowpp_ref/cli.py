@@ -145,8 +145,11 @@ def build_parser():
     e = sub.add_parser("eval", help="bits/dim of a checkpoint on a test set (EMA parameters)")
     e.add_argument("checkpoint", help="path to checkpoint.npz")
     _add_data(e)
-    e.add_argument("--k", type=int, default=1, help="importance samples of the dequantizer (1: the ELBO)")
-    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--k", type=int, default=1, help="importance samples of the dequantizer (1: the ELBO; "
+                   "the release's evaluation: 4096, each image's copies batched, float64 log-sum-exp)")
+    e.add_argument("--batch-size", type=int, default=32, help="images per pass; with --k > 1: (image, sample) "
+                   "pairs per pass [32]")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar (--k > 1)")
     e.add_argument("--max-batches", type=int, default=None, help="evaluate only this many batches")
     e.add_argument("--out", default=None, help="write the result JSON here")
     _add_common(e)
@@ -199,7 +202,7 @@ def cmd_eval(args):
         from .data import reduce_bits
         x = reduce_bits(x, p.model.n_bits)
     r = evaluate(model, x, batch_size=args.batch_size, max_batches=args.max_batches, k=args.k,
-                 seed=args.seed or 0)
+                 seed=args.seed or 0, progress=args.k > 1 and not args.no_progress)
     r["checkpoint"] = args.checkpoint
     print(json.dumps(r, indent=2))
     if args.out:

@@ -244,7 +244,7 @@ class use_ema:
         return False
 
 
-def evaluate(model, images, *, batch_size=64, max_batches=None, k=1, seed=0):
+def evaluate(model, images, *, batch_size=64, max_batches=None, k=1, seed=0, progress=False):
     """Mean test bits/dim over (up to max_batches) batches; k > 1: importance-sampled bound."""
     images = np.asarray(images)
     n = len(images)
@@ -252,6 +252,10 @@ def evaluate(model, images, *, batch_size=64, max_batches=None, k=1, seed=0):
     if max_batches:
         nb = min(nb, max_batches)
     rng = make_rng(int(seed) + 12345, model.xp)
+    if k > 1:   # issue 12: the release's k-sample bound, in passes of batch_size (image, sample) pairs
+        from .evaluation import evaluate_iw
+        return evaluate_iw(model, images[:min(n, nb * batch_size)], k, rng=rng, rows=batch_size,
+                           progress=progress)
     vals = []
     for i in range(nb):
         vals.append(model.bits_per_dim(images[i * batch_size:(i + 1) * batch_size], rng=rng, k=k))
