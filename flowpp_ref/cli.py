@@ -84,6 +84,8 @@ def _overrides(args):
         o["coupling"] = args.coupling
     if getattr(args, "no_attention", False):
         o["use_attention"] = False
+    if getattr(args, "mixture_dtype", None):            # issue 12
+        o["mixture_dtype"] = args.mixture_dtype
     return o
 
 
@@ -137,6 +139,9 @@ def build_parser():
     t.add_argument("--coupling", choices=["mixlogistic", "affine"], default=None,
                    help="ablation: 'affine' replaces the logistic-mixture CDF coupling")
     t.add_argument("--no-attention", action="store_true", help="ablation: convolutions only in the couplings")
+    t.add_argument("--mixture-dtype", choices=["float32", "float64"], default=None,
+                   help="dtype of the mixture CDF/PDF, its inverse and backward inside the float32 model "
+                        "(the ImageNet launchers' float64 cast) [float32]")
     t.add_argument("--samples", type=int, default=64, help="images in the sample grid written at the end [64]")
     t.add_argument("--no-resume", action="store_true", help="start afresh even if OUT/checkpoint.npz exists")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -54,7 +54,7 @@ def _coupling(cfg, half_shape, filters, blocks, components, context_channels, rn
     if cfg.coupling == "affine":                     # ablation: y_e = exp(a) e + b
         return AffineAttnCoupling(half_shape, filters, blocks, **common)
     return MixLogisticAttnCoupling(half_shape, filters, blocks, components, with_affine=cfg.with_affine,
-                                   inverse_method=cfg.inverse_method, **common)
+                                   inverse_method=cfg.inverse_method, mixture_dtype=cfg.mixture_dtype, **common)
 
 
 def coupling_stage(cfg: ModelConfig, half_shape, n, *, filters, blocks, components, context_channels=None,

@@ -47,6 +47,7 @@ class ModelConfig:
     dequant_attention: bool | None = None  # None: as use_attention (False in the ImageNet-64 launchers)
     final_concat_elu: bool = False         # the coupling's output conv reads concat_elu(h) (2F inputs)
     context_layernorm: bool = False        # a layer norm after each context resnet (dqln{i})
+    mixture_dtype: str | None = None       # "float64": mixture CDF/PDF, inverse, backward in float64
 
     def main_layout(self) -> tuple:
         if self.layout is None:
@@ -70,6 +71,8 @@ class ModelConfig:
 
     def validate(self):
         h, w, c = self.image_shape
+        if self.mixture_dtype not in (None, "float32", "float64"):
+            raise ValueError(f"mixture_dtype must be None, 'float32' or 'float64', got {self.mixture_dtype!r}")
         if self.mixer not in ("attention", "gated-nin"):
             raise ValueError(f"mixer must be 'attention' or 'gated-nin', got {self.mixer!r}")
         if self.layout is not None:
