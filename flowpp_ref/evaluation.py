@@ -74,3 +74,24 @@ def evaluate_iw(model, images, k: int, *, rng, rows: int = 64, progress: bool = 
     v = importance_weighted_bpd(model, images, k, rng=rng, rows=rows, progress=progress)
     return {"bpd": float(v.mean()), "bpd_sem": float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0,
             "num_images": int(len(v)), "k": int(k)}
+
+
+def inverse_error(model, images, *, batch_size=64, max_batches=None, seed=0):
+    """The release's training monitor ``val_inverr``: ``max |y - f^-1(f(y))|`` over the batches,
+    with ``y = x + u`` the dequantized images (u from the dequantizer, eval mode) and f the
+    main flow (its inverse as configured, ``ModelConfig.inverse_method``). A float."""
+    from .backend import make_rng
+    rng = make_rng(int(seed) + 54321, model.xp)
+    n = len(images)
+    nb = math.ceil(n / batch_size)
+    if max_batches:
+        nb = min(nb, max_batches)
+    worst = 0.0
+    for i in range(nb):
+        xf = model.prepare(np.asarray(images[i * batch_size:(i + 1) * batch_size]))
+        u, _, _ = model.dequant.forward(xf, rng=rng, train=False)
+        y = xf + u
+        z, _, _ = model.flow.forward(y, None, train=False)
+        y2, _ = model.flow.inverse(z, None)
+        worst = max(worst, float(to_numpy(model.xp.abs(y - y2).max())))
+    return worst

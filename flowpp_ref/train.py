@@ -217,7 +217,10 @@ def train(preset, train_images, test_images=None, *, out_dir=None, steps=None, m
         with use_ema(model, ema):
             summary["test_bpd"] = evaluate(model, test_images, batch_size=tc.batch_size,
                                            max_batches=tc.eval_batches, seed=tc.seed)["bpd"]
-        log.write({"step": step, "test_bpd": summary["test_bpd"]})
+            from .evaluation import inverse_error      # issue 12: the release's val_inverr monitor
+            summary["val_inverr"] = inverse_error(model, test_images, batch_size=tc.batch_size,
+                                                  max_batches=tc.eval_batches, seed=tc.seed)
+        log.write({"step": step, "test_bpd": summary["test_bpd"], "val_inverr": summary["val_inverr"]})
     log.close()
     summary["history"] = history
     if out_dir:

@@ -58,3 +58,33 @@ def test_evaluate_k_uses_the_batched_bound_and_reports_the_standard_error():
     v = importance_weighted_bpd(model, x, 4, rng=make_rng(12345), rows=3)
     assert r["bpd"] == pytest.approx(v.mean(), rel=1e-12)
     assert r["bpd_sem"] == pytest.approx(v.std(ddof=1) / 2, rel=1e-12)
+
+
+def test_inverse_error_is_small_and_reacts_to_a_broken_inverse():
+    from flowpp_ref.evaluation import inverse_error
+    model, x = _model_and_images(4)
+    err = inverse_error(model, x, batch_size=3)
+    assert 0.0 <= err < 1e-6                      # float64 tiny model, hybrid inverse
+    coupling = next(f for f in model.flow.flows if type(f).__name__ == "MixLogisticAttnCoupling")
+    inv = coupling.inverse
+    coupling.inverse = lambda y, context=None: ((y[0], y[1] + 0.01), inv(y, context)[1])  # a wrong inverse
+    assert inverse_error(model, x, batch_size=3) > 1e-3
+
+
+def test_training_logs_val_inverr_with_the_test_bpd_and_plots_it(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from flowpp_ref.plotting import plot_training_curve
+    from flowpp_ref.train import train
+    _, x = _model_and_images(12)
+    s = train("tiny", x[:8], x[8:], out_dir=str(tmp_path), steps=2, progress=False)
+    assert 0.0 <= s["val_inverr"] < 1e-2              # float32
+    recs = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    last = [r for r in recs if "test_bpd" in r][-1]
+    assert last["val_inverr"] == s["val_inverr"]
+    a = plot_training_curve(recs, tmp_path / "with.png")
+    b = plot_training_curve([{k: v for k, v in r.items() if k != "val_inverr"} for r in recs],
+                            tmp_path / "without.png")
+    assert not np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
