@@ -313,3 +313,70 @@ def release_param_count(rc: ReleaseConfig) -> dict:
                            rc.dequant_attention, rc.pointwise_block and rc.dequant_attention,
                            rc.dequant_components)
     return {"main": main, "dequant": deq, "context": ctx, "total": main + deq + ctx}
+
+
+# ------------------------------------------------------------- cost estimate
+def _coupling_macs(rc, half, filters, blocks, context_channels, attention, pointwise_block, components,
+                   use_nin=True):
+    h, w, c = half
+    hw, f = h * w, filters
+    out = c * (2 if rc.affine else 2 + 3 * components)
+    n = hw * 9 * c * f                                                        # proj_in
+    for _ in range(blocks):
+        n += hw * 9 * 2 * f * f + hw * (2 * f * 2 * f if use_nin else 9 * 2 * f * 2 * f)   # gated resnet
+        if context_channels:
+            n += hw * 2 * context_channels * f                                # a_proj
+        if attention and not pointwise_block:
+            n += hw * 5 * f * f + 2 * hw * hw * f                             # proj1, proj2, QK^T, WV
+        elif pointwise_block:
+            n += hw * 5 * f * f
+    n += hw * 9 * (2 * f if rc.final_concat_elu else f) * out               # proj_out
+    return n
+
+
+def _flow_macs(rc, shape, layout, filters, blocks, context_channels, attention, pointwise_block, components):
+    h, w, c = shape
+    n = 0
+    for step in layout:
+        if step[0] == "s2d":
+            h, w, c = h // 2, w // 2, 4 * c
+            continue
+        kind, count = step
+        half = (h, w // 2, c) if kind == "checker" else (h, w, c // 2)
+        n += count * _coupling_macs(rc, half, filters, blocks, context_channels, attention, pointwise_block,
+                                    components)
+    return n
+
+
+def forward_flops(rc: ReleaseConfig) -> int:
+    """Estimated FLOPs (2 x multiply-adds of every conv, dense and attention product) of one
+    image's forward pass; elementwise work (activations, the mixture CDF) is left out."""
+    macs = _flow_macs(rc, rc.image_shape, rc.layout, rc.filters, rc.blocks, None, rc.attention,
+                      rc.pointwise_block, rc.components)
+    if rc.dequant == "variational":
+        h, w, c = rc.image_shape
+        hw, cc = h * (w // 2), rc.context_channels
+        macs += hw * 9 * 2 * c * cc + rc.context_resnets * hw * (9 * 2 * cc * cc + 9 * 2 * cc * 2 * cc)
+        if rc.context_attention:
+            macs += rc.context_resnets * (hw * 5 * cc * cc + 2 * hw * hw * cc)
+        macs += _flow_macs(rc, rc.image_shape, rc.dequant_layout, rc.dequant_filters, rc.dequant_blocks, cc,
+                           rc.dequant_attention, rc.pointwise_block and rc.dequant_attention,
+                           rc.dequant_components or rc.components)
+    return 2 * macs
+
+
+# the training length of each launcher's run, as its training loop counts it (estimates):
+# flows_imagenet/, flows_celeba/: every process walks the whole training set with its local
+# batch (batch / processes) for n_epochs; flows/ (CIFAR-10): 400 epochs of 64 (Table 2's horizon).
+TRAIN_IMAGES = {"cifar10": 50_000, "imagenet32": 1_281_167, "imagenet64": 1_281_167, "celeba": 30_000}
+RUN_EPOCHS = {"cifar10": 400, "cifar10-uniform-dequant": 400, "cifar10-affine": 400, "cifar10-no-attention": 400,
+              "imagenet32": 2, "imagenet64": 2, "imagenet64-5bit": 2, "celeba64-3bit": 20, "celeba64-5bit": 20,
+              "celeba128-5bit": 1000}
+
+
+def run_steps(rc: ReleaseConfig) -> int:
+    """Optimiser steps of the launcher's run (see RUN_EPOCHS; an estimate of its length)."""
+    data = "cifar10" if rc.name.startswith("cifar10") else (
+        "celeba" if rc.name.startswith("celeba") else ("imagenet32" if rc.name == "imagenet32" else "imagenet64"))
+    local = rc.batch // (rc.processes or 1)
+    return RUN_EPOCHS[rc.name] * TRAIN_IMAGES[data] // local
