@@ -86,6 +86,8 @@ def _overrides(args):
         o["use_attention"] = False
     if getattr(args, "mixture_dtype", None):            # issue 12
         o["mixture_dtype"] = args.mixture_dtype
+    if getattr(args, "mixer", None):
+        o["mixer"] = args.mixer
     return o
 
 
@@ -139,6 +141,9 @@ def build_parser():
     t.add_argument("--coupling", choices=["mixlogistic", "affine"], default=None,
                    help="ablation: 'affine' replaces the logistic-mixture CDF coupling")
     t.add_argument("--no-attention", action="store_true", help="ablation: convolutions only in the couplings")
+    t.add_argument("--mixer", choices=["attention", "gated-nin"], default=None,
+                   help="what fills the attention slot: 'gated-nin' is the release's no-attention ablation "
+                        "(abl_noattn.py, same parameter count; --no-attention instead drops the slot) [preset]")
     t.add_argument("--mixture-dtype", choices=["float32", "float64"], default=None,
                    help="dtype of the mixture CDF/PDF, its inverse and backward inside the float32 model "
                         "(the ImageNet launchers' float64 cast) [float32]")

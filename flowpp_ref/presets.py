@@ -1,8 +1,10 @@
 """Model and training presets.
 
-``cifar10-paper`` and ``imagenet32-paper`` are the paper's settings (appendix 8.5,
-8.6; see DESIGN.md). The small presets keep the architecture (every bijection and
-layer type) but shrink widths, depths and the mixture so that they train on a CPU.
+The ``*-paper`` presets and the three CIFAR-10 ablations are the launchers of the
+authors' release, each citing its file (see the block "The release's launchers" below,
+:mod:`flowpp_ref.release` and :mod:`flowpp_ref.paramcount`). The small presets keep the
+architecture (every bijection and layer type) but shrink widths, depths and the mixture
+so that they train on a CPU.
 
 Ablations (paper, Table 2) are switches on any preset:
 ``dequantization="uniform"``, ``coupling="affine"``, ``use_attention=False``;

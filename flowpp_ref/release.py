@@ -46,15 +46,16 @@ def lr_warmup_constant(step, *, max_lr, warmup):
 
 
 def lr_imagenet32(step, *, max_lr=1e-3, warmup=5000, decay=0.99995, min_lr=3e-4):
-    """``imagenet32_official.py``: warm up to 1e-3 in 5K steps, constant until 50K
-    (10 x warm-up), then geometric decay by 0.99995 per step down to 3e-4 (the
-    release stops multiplying once the rate is <= 3e-4), then constant."""
+    """``imagenet32_official.py``: warm up to 1e-3 in 5K steps, then hold the last warm-up
+    value (1e-3 x 4999/5000: the release keeps ``curr_lr`` from its last warm-up call) until
+    50K (10 x warm-up), then geometric decay by 0.99995 per step down to 3e-4 (the release
+    stops multiplying once the rate is <= 3e-4), then constant."""
     if step < warmup:
         return max_lr * step / warmup
-    start = 10 * warmup
+    start, held = 10 * warmup, max_lr * (warmup - 1) / warmup
     if step <= start:
-        return max_lr
-    return max(max_lr * decay ** (step - start), _last_above(max_lr, decay, min_lr))
+        return held
+    return max(held * decay ** (step - start), _last_above(held, decay, min_lr))
 
 
 def _last_above(lr0, decay, floor):

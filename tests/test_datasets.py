@@ -142,3 +142,9 @@ def test_cli_data_choices(tmp_path):
     a = ap.parse_args(["train", "--data", "imagenet64"])
     with pytest.raises(SystemExit, match="needs --data-dir"):
         _load_data(a, "train")
+
+
+def test_cli_release_switches_reach_the_config():
+    from flowpp_ref.cli import _overrides, build_parser
+    a = build_parser().parse_args(["train", "--mixer", "gated-nin", "--mixture-dtype", "float64"])
+    assert _overrides(a) == {"mixer": "gated-nin", "mixture_dtype": "float64"}

@@ -109,7 +109,7 @@ def test_schedules_follow_the_launchers():
     assert f["imagenet64"](300_000) == 1e-6
     assert f["imagenet64-5bit"](60_000) == 3e-4 and f["imagenet64-5bit"](120_000) == pytest.approx(5e-6)
     assert f["imagenet64-5bit"](200_000) == 1e-5
-    assert f["imagenet32"](2500) == pytest.approx(5e-4) and f["imagenet32"](40_000) == 1e-3
+    assert f["imagenet32"](2500) == pytest.approx(5e-4) and f["imagenet32"](40_000) == pytest.approx(1e-3, rel=1e-3)
     lo = f["imagenet32"](10 ** 6)
     assert 3e-4 * 0.99995 < lo <= 3e-4
     assert f["celeba64"](10_000) == pytest.approx(2e-5) and f["celeba64"](50_000) == 4e-5
