@@ -146,7 +146,7 @@ def build_parser():
                         "(abl_noattn.py, same parameter count; --no-attention instead drops the slot) [preset]")
     t.add_argument("--mixture-dtype", choices=["float32", "float64"], default=None,
                    help="dtype of the mixture CDF/PDF, its inverse and backward inside the float32 model "
-                        "(the ImageNet launchers' float64 cast) [float32]")
+                        "[float32]")
     t.add_argument("--samples", type=int, default=64, help="images in the sample grid written at the end [64]")
     t.add_argument("--no-resume", action="store_true", help="start afresh even if OUT/checkpoint.npz exists")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
