@@ -32,8 +32,53 @@ def _load_data(args, split):
     if args.data == "imagenet32":
         if not args.data_dir:
             raise UsageError("--data imagenet32 needs --data-dir (a folder with the downsampled ImageNet npz files)")
-        return data.load_imagenet32(args.data_dir, split)[0]
+        from . import datasets
+        try:                                         # train_data_batch_*.npz / val_data.npz, memory-mapped
+            return datasets.load_imagenet64(args.data_dir, split, cache_dir=getattr(args, "cache_dir", None), size=32)
+        except data.DataError as e:
+            raise UsageError(f"--data imagenet32: {e}") from None
+    if args.data in _RELEASE_DATA:                   # issue 12: the release's other data sets, the user's own
+        return _load_release_data(args, split)
     raise UsageError(f"unknown --data {args.data!r}")
+
+
+# ---- issue 12: ImageNet 64x64, CelebA (.npy at n bits), a user's images -------------------
+_RELEASE_DATA = ("imagenet64", "celeba", "images")
+
+
+def _load_release_data(args, split):
+    import re
+
+    from . import datasets
+    from .data import DataError
+    path = args.data_dir
+    if not path:
+        raise UsageError(f"--data {args.data} needs --data-dir: " + {
+            "imagenet64": "a folder with the downsampled ImageNet 64x64 npz batch files",
+            "celeba": "the release's CelebA .npy file (e.g. celeba_full_64x64_5bit.npy)",
+            "images": "a folder of PNG/JPEG files, or an .npy/.npz file of uint8 [N, H, W, C] images"}[args.data])
+    frac = getattr(args, "test_fraction", 0.0) or 0.0
+    if not 0.0 <= frac < 1.0:
+        raise UsageError(f"--test-fraction must lie in [0, 1), got {frac}")
+    # with no held-out fraction, training has no test set and 'eval' scores every image
+    part = split if frac > 0 else ("all" if split == "train" or args.cmd == "eval" else None)
+    try:
+        if args.data == "imagenet64":
+            return datasets.load_imagenet64(path, split, cache_dir=getattr(args, "cache_dir", None))
+        if part is None:
+            return None
+        if args.data == "celeba":
+            bits = getattr(args, "data_bits", None)
+            if bits is None:
+                m = re.search(r"(\d)bit", os.path.basename(path))
+                if not m:
+                    raise UsageError(f"--data celeba: give --data-bits (the bits of the stored values); "
+                                     f"it cannot be read from the name {os.path.basename(path)!r}")
+                bits = int(m.group(1))
+            return datasets.load_celeba_npy(path, bits, part, test_fraction=frac)
+        return datasets.load_user_images(path, part, test_fraction=frac)
+    except DataError as e:
+        raise UsageError(f"--data {args.data}: {e}") from None
 
 
 def _overrides(args):
@@ -49,6 +94,10 @@ def _overrides(args):
         o["coupling"] = args.coupling
     if getattr(args, "no_attention", False):
         o["use_attention"] = False
+    if getattr(args, "mixture_dtype", None):            # issue 12
+        o["mixture_dtype"] = args.mixture_dtype
+    if getattr(args, "mixer", None):
+        o["mixer"] = args.mixer
     return o
 
 
@@ -60,10 +109,17 @@ def _add_common(p):
 
 
 def _add_data(p):
-    p.add_argument("--data", default="default", choices=["default", "cifar10", "imagenet32"],
+    p.add_argument("--data", default="default", choices=["default", "cifar10", "imagenet32", *_RELEASE_DATA],
                    help="data set: 'default' is the small CIFAR-10 subset shipped with the package "
                         "(no download); 'cifar10' reads the official python layout from --data-dir")
-    p.add_argument("--data-dir", default=None, help="folder holding the data set files")
+    p.add_argument("--data-dir", default=None, help="folder holding the data set files (--data celeba / images: "
+                   "the .npy/.npz file or the image folder)")
+    p.add_argument("--test-fraction", type=float, default=0.0,
+                   help="--data celeba / images: hold out this last fraction as the test set [0: none]")
+    p.add_argument("--data-bits", type=int, default=None,
+                   help="--data celeba: bits of the stored values [read from the file name, e.g. '3bit']")
+    p.add_argument("--cache-dir", default=None,
+                   help="--data imagenet64: where the memory-mapped .npy copy is written [--data-dir]")
 
 
 def build_parser():
@@ -96,6 +152,12 @@ def build_parser():
     t.add_argument("--coupling", choices=["mixlogistic", "affine"], default=None,
                    help="ablation: 'affine' replaces the logistic-mixture CDF coupling")
     t.add_argument("--no-attention", action="store_true", help="ablation: convolutions only in the couplings")
+    t.add_argument("--mixer", choices=["attention", "gated-nin"], default=None,
+                   help="what fills the attention slot: 'gated-nin' is the release's no-attention ablation "
+                        "(abl_noattn.py, same parameter count; --no-attention instead drops the slot) [preset]")
+    t.add_argument("--mixture-dtype", choices=["float32", "float64"], default=None,
+                   help="dtype of the mixture CDF/PDF, its inverse and backward inside the float32 model "
+                        "[float32]")
     t.add_argument("--samples", type=int, default=64, help="images in the sample grid written at the end [64]")
     t.add_argument("--no-resume", action="store_true", help="start afresh even if OUT/checkpoint.npz exists "
                    "(its checkpoints and log are then replaced)")
@@ -105,8 +167,11 @@ def build_parser():
     e = sub.add_parser("eval", help="bits/dim of a checkpoint on a test set (EMA parameters)")
     e.add_argument("checkpoint", help="path to checkpoint.npz")
     _add_data(e)
-    e.add_argument("--k", type=int, default=1, help="importance samples of the dequantizer (1: the ELBO)")
-    e.add_argument("--batch-size", type=int, default=32, help="images per batch [32]")
+    e.add_argument("--k", type=int, default=1, help="importance samples of the dequantizer (1: the ELBO; "
+                   "the release's evaluation: 4096, each image's copies batched, float64 log-sum-exp)")
+    e.add_argument("--batch-size", type=int, default=32, help="images per pass; with --k > 1: (image, sample) "
+                   "pairs per pass [32]")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar (--k > 1)")
     e.add_argument("--max-batches", type=int, default=None, help="evaluate only this many batches [all]")
     e.add_argument("--out", default=None, help="write the result JSON here")
     _add_common(e)
@@ -168,7 +233,8 @@ def cmd_eval(args):
         from .data import reduce_bits
         x = reduce_bits(x, p.model.n_bits)
     r = evaluate(model, x, batch_size=args.batch_size, max_batches=args.max_batches, k=args.k,
-                 seed=args.seed or 0, label=f"checkpoint {args.checkpoint} (EMA parameters) on --data {args.data}")
+                 seed=args.seed or 0, progress=args.k > 1 and not args.no_progress,
+                 label=f"checkpoint {args.checkpoint} (EMA parameters) on --data {args.data}")
     r["checkpoint"] = args.checkpoint
     text = json.dumps(r, indent=2, allow_nan=False)       # strict JSON: evaluate() refuses non-finite results
     print(text)

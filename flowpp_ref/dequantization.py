@@ -26,6 +26,7 @@ from .backend import array_module
 from .bijections import CheckerboardSplit, Compose, Inverse, Sigmoid
 from .module import Module, prefixed
 from .nn import Conv2d, GatedResNet
+from .nn.layernorm import LayerNorm
 from .objective import standard_normal_logprob
 
 
@@ -52,7 +53,8 @@ class ContextNet(Module):
     Cache: the sub-layers' caches. Backward returns parameter gradients only.
     """
 
-    def __init__(self, image_shape, channels=32, resnets=3, dropout_p=0.0, *, rng, xp=np, dtype=np.float32):
+    def __init__(self, image_shape, channels=32, resnets=3, dropout_p=0.0, *, rng, xp=np, dtype=np.float32,
+                 layernorm=False):
         super().__init__()
         c = image_shape[2]
         self.split = CheckerboardSplit()
@@ -60,6 +62,9 @@ class ContextNet(Module):
         self.resnets = [self.add(f"c{i}", GatedResNet(channels, None, use_nin=False, dropout_p=dropout_p,
                                                       rng=rng, xp=xp, dtype=dtype))
                         for i in range(resnets)]
+        # layernorm (flows_imagenet/, flows_celeba/ ``deep_processor``): h = dqln_i(resnet_i(h))
+        self.norms = ([self.add(f"dqln{i}", LayerNorm(channels, xp=xp, dtype=dtype)) for i in range(resnets)]
+                      if layernorm else None)
 
     def _halves(self, xn):
         xp = array_module(xn)
@@ -69,15 +74,23 @@ class ContextNet(Module):
     def forward(self, xn, *, train=False, rng=None):
         h, c0 = self.proj.forward(self._halves(xn))
         caches = [c0]
-        for r in self.resnets:
+        for i, r in enumerate(self.resnets):
             h, c = r.forward(h, None, train=train, rng=rng)
+            if self.norms is not None:
+                h, c_ln = self.norms[i].forward(h)
+                c = (c, c_ln)
             caches.append(c)
         return h, caches
 
     def backward(self, dh, caches):
         grads = {}
         for i in reversed(range(len(self.resnets))):
-            dh, _, g = self.resnets[i].backward(dh, caches[i + 1])
+            c = caches[i + 1]
+            if self.norms is not None:
+                c, c_ln = c
+                dh, g_ln = self.norms[i].backward(dh, c_ln)
+                grads.update(prefixed(f"dqln{i}", g_ln))
+            dh, _, g = self.resnets[i].backward(dh, c)
             grads.update(prefixed(f"c{i}", g))
         _, g = self.proj.backward(dh, caches[0])
         grads.update(prefixed("proj", g))
@@ -85,8 +98,10 @@ class ContextNet(Module):
 
     def data_init(self, xn):
         h = self.proj.data_init(self._halves(xn))
-        for r in self.resnets:
+        for i, r in enumerate(self.resnets):
             h = r.data_init(h, None)
+            if self.norms is not None:
+                h = self.norms[i].forward(h)[0]
         return h
 
 
@@ -95,12 +110,17 @@ class VariationalDequantizer(Module):
 
     def __init__(self, cfg, *, rng, xp=np, dtype=np.float32):
         super().__init__()
+        import dataclasses
+
         from .model import coupling_stage  # the same block structure as the main flow
 
+        if cfg.dequant_attention is not None:   # the ImageNet-64 launchers: no attention in the dequantizer
+            cfg = dataclasses.replace(cfg, use_attention=cfg.dequant_attention)
         h, w, c = cfg.image_shape
         self.levels = 2 ** cfg.n_bits
         self.context = self.add("context", ContextNet(cfg.image_shape, cfg.context_channels, cfg.context_resnets,
-                                                      cfg.dropout_p, rng=rng, xp=xp, dtype=dtype))
+                                                      cfg.dropout_p, rng=rng, xp=xp, dtype=dtype,
+                                                      layernorm=cfg.context_layernorm))
         half = (h, w // 2, c)
         flows = [CheckerboardSplit()]
         flows += coupling_stage(cfg, half, cfg.dequant_couplings, filters=cfg.dequant_filters,

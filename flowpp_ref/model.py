@@ -49,11 +49,12 @@ from .validation import FlowInputError, check_finite
 
 def _coupling(cfg, half_shape, filters, blocks, components, context_channels, rng, xp, dtype):
     common = dict(context_channels=context_channels, use_attention=cfg.use_attention, use_nin=cfg.use_nin,
-                  dropout_p=cfg.dropout_p, rng=rng, xp=xp, dtype=dtype)
+                  dropout_p=cfg.dropout_p, rng=rng, xp=xp, dtype=dtype, mixer=cfg.mixer,
+                  final_concat_elu=cfg.final_concat_elu)
     if cfg.coupling == "affine":                     # ablation: y_e = exp(a) e + b
         return AffineAttnCoupling(half_shape, filters, blocks, **common)
     return MixLogisticAttnCoupling(half_shape, filters, blocks, components, with_affine=cfg.with_affine,
-                                   inverse_method=cfg.inverse_method, **common)
+                                   inverse_method=cfg.inverse_method, mixture_dtype=cfg.mixture_dtype, **common)
 
 
 def coupling_stage(cfg: ModelConfig, half_shape, n, *, filters, blocks, components, context_channels=None,
@@ -61,29 +62,34 @@ def coupling_stage(cfg: ModelConfig, half_shape, n, *, filters, blocks, componen
     """n x [Normalize, Pointwise, coupling, TupleFlip] acting on a tuple of two halves."""
     flows = []
     for _ in range(n):
-        flows += [
-            Normalize((half_shape, half_shape), xp=xp, dtype=dtype),
-            Pointwise((half_shape[2], half_shape[2]), noisy_identity_init=cfg.pointwise_init, rng=rng, xp=xp,
-                      dtype=dtype),
-            _coupling(cfg, half_shape, filters, blocks, components, context_channels, rng, xp, dtype),
-            TupleFlip(),
-        ]
+        flows.append(Normalize((half_shape, half_shape), xp=xp, dtype=dtype))
+        if cfg.use_pointwise:
+            flows.append(Pointwise((half_shape[2], half_shape[2]), noisy_identity_init=cfg.pointwise_init, rng=rng,
+                                   xp=xp, dtype=dtype))
+        flows += [_coupling(cfg, half_shape, filters, blocks, components, context_channels, rng, xp, dtype),
+                  TupleFlip()]
     return flows
 
 
 def build_main_flow(cfg: ModelConfig, *, rng, xp=np, dtype=np.float32) -> Compose:
+    """ImgProc, then the steps of ``cfg.main_layout()``: ("s2d",) a squeeze, ("checker", n) /
+    ("channel", n) a split, n coupling steps on its halves, and the inverse split."""
     h, w, c = cfg.image_shape
     kw = dict(filters=cfg.filters, blocks=cfg.blocks, components=cfg.components, rng=rng, xp=xp, dtype=dtype)
     flows = []
     if cfg.n_bits < 8:
         flows.append(Rescale(256.0 / 2 ** cfg.n_bits))
-    flows += [ImgProc(check_input=False), CheckerboardSplit()]   # FlowPP.prepare checks the pixels
-    flows += coupling_stage(cfg, (h, w // 2, c), cfg.stages[0], **kw)
-    flows += [Inverse(CheckerboardSplit()), SpaceToDepth(), ChannelSplit()]
-    flows += coupling_stage(cfg, (h // 2, w // 2, 2 * c), cfg.stages[1], **kw)
-    flows += [Inverse(ChannelSplit()), CheckerboardSplit()]
-    flows += coupling_stage(cfg, (h // 2, w // 4, 4 * c), cfg.stages[2], **kw)
-    flows += [Inverse(CheckerboardSplit())]
+    flows.append(ImgProc(check_input=False))                     # FlowPP.prepare checks the pixels
+    for step in cfg.main_layout():
+        if step[0] == "s2d":
+            flows.append(SpaceToDepth())
+            h, w, c = h // 2, w // 2, 4 * c
+            continue
+        split, half = ((CheckerboardSplit, (h, w // 2, c)) if step[0] == "checker" else
+                       (ChannelSplit, (h, w, c // 2)))
+        flows.append(split())
+        flows += coupling_stage(cfg, half, step[1], **kw)
+        flows.append(Inverse(split()))
     return Compose(flows)
 
 
@@ -198,9 +204,8 @@ class FlowPP(Module):
         about [-14, 270]) are clipped to the pixel range when quantised; images with
         n_bits < 8 are scaled back to 0..255 for display.
         """
-        h, w, c = self.cfg.image_shape
         t0 = time.perf_counter()
-        z = rng.standard_normal((n, h // 2, w // 2, 4 * c), dtype=self.dtype) * self.dtype.type(temperature)
+        z = rng.standard_normal((n, *self.cfg._check_layout()), dtype=self.dtype) * self.dtype.type(temperature)
         y, _ = self.flow.inverse(z, None)
         xp = array_module(y)
         x = xp.clip(xp.floor(y), 0, self.levels - 1)

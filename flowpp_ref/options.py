@@ -78,6 +78,9 @@ RANGES: dict[str, Range] = {
     "components": Range(int, 1),
     "dropout_p": Range(float, 0, 1, hi_open=True),
     "samples": Range(int, 0, 4096, note="0: no sample grid"),
+    # data (issue 12)
+    "test_fraction": Range(float, 0, 1, hi_open=True, note="0: no test set"),
+    "data_bits": Range(int, 1, 8),
     # eval / sample
     "k": Range(int, 1, note="1: the ELBO"),
     "max_batches": Range(int, 1),

@@ -96,12 +96,14 @@ def _points(records, key):
 
 
 def plot_training_curve(log, path, *, train_key: str = "train_bpd", test_key: str = "test_bpd",
-                        title: str | None = None, smooth: int = 0):
+                        title: str | None = None, smooth: int = 0, inverr_key: str = "val_inverr"):
     """PNG of train bits/dim against step (line) and test bits/dim (markers), if present.
 
     ``log``: a JSONL path or a list of dicts; records need ``step`` and ``train_key``
     and/or ``test_key`` (others, e.g. skipped steps, are ignored). ``smooth`` > 1 adds
-    a running mean over that many train points. Returns ``path``.
+    a running mean over that many train points. Records with ``inverr_key`` (the inverse
+    error max |y - f^-1(f(y))| logged beside the test bits/dim) are drawn on a second,
+    logarithmic y axis. Returns ``path``.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -125,7 +127,16 @@ def plot_training_curve(log, path, *, train_key: str = "train_bpd", test_key: st
     ax.set_xlabel("step")
     ax.set_ylabel("bits/dim")
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    inv = _points(records, inverr_key)
+    if len(inv):
+        ax2 = ax.twinx()
+        (h,) = ax2.plot(inv[:, 0], np.maximum(inv[:, 1], 1e-12), "s--", ms=4, color="tab:red",
+                        label="inverse error")
+        ax2.set_yscale("log")
+        ax2.set_ylabel("max |y - f^-1(f(y))|")
+        handles, labels = handles + [h], labels + ["inverse error"]
+    ax.legend(handles, labels)
     if title:
         ax.set_title(title)
     fig.tight_layout()

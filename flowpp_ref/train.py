@@ -44,7 +44,8 @@ import numpy as np
 from .backend import get_xp, make_rng, to_numpy
 from .checkpoint import load_checkpoint, save_checkpoint
 from .model import FlowPP
-from .optim import EMA, Adam, clip_scale, global_grad_norm_array, warmup_lr
+from .optim import EMA, Adam, clip_scale, global_grad_norm_array, warmup_lr  # noqa: F401
+from .schedules import learning_rate
 from .presets import ModelConfig, Preset, TrainConfig, get_preset
 from . import runfolder
 from .options import ConfigError, check_model_config, check_option, check_run_limits, check_train_config
@@ -92,6 +93,8 @@ def preset_from_config(d: dict) -> Preset:
     m = dict(d["model"])
     m["image_shape"] = tuple(m["image_shape"])
     m["stages"] = tuple(m["stages"])
+    if m.get("layout") is not None:
+        m["layout"] = tuple(tuple(s) for s in m["layout"])
     return Preset(d.get("preset", "custom"), ModelConfig(**m), TrainConfig(**d["train"]))
 
 
@@ -269,7 +272,7 @@ def train(preset, train_images, test_images=None, *, out_dir=None, steps=None, m
                 gnorm = global_grad_norm_array(grads)
                 ok = xp.isfinite(loss) & xp.isfinite(gnorm)      # a skipped step changes nothing (no host sync)
                 step += 1
-                lr = warmup_lr(step, tc.lr, tc.warmup_steps)
+                lr = learning_rate(step, tc)                  # warm-up, or a release schedule
                 adam.step(params, grads, lr, grad_scale=clip_scale(gnorm, tc.grad_clip), apply=ok)
                 ema.update(params, apply=ok)
                 pending.append((step, loss, gnorm, ok, lr))
@@ -312,7 +315,10 @@ def train(preset, train_images, test_images=None, *, out_dir=None, steps=None, m
             summary["test_bpd"] = evaluate(model, test_images, batch_size=tc.batch_size,
                                            max_batches=tc.eval_batches, seed=tc.seed,
                                            label=f"the test images at step {step}")["bpd"]
-        log.write({"step": step, "test_bpd": summary["test_bpd"]})
+            from .evaluation import inverse_error      # issue 12: the release's val_inverr monitor
+            summary["val_inverr"] = inverse_error(model, test_images, batch_size=tc.batch_size,
+                                                  max_batches=tc.eval_batches, seed=tc.seed)
+        log.write({"step": step, "test_bpd": summary["test_bpd"], "val_inverr": summary["val_inverr"]})
     log.close()
     summary["history"] = history
     if out_dir:
@@ -350,8 +356,9 @@ class use_ema:
         return False
 
 
-def evaluate(model, images, *, batch_size=64, max_batches=None, k=1, seed=0, label=None):
-    """Mean test bits/dim over (up to ``max_batches``; None: all) batches; k > 1: importance-sampled bound.
+def evaluate(model, images, *, batch_size=64, max_batches=None, k=1, seed=0, label=None, progress=False):
+    """Mean test bits/dim over (up to ``max_batches``; None: all) batches; k > 1: importance-sampled bound
+    (:func:`flowpp_ref.evaluation.evaluate_iw`, the release's evaluation, with a progress bar if ``progress``).
 
     Raises :class:`NonFiniteResult` naming the batch (and ``label``, e.g. the checkpoint)
     if any image's bits/dim is not finite: a result is a number or an error.
@@ -367,6 +374,15 @@ def evaluate(model, images, *, batch_size=64, max_batches=None, k=1, seed=0, lab
     if max_batches is not None:
         nb = min(nb, max_batches)
     rng = make_rng(int(seed) + 12345, model.xp)
+    if k > 1:   # issue 12: the release's k-sample bound, in passes of batch_size (image, sample) pairs
+        from .evaluation import evaluate_iw
+        r = evaluate_iw(model, images[:min(n, nb * batch_size)], k, rng=rng, rows=batch_size,
+                        progress=progress)
+        if not (np.isfinite(r["bpd"]) and np.isfinite(r["bpd_sem"])):
+            raise NonFiniteResult(
+                f"the {k}-sample bits/dim of {label or 'the evaluation'} is not finite ({r['bpd']}): the "
+                "parameters are broken; use an earlier checkpoint (checkpoint-prev.npz of the run folder)")
+        return r
     vals = []
     for i in range(nb):
         v = model.bits_per_dim(images[i * batch_size:(i + 1) * batch_size], rng=rng, k=k)

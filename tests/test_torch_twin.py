@@ -24,6 +24,10 @@ VARIANTS = {
     "affine-noattn": dict(coupling="affine", use_attention=False),
     "dropout": dict(dropout_p=0.3),                               # masks drawn from the shared generator
     "5bit": dict(n_bits=5),                                       # Rescale in the flow, x / 32 for the context
+    # the release's other launchers (issue 12)
+    "gated-nin": dict(mixer="gated-nin", dropout_p=0.3),          # abl_noattn.py's block in attention's slot
+    "imagenet64-style": dict(layout=(("s2d",), ("checker", 1), ("channel", 1)), use_pointwise=False,
+                             final_concat_elu=True, context_layernorm=True, dequant_attention=False),
 }
 
 

@@ -56,6 +56,7 @@ from flowpp_ref.bijections.coupling import LOGSCALE_MIN, AffineAttnCoupling, Mix
 from flowpp_ref.bijections.elementwise import IMG_LO, IMG_MAX
 from flowpp_ref.bijections.rescale import Rescale
 from flowpp_ref.dequantization import UniformDequantizer, VariationalDequantizer
+from flowpp_ref.nn.gated_nin import GatedNIN
 from flowpp_ref.nn.weightnorm import Conv2d
 
 LOG_2PI = math.log(2 * math.pi)
@@ -185,9 +186,21 @@ class TorchFlowPP(torch.nn.Module):
             h = self._gated_resnet(h, ctx, n + ".conv", blk.conv, train, rng)
             h = t_layernorm(h, self.P, n + ".ln1", blk.ln1.eps)
             if blk.use_attention:
-                h = self._attention(h, pos, n + ".attn", blk.attn, train, rng)
+                if isinstance(blk.attn, GatedNIN):                             # abl_noattn.py's block
+                    h = self._gated_nin(h, pos, n + ".attn", blk.attn, train, rng)
+                else:
+                    h = self._attention(h, pos, n + ".attn", blk.attn, train, rng)
                 h = t_layernorm(h, self.P, n + ".ln2", blk.ln2.eps)
+        if getattr(net, "final_concat_elu", False):                            # flows_imagenet/ output conv
+            h = t_concat_elu(h)
         return t_conv(h, self.P, name + ".proj_out", net.proj_out)
+
+    def _gated_nin(self, x, pos, name, layer, train, rng):
+        """abl_noattn.py: x + gate(proj2(dropout(max over triples of proj1(x + pos))))."""
+        B, H, W, F = x.shape
+        p = t_nin(x + pos[None], self.P, name + ".proj1").reshape(B, H, W, F, 3)
+        m = self._dropout(p.max(dim=-1).values, layer.dropout_p, train, rng)
+        return x + t_gate(t_nin(m, self.P, name + ".proj2"))
 
     def _context(self, xn, name, cnet, train, rng):
         """ContextNet: checkerboard halves of x/2^n concatenated, conv, gated resnets without context."""
@@ -195,6 +208,8 @@ class TorchFlowPP(torch.nn.Module):
         h = t_conv(torch.cat([a, b], dim=-1), self.P, name + ".proj", cnet.proj)
         for i, r in enumerate(cnet.resnets):
             h = self._gated_resnet(h, None, f"{name}.c{i}", r, train, rng)
+            if getattr(cnet, "norms", None) is not None:                       # deep_processor's dqln{i}
+                h = t_layernorm(h, self.P, f"{name}.dqln{i}", cnet.norms[i].eps)
         return h
 
     # -------------------------------------------------------------- couplings

@@ -57,7 +57,8 @@ class _AttnCoupling(Bijection):
     params_per_channel = 2
 
     def __init__(self, shape, filters, blocks, context_channels=None, use_attention=True, use_nin=True,
-                 dropout_p=0.0, init_scale_out=0.1, *, rng, xp=np, dtype=np.float32):
+                 dropout_p=0.0, init_scale_out=0.1, *, rng, xp=np, dtype=np.float32, mixer="attention",
+                 final_concat_elu=False):
         super().__init__()
         H, W, C = (int(s) for s in shape)
         self.shape = (H, W, C)
@@ -65,7 +66,7 @@ class _AttnCoupling(Bijection):
         self.net = self.add("net", ConditioningNetwork(
             (H, W, C), C * self.params_per_channel, filters, blocks, context_channels=context_channels,
             use_attention=use_attention, use_nin=use_nin, dropout_p=dropout_p, init_scale_out=init_scale_out,
-            rng=rng, xp=xp, dtype=dtype))
+            rng=rng, xp=xp, dtype=dtype, mixer=mixer, final_concat_elu=final_concat_elu))
 
     def _split_input(self, x, what):
         if not isinstance(x, tuple) or len(x) != 2:
@@ -117,7 +118,11 @@ class MixLogisticAttnCoupling(_AttnCoupling):
 
     def __init__(self, shape, filters, blocks, components, with_affine=True, context_channels=None,
                  use_attention=True, use_nin=True, dropout_p=0.0, inverse_method="hybrid", init_scale_out=0.1,
-                 *, rng, xp=np, dtype=np.float32):
+                 *, rng, xp=np, dtype=np.float32, mixer="attention", final_concat_elu=False, mixture_dtype=None):
+        # mixture_dtype (issue 12, --mixture-dtype float64): the mixture CDF/PDF, its inverse and
+        # backward run in that dtype inside an otherwise float32 model: inputs are cast up, results
+        # cast back (the release's launchers run the mixture in float32; at_least_float32 only lifts float16). Array-generic (astype), so the CuPy path is the same code; it has not run on a GPU.
+        self.mixture_dtype = None if mixture_dtype is None else np.dtype(mixture_dtype)
         if inverse_method not in ("hybrid", "bisection"):
             raise ValueError(f"inverse_method must be 'hybrid' or 'bisection', got {inverse_method!r}")
         self.components = int(components)
@@ -127,7 +132,8 @@ class MixLogisticAttnCoupling(_AttnCoupling):
         self.with_affine = bool(with_affine)
         self.inverse_method = inverse_method
         super().__init__(shape, filters, blocks, context_channels, use_attention, use_nin, dropout_p,
-                         init_scale_out, rng=rng, xp=xp, dtype=dtype)
+                         init_scale_out, rng=rng, xp=xp, dtype=dtype, mixer=mixer,
+                         final_concat_elu=final_concat_elu)
 
     # ------------------------------------------------------------- heads
     def _heads(self, raw5):
@@ -143,16 +149,31 @@ class MixLogisticAttnCoupling(_AttnCoupling):
         logscales = xp.maximum(lsc_raw, raw5.dtype.type(LOGSCALE_MIN))
         return a, b, logits, means, logscales, lsc_on
 
+    def _mix(self, dtype):
+        """The dtype of the mixture computation, or None when it is the model's."""
+        md = self.mixture_dtype
+        return None if md is None or md == dtype else md
+
     def _transform(self, e, raw5):
         a, b, logits, means, logscales, lsc_on = self._heads(raw5)
-        y_e, logdet, tcache = mixlogistic_coupling_forward(e, a, b, logits, means, logscales,
-                                                           with_affine=self.with_affine)
+        md = self._mix(e.dtype)
+        args = (e, a, b, logits, means, logscales)
+        if md is not None:                                   # cast up (the cache then holds these copies)
+            args = tuple(v.astype(md) for v in args)
+        y_e, logdet, tcache = mixlogistic_coupling_forward(*args, with_affine=self.with_affine)
+        if md is not None:
+            y_e, logdet = y_e.astype(e.dtype), logdet.astype(e.dtype)
         return y_e, logdet, dict(a=a, lsc_on=lsc_on, transform=tcache)
 
     def _head_backward(self, dy_e, dlogdet, cache):
         xp = array_module(dy_e)
         K = self.components
-        g = mixlogistic_coupling_backward(dy_e, dlogdet, cache["transform"])
+        md = self._mix(dy_e.dtype)
+        if md is not None:                                   # backward in the mixture dtype, then cast back
+            g = mixlogistic_coupling_backward(dy_e.astype(md), dlogdet.astype(md), cache["transform"])
+            g = {k: v.astype(dy_e.dtype) for k, v in g.items()}
+        else:
+            g = mixlogistic_coupling_backward(dy_e, dlogdet, cache["transform"])
         a = cache["a"]
         draw = xp.empty((*a.shape, self.params_per_channel), dtype=dy_e.dtype)
         if self.with_affine:
@@ -172,8 +193,13 @@ class MixLogisticAttnCoupling(_AttnCoupling):
         c, y_e = self._split_input(y, "inverse")
         raw, _ = self.net.forward(c, context)
         a, b, logits, means, logscales, _ = self._heads(self._raw(c, raw))
-        e, logdet_inv = mixlogistic_coupling_inverse(y_e, a, b, logits, means, logscales,
-                                                     with_affine=self.with_affine, method=self.inverse_method)
+        args = (y_e, a, b, logits, means, logscales)
+        md = self._mix(y_e.dtype)
+        if md is not None:
+            args = tuple(v.astype(md) for v in args)
+        e, logdet_inv = mixlogistic_coupling_inverse(*args, with_affine=self.with_affine, method=self.inverse_method)
+        if md is not None:
+            e, logdet_inv = e.astype(y_e.dtype), logdet_inv.astype(y_e.dtype)
         return (c, e), logdet_inv
 
     def __repr__(self):

@@ -7,6 +7,9 @@ Math (F = filters, pos_emb [H, W, F] shared by every block)::
         h = ln1(gated_resnet(h, context))
         h = ln2(attn(h, pos_emb))                    (skipped when use_attention=False)
     out = proj_out(h)                                conv3x3, F -> out_channels, init_scale 0.1
+                                                     (final_concat_elu: proj_out(concat_elu(h)), 2F -> out,
+                                                     as flows_imagenet/ and flows_celeba/; backward
+                                                     dh = concat_elu'(dL/d concat_elu(h)))
 
 Backward runs the blocks in reverse; the pos_emb gradient is the sum of every block's
 attention contribution, and the context gradient the sum of every gated resnet's::
@@ -18,8 +21,11 @@ Shapes: x ``[B, H, W, C]``, context ``[B, H, W, Cc]`` -> out ``[B, H, W, out_cha
 Cache: the list of sub-layer caches (see GatedResNet, LayerNorm, SelfAttention, Conv2d);
 nothing else is kept here.
 
-``use_attention=False`` is the paper's "no self-attention" ablation: the blocks are
-gated resnet + layer norm only, and there is no ``pos_emb`` parameter.
+``use_attention=False`` drops the attention slot: the blocks are gated resnet + layer
+norm only, and there is no ``pos_emb`` parameter. ``mixer="gated-nin"`` fills the slot
+with the release's no-attention ablation instead (``abl_noattn.py``: a gated pointwise
+maxout block with attention's parameter count, :class:`~flowpp_ref.nn.gated_nin.GatedNIN`;
+it reads ``pos_emb`` too).
 """
 from __future__ import annotations
 
@@ -28,7 +34,9 @@ import numpy as np
 from ..backend import asarray
 from ..module import Module, prefixed
 from ..validation import FlowInputError, check_array
+from .activations import concat_elu_backward, concat_elu_forward
 from .attention import SelfAttention
+from .gated_nin import GatedNIN
 from .layernorm import LayerNorm
 from .resnet import GatedResNet
 from .weightnorm import Conv2d, _host_rng
@@ -42,14 +50,19 @@ class NetworkBlock(Module):
     """
 
     def __init__(self, filters, context_channels=None, use_attention=True, use_nin=True, dropout_p=0.0,
-                 heads=4, *, rng, xp=np, dtype=np.float32):
+                 heads=4, *, rng, xp=np, dtype=np.float32, mixer="attention"):
         super().__init__()
         kw = dict(xp=xp, dtype=dtype)
         self.conv = self.add("conv", GatedResNet(filters, context_channels, use_nin, dropout_p, rng=rng, **kw))
         self.ln1 = self.add("ln1", LayerNorm(filters, **kw))
         self.use_attention = bool(use_attention)
         if self.use_attention:
-            self.attn = self.add("attn", SelfAttention(filters, heads, dropout_p, rng=rng, **kw))
+            if mixer == "gated-nin":      # abl_noattn.py: the gated pointwise block in attention's slot
+                self.attn = self.add("attn", GatedNIN(filters, dropout_p, rng=rng, **kw))
+            elif mixer == "attention":
+                self.attn = self.add("attn", SelfAttention(filters, heads, dropout_p, rng=rng, **kw))
+            else:
+                raise ValueError(f"mixer must be 'attention' or 'gated-nin', got {mixer!r}")
             self.ln2 = self.add("ln2", LayerNorm(filters, **kw))
 
     def forward(self, h, pos_emb, context=None, *, train=False, rng=None):
@@ -94,7 +107,8 @@ class ConditioningNetwork(Module):
     """
 
     def __init__(self, in_shape, out_channels, filters, blocks, context_channels=None, use_attention=True,
-                 use_nin=True, dropout_p=0.0, init_scale_out=0.1, heads=4, *, rng, xp=np, dtype=np.float32):
+                 use_nin=True, dropout_p=0.0, init_scale_out=0.1, heads=4, *, rng, xp=np, dtype=np.float32,
+                 mixer="attention", final_concat_elu=False):
         super().__init__()
         H, W, C = (int(s) for s in in_shape)
         self.in_shape = (H, W, C)
@@ -108,10 +122,12 @@ class ConditioningNetwork(Module):
         self.proj_in = self.add("proj_in", Conv2d(C, self.filters, 3, **kw))
         self.block_list = [
             self.add(f"block{i}", NetworkBlock(self.filters, self.context_channels, self.use_attention, use_nin,
-                                               dropout_p, heads, **kw))
+                                               dropout_p, heads, **kw, mixer=mixer))
             for i in range(self.blocks)]
-        self.proj_out = self.add("proj_out", Conv2d(self.filters, self.out_channels, 3,
-                                                    init_scale=init_scale_out, **kw))
+        # final_concat_elu (flows_imagenet/, flows_celeba/): proj_out reads concat_elu(h), 2F channels
+        self.final_concat_elu = bool(final_concat_elu)
+        self.proj_out = self.add("proj_out", Conv2d(self.filters * (2 if self.final_concat_elu else 1),
+                                                    self.out_channels, 3, init_scale=init_scale_out, **kw))
 
     def _check(self, x, context):
         check_array(x, "ConditioningNetwork input", ndim=4)
@@ -141,12 +157,17 @@ class ConditioningNetwork(Module):
         for blk in self.block_list:
             h, c = blk.forward(h, self._pos(), context, train=train, rng=rng)
             c_blocks.append(c)
+        c_ce = None
+        if self.final_concat_elu:
+            h, c_ce = concat_elu_forward(h)
         out, c_out = self.proj_out.forward(h)
-        return out, (c_in, c_blocks, c_out)
+        return out, (c_in, c_blocks, (c_ce, c_out))
 
     def backward(self, dout, cache):
-        c_in, c_blocks, c_out = cache
+        c_in, c_blocks, (c_ce, c_out) = cache
         dh, g = self.proj_out.backward(dout, c_out)
+        if self.final_concat_elu:
+            dh = concat_elu_backward(dh, c_ce)       # dL/dh from dL/dconcat_elu(h)
         grads = prefixed("proj_out", g)
         dpos = dctx = None
         for i in reversed(range(self.blocks)):
@@ -166,6 +187,8 @@ class ConditioningNetwork(Module):
         h = self.proj_in.data_init(x)
         for blk in self.block_list:
             h = blk.data_init(h, self._pos(), context)
+        if self.final_concat_elu:
+            h = concat_elu_forward(h)[0]
         return self.proj_out.data_init(h)
 
     def __repr__(self):

@@ -1,0 +1,90 @@
+"""The k-sample importance-weighted bound (issue 12), on a tiny float64 model."""
+import math
+
+import numpy as np
+import pytest
+
+from flowpp_ref.backend import make_rng
+from flowpp_ref.evaluation import importance_weighted_bpd, log_weight_passes
+from flowpp_ref.model import FlowPP
+from flowpp_ref.presets import get_preset
+from flowpp_ref.train import evaluate
+
+
+def _model_and_images(n=5):
+    p = get_preset("tiny")
+    model = FlowPP(p.model, seed=2, dtype=np.float64)
+    r = np.random.default_rng(0)
+    x = np.clip(r.integers(0, 256, size=(n, 1, 1, 3)) + r.integers(-20, 21, size=(n, 4, 4, 3)), 0, 255)
+    x = x.astype(np.uint8)
+    model.data_init(x, rng=make_rng(0))
+    return model, x
+
+
+@pytest.mark.parametrize("rows", [1, 4, 7, 64])        # passes inside one image, straddling images, all at once
+def test_bound_equals_a_direct_float64_computation(rows):
+    model, x = _model_and_images(3)
+    k = 5
+    got = importance_weighted_bpd(model, x, k, rng=make_rng(9), rows=rows)
+    # direct: the same noise stream, one (image, sample) pair at a time, image-major
+    rng = make_rng(9)
+    w = np.array([[float(model.elbo(model.prepare(x[i:i + 1]), rng=rng)[0][0]) for _ in range(k)]
+                  for i in range(len(x))])
+    logp = np.array([math.log(sum(math.exp(v - row.max()) for v in row)) + row.max() - math.log(k) for row in w])
+    np.testing.assert_allclose(got, -logp / (model.num_dims * math.log(2)), rtol=1e-10, atol=0)
+
+
+def test_bound_is_at_most_the_elbo():
+    model, x = _model_and_images(6)
+    k = 16
+    iw = importance_weighted_bpd(model, x, k, rng=make_rng(3), rows=10)
+    # the same samples: log-mean-exp >= mean, for every image
+    passes = list(log_weight_passes(model, x, k, rng=make_rng(3), rows=10))
+    img = np.concatenate([p[0] for p in passes])
+    np.testing.assert_array_equal(img, np.repeat(np.arange(len(x)), k))        # image-major pairs
+    w = np.concatenate([p[1] for p in passes]).reshape(len(x), k)
+    elbo_same = -w.mean(axis=1) / (model.num_dims * math.log(2))
+    assert np.all(iw <= elbo_same + 1e-12)
+    assert iw.mean() < elbo_same.mean()
+    # and against independently drawn ELBO samples, on average over the images
+    elbo = np.mean([model.bits_per_dim(x, rng=make_rng(100 + s)) for s in range(16)], axis=0)
+    assert iw.mean() <= elbo.mean()
+
+
+def test_evaluate_k_uses_the_batched_bound_and_reports_the_standard_error():
+    model, x = _model_and_images(4)
+    r = evaluate(model, x, batch_size=3, k=4, seed=0)
+    assert r["k"] == 4 and r["num_images"] == 4 and r["bpd_sem"] > 0
+    v = importance_weighted_bpd(model, x, 4, rng=make_rng(12345), rows=3)
+    assert r["bpd"] == pytest.approx(v.mean(), rel=1e-12)
+    assert r["bpd_sem"] == pytest.approx(v.std(ddof=1) / 2, rel=1e-12)
+
+
+def test_inverse_error_is_small_and_reacts_to_a_broken_inverse():
+    from flowpp_ref.evaluation import inverse_error
+    model, x = _model_and_images(4)
+    err = inverse_error(model, x, batch_size=3)
+    assert 0.0 <= err < 1e-6                      # float64 tiny model, hybrid inverse
+    coupling = next(f for f in model.flow.flows if type(f).__name__ == "MixLogisticAttnCoupling")
+    inv = coupling.inverse
+    coupling.inverse = lambda y, context=None: ((y[0], y[1] + 0.01), inv(y, context)[1])  # a wrong inverse
+    assert inverse_error(model, x, batch_size=3) > 1e-3
+
+
+def test_training_logs_val_inverr_with_the_test_bpd_and_plots_it(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from flowpp_ref.plotting import plot_training_curve
+    from flowpp_ref.train import train
+    _, x = _model_and_images(12)
+    s = train("tiny", x[:8], x[8:], out_dir=str(tmp_path), steps=2, progress=False)
+    assert 0.0 <= s["val_inverr"] < 1e-2              # float32
+    recs = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    last = [r for r in recs if "test_bpd" in r][-1]
+    assert last["val_inverr"] == s["val_inverr"]
+    a = plot_training_curve(recs, tmp_path / "with.png")
+    b = plot_training_curve([{k: v for k, v in r.items() if k != "val_inverr"} for r in recs],
+                            tmp_path / "without.png")
+    assert not np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
