@@ -29,7 +29,7 @@ return 0-d device arrays where NumPy returns scalars; dtype promotion of Python 
 the values and the launches of the CUDA kernels. Those need the GPU machine
 (``benchmarks/gpu_check.py``).
 
-The CUDA sources (every ``flowpp_ref.kernels`` module with a ``cuda_source()``) are
+The CUDA sources (every ``flowpp_ref.kernels`` module with an argument-free ``cuda_source()``) are
 compiled here too: with NVRTC, the compiler CuPy's ``RawModule`` uses (where libnvrtc can
 be loaded; it needs no GPU either), and with ``nvcc`` where it is on PATH.
 """
@@ -358,7 +358,9 @@ def _cuda_modules():
     mods = []
     for info in pkgutil.iter_modules(k.__path__):
         m = importlib.import_module(f"flowpp_ref.kernels.{info.name}")
-        if callable(getattr(m, "cuda_source", None)):
+        fn = getattr(m, "cuda_source", None)
+        if callable(fn) and not [p for p in inspect.signature(fn).parameters.values()
+                                 if p.default is p.empty]:   # cuda_build.cuda_source(text, entries) is the builder
             mods.append(m)
     return mods
 
@@ -401,3 +403,13 @@ def test_cuda_source_compiles_with_nvcc(mod, tmp_path):
     from cuda_host import nvcc_compile
     ok, err = nvcc_compile(mod.cuda_source(), tmp_path, mod.__name__.rsplit(".", 1)[1])
     assert ok, err
+
+
+def test_nvrtc_check_fails_on_a_broken_source():
+    nvrtc = _nvrtc()
+    if nvrtc is None:
+        pytest.skip("libnvrtc cannot be loaded (pip install nvidia-cuda-nvrtc, or a CUDA toolkit)")
+    prog = nvrtc.createProgram('extern "C" __global__ void k(float* x) { x[0] = no_such_fn(1.0f); }', "k.cu", [], [])
+    with pytest.raises(Exception):
+        nvrtc.compileProgram(prog, ["--std=c++11", "-arch=compute_90"])
+    assert "no_such_fn" in nvrtc.getProgramLog(prog)
