@@ -11,7 +11,7 @@ next stage runs anyway:
             numba, SciPy, PyTorch (and its CUDA) versions; ``nvcc --version``; ``nvidia-smi -L``.
 ``pytest``  ``pytest -m gpu tests/``: every test tests/conftest.py marks ``gpu`` (explicit
             marks, every ``cupy`` parametrisation, every test whose source mentions cupy,
-            gpu_available, nvcc or nvrtc), so new GPU tests join without editing this file.
+            gpu_available, nvcc, nvrtc or NCCL), so new GPU tests join without editing this file.
             Writes ``pytest.txt`` (the output, ``-rA``) and ``pytest_junit.xml``.
 ``bench``   ``benchmarks/bench_gpu.py --quick``: training step of ``small`` (B=64) and of one
             ``cifar10-paper`` coupling layer vs the PyTorch twins on CUDA, peak GPU memory,
@@ -48,9 +48,7 @@ on random images written in the official layout (or ``--data-dir``'s). Its figur
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
-import lzma
 import os
 import platform
 import shutil
@@ -64,9 +62,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 STAGES = ("env", "pytest", "bench", "train")
 MAX_FILES = 8
-# seconds per stage on the GPU machine (the train stage gets train_minutes * 60 + TRAIN_EXTRA_S)
+# seconds per stage on the GPU machine. The train stage's minutes are shortened so that it should end
+# TRAIN_RESERVE_S after them (loading, init, kernel compilation, evaluation, samples) within
+# --total-budget; it is killed only TRAIN_KILL_S after its minutes (its partial results are kept).
 BUDGETS = {"env": 40, "pytest": 100, "bench": 100}
-TRAIN_EXTRA_S = 50
+TRAIN_RESERVE_S = 60
+TRAIN_KILL_S = 120
 DRY_BUDGETS = {"env": 60, "pytest": 120, "bench": 180, "train": 180}
 
 
@@ -86,6 +87,8 @@ def read_cifar_batch(data_dir, name):
     from flowpp_ref.data import _read_cifar_batch
     path = _batch_file(data_dir, name)
     if path.endswith((".xz", ".gz")):
+        import gzip
+        import lzma     # imported here: a Python built without lzma still runs the other stages
         opener = lzma.open if path.endswith(".xz") else gzip.open
         with tempfile.TemporaryDirectory() as tmp, opener(path, "rb") as src:
             raw = os.path.join(tmp, name)
@@ -97,6 +100,7 @@ def read_cifar_batch(data_dir, name):
 
 def pack(src, dst, names=("data_batch_1", "test_batch")):
     """xz-compress the batches ``names`` of ``src`` into ``dst/cifar-10-batches-py/NAME.xz``."""
+    import lzma
     out = os.path.join(dst, "cifar-10-batches-py")
     os.makedirs(out, exist_ok=True)
     for name in names:
@@ -210,58 +214,67 @@ def stage_bench(ctx):
 
 
 def stage_train(ctx):
+    """Train, plot the curve, evaluate, sample; each finished part is saved as a partial result first."""
     import numpy as np
 
     from flowpp_ref.backend import make_rng
     from flowpp_ref.plotting import plot_training_curve, save_sample_grid
     from flowpp_ref.train import train, use_ema
     dry = ctx["dry_run"]
+    res = {"preset": "small"}
+
+    def partial(**kw):
+        res.update(kw)
+        if ctx.get("partial_path"):
+            with open(ctx["partial_path"] + ".tmp", "w") as f:
+                json.dump(res, f, indent=1, default=str)
+            os.replace(ctx["partial_path"] + ".tmp", ctx["partial_path"])
+
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = ctx.get("data_dir") or write_fake_cifar(os.path.join(tmp, "fake"))
         t0 = time.perf_counter()
         x_train = read_cifar_batch(data_dir, "data_batch_1")[0]
         x_test = read_cifar_batch(data_dir, "test_batch")[0]
-        t_load = time.perf_counter() - t0
-        backend = "numpy" if dry else "cupy"
+        backend = "numpy" if dry else ctx.get("backend", "cupy")
         minutes = ctx["train_minutes"]
+        partial(backend=backend, train_images=int(len(x_train)), batch_size=ctx["train_batch"],
+                minutes_budget=minutes, load_seconds=time.perf_counter() - t0)
         run_dir = os.path.join(tmp, "run")
+        log = os.path.join(run_dir, "log.jsonl")
         t0 = time.perf_counter()
         s = train("small", x_train, None, out_dir=run_dir, minutes=minutes, steps=2 if dry else None,
                   backend=backend, progress=False,
                   overrides={"batch_size": ctx["train_batch"], **({"init_batch_size": 8} if dry else {})})
-        t_train = time.perf_counter() - t0
+        hist = s["history"]
+        title = f"small on CIFAR-10 data_batch_1, {backend}, {minutes:.2g} min"
+        plot_training_curve(log, os.path.join(ctx["out"], "train_curve.png"), smooth=20, title=title)
+        partial(train_seconds=time.perf_counter() - t0, steps=s["steps"], skipped_steps=s["skipped_steps"],
+                num_parameters=s["num_parameters"], final_train_bpd=s["final_train_bpd"],
+                train_bpd_last100_mean=float(np.mean([h["train_bpd"] for h in hist[-100:]])) if hist else None,
+                img_per_s_last=hist[-1].get("img_per_s") if hist else None)
         model, ema = s["model"], s["ema"]
-        # test bits/dim of the EMA parameters: as many test images as fit in eval_seconds
-        eb = ctx["eval_batch"]
-        rng = make_rng(12345, model.xp)
-        vals, t0 = [], time.perf_counter()
         with use_ema(model, ema):
+            # test bits/dim of the EMA parameters: as many test images as fit in eval_seconds
+            eb, rng = ctx["eval_batch"], make_rng(12345, model.xp)
+            vals, t0 = [], time.perf_counter()
             for i in range(0, len(x_test), eb):
                 vals.append(model.bits_per_dim(x_test[i:i + eb], rng=rng))
                 if time.perf_counter() - t0 > ctx["eval_seconds"]:
                     break
-            t_eval = time.perf_counter() - t0
             v = np.concatenate(vals)
-            test_bpd = float(v.mean())
+            with open(log, "a") as f:
+                f.write(json.dumps({"step": s["steps"], "test_bpd": float(v.mean())}) + "\n")
+            plot_training_curve(log, os.path.join(ctx["out"], "train_curve.png"), smooth=20, title=title)
+            partial(test_bpd_ema=float(v.mean()), test_bpd_sem=float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1
+                    else None, test_images=int(len(v)), eval_seconds=time.perf_counter() - t0)
             n_samples = 4 if dry else 64
-            model.sample(min(8, n_samples), rng=make_rng(1, model.xp))          # warm-up
+            t0 = time.perf_counter()
+            model.sample(min(8, n_samples), rng=make_rng(1, model.xp))          # warm-up (kernel compilation)
+            t_warm = time.perf_counter() - t0
             imgs, t_sample = model.sample(n_samples, rng=make_rng(2, model.xp), return_time=True)
             _, t_sample8 = model.sample(8, rng=make_rng(3, model.xp), return_time=True)
-        log = os.path.join(run_dir, "log.jsonl")
-        with open(log, "a") as f:
-            f.write(json.dumps({"step": s["steps"], "test_bpd": test_bpd}) + "\n")
-        plot_training_curve(log, os.path.join(ctx["out"], "train_curve.png"), smooth=20,
-                            title=f"small on CIFAR-10 data_batch_1, {backend}, {minutes:g} min")
         save_sample_grid(imgs, os.path.join(ctx["out"], "samples.png"), nrow=8, scale=2)
-        hist = s["history"]
-        res = {"preset": "small", "backend": backend, "train_images": int(len(x_train)), "batch_size": ctx["train_batch"],
-               "minutes_budget": minutes, "train_seconds": t_train, "load_seconds": t_load, "steps": s["steps"],
-               "skipped_steps": s["skipped_steps"], "num_parameters": s["num_parameters"],
-               "final_train_bpd": s["final_train_bpd"],
-               "train_bpd_last100_mean": float(np.mean([h["train_bpd"] for h in hist[-100:]])) if hist else None,
-               "img_per_s_last": hist[-1].get("img_per_s") if hist else None,
-               "test_bpd_ema": test_bpd, "test_images": int(len(v)), "eval_seconds": t_eval,
-               "sample_seconds": {str(n_samples): t_sample, "8": t_sample8}}
+        partial(sample_seconds={str(n_samples): t_sample, "8": t_sample8, "first_call_warmup": t_warm})
         print(json.dumps(res, indent=1))
         return res
 
@@ -314,6 +327,10 @@ def run_stage(name, cmd, budget_s, log, result_path=None, cwd=ROOT):
             _kill_group(proc)
             rec.update(status="timeout", error=f"ran past its budget of {budget_s:.0f} s and was killed")
             rc = None
+            partial = (result_path or "") + ".partial"
+            if result_path and os.path.exists(partial):
+                with open(partial) as f:
+                    rec["result"] = json.load(f)       # what the stage had finished before the kill
         if rc is not None:
             res = None
             if result_path and os.path.exists(result_path):
@@ -353,13 +370,15 @@ def main(argv=None):
     ap.add_argument("--data-dir", default=None, help="CIFAR-10 folder: data_batch_1 and test_batch (raw/.xz/.gz)")
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     ap.add_argument("--dry-run", action="store_true", help="CPU only, tiny budgets: prove the plumbing")
-    ap.add_argument("--total-budget", type=float, default=470.0,
-                    help="seconds for all stages [470]; the train stage is shortened to fit")
+    ap.add_argument("--total-budget", type=float, default=450.0,
+                    help="seconds for all stages [450]; the train stage is shortened to fit")
     ap.add_argument("--train-minutes", type=float, default=4.0)
     ap.add_argument("--train-batch", type=int, default=64)
     ap.add_argument("--eval-batch", type=int, default=500)
     ap.add_argument("--eval-seconds", type=float, default=25.0)
     ap.add_argument("--pytest-args", default="", help="extra pytest arguments (one string)")
+    ap.add_argument("--backend", default="cupy", choices=["cupy", "numpy"],
+                    help="the train stage's backend [cupy]; numpy: a CPU rehearsal of the real train stage")
     ap.add_argument("--pack", nargs=2, metavar=("SRC", "DST"), help="xz-compress data_batch_1 and test_batch; exit")
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -383,15 +402,16 @@ def main(argv=None):
         for name in stages:
             ctx = {"out": out, "dry_run": a.dry_run, "data_dir": a.data_dir, "train_batch": 8 if a.dry_run else a.train_batch,
                    "eval_batch": 8 if a.dry_run else a.eval_batch, "eval_seconds": 1.0 if a.dry_run else a.eval_seconds,
-                   "pytest_args": a.pytest_args.split()}
+                   "pytest_args": a.pytest_args.split(), "backend": a.backend}
             left = a.total_budget - (time.perf_counter() - t_start)
             if name == "train":
-                minutes = min(a.train_minutes, max(0.25, (left - TRAIN_EXTRA_S) / 60))
+                minutes = min(a.train_minutes, max(0.25, (left - TRAIN_RESERVE_S) / 60))
                 ctx["train_minutes"] = 0.05 if a.dry_run else minutes
-                budget = DRY_BUDGETS["train"] if a.dry_run else ctx["train_minutes"] * 60 + TRAIN_EXTRA_S
+                budget = DRY_BUDGETS["train"] if a.dry_run else ctx["train_minutes"] * 60 + TRAIN_KILL_S
             else:
                 budget = DRY_BUDGETS[name] if a.dry_run else min(BUDGETS[name], max(left, 10))
             ctx_path, res_path = os.path.join(tmp, f"{name}.ctx.json"), os.path.join(tmp, f"{name}.res.json")
+            ctx["partial_path"] = res_path + ".partial"
             with open(ctx_path, "w") as f:
                 json.dump(ctx, f)
             print(f"[gpu_check] stage {name} (budget {budget:.0f} s) ...", flush=True)

@@ -56,8 +56,8 @@ def rng():
 # benchmarks/gpu_check.py runs `pytest -m gpu` on the GPU machine. Rather than relying on every
 # author remembering the marker, every test that touches CuPy/CUDA is marked here: an explicit
 # @pytest.mark.gpu, a "cupy" parameter (the xp fixture's cupy case, or any parametrisation with
-# the value "cupy"), or a test function whose source mentions cupy, gpu_available, nvcc or nvrtc.
-_GPU_SOURCE = re.compile(r"\bcupy\b|gpu_available|nvcc|nvrtc")
+# the value "cupy"), or a test function whose source mentions cupy, gpu_available, nvcc, nvrtc or NCCL.
+_GPU_SOURCE = re.compile(r"\bcupy\b|gpu_available|nvcc|nvrtc|(?i:nccl)")
 _source_hits = {}
 
 

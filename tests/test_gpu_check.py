@@ -38,6 +38,14 @@ def test_run_stage_records_failures_and_timeouts(tmp_path):
     assert "hello" in text and "stage c: timeout" in text
 
 
+def test_a_killed_stage_keeps_its_partial_result(tmp_path):
+    res = tmp_path / "res.json"
+    code = f"import json, time; json.dump({{'steps': 7}}, open({str(res) + '.partial'!r}, 'w')); time.sleep(60)"
+    with _log(tmp_path) as log:
+        rec = gc.run_stage("train", [sys.executable, "-c", code], 3.0, log, str(res))
+    assert rec["status"] == "timeout" and rec["result"] == {"steps": 7}
+
+
 def test_a_failing_stage_worker_is_recorded_not_raised(tmp_path, monkeypatch):
     def boom(ctx):
         raise ValueError("planted failure")
