@@ -41,6 +41,7 @@ workplace::
     bash benchmarks/gpu_check.sh --stages pytest,bench --data-dir ...   # rerun some stages
     python benchmarks/gpu_check.py --dry-run --out /tmp/gc              # CPU: the plumbing only
 
+``--backend numpy`` rehearses the real train stage on the CPU (slow: minutes per step there).
 ``--dry-run`` runs every stage on the CPU with tiny budgets: NumPy backend and PyTorch's CPU,
 ``pytest -m gpu`` on two test files, ``bench_gpu.py --dry-run``, 2 training steps of ``small``
 on random images written in the official layout (or ``--data-dir``'s). Its figures mean nothing.
