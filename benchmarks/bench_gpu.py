@@ -25,13 +25,24 @@ inverse CDF, quantisation, copy to the host) of batches of ``--sample-sizes`` im
 the first preset's model: min and median of ``--repeats`` calls after one warm-up call.
 The paper reports 0.32 s for 8 CIFAR-10 images on a 1080 Ti.
 
-Images: random uint8 by default, or the first training batch of ``--data-dir``
+Part 3 (``--coupling``, on in ``--quick``), one coupling layer of ``cifar10-paper``
+(``bench_coupling.py``'s ``cifar`` setting: halves [B, 32, 16, 3], filters 96, 10 blocks,
+K = 32, dropout 0.2): forward + backward of a random linear loss, flowpp_ref on CuPy vs
+``bench_coupling.py``'s PyTorch module on CUDA, same parameters (DDI on the host).
+
+Images: random uint8 by default, or ``data_batch_1`` of ``--data-dir``
 (``cifar-10-batches-py/``).
+
+``--quick`` (what ``benchmarks/gpu_check.py`` runs): ``small`` at batch 64, the cifar
+coupling at batch 64, sampling 8 and 64 images, 1 warm-up and 3 timed steps.
+``--dry-run``: the same plumbing on NumPy and PyTorch's CPU with ``tiny`` and the small
+coupling setting (proves the script runs; its figures mean nothing).
 
 Usage::
 
     python benchmarks/bench_gpu.py --out benchmarks/results/bench_gpu.json
-    python benchmarks/bench_gpu.py --presets small --batch 64 --repeats 3    # quick
+    python benchmarks/bench_gpu.py --quick --out bench.json
+    python benchmarks/bench_gpu.py --dry-run        # CPU only: the plumbing
 """
 from __future__ import annotations
 
@@ -65,45 +76,68 @@ def _run_worker(args):
 
 def _images(n, shape, data_dir, seed):
     import numpy as np
-    if data_dir:
-        from flowpp_ref.data import load_cifar10
-        x = load_cifar10(data_dir, "train")[0]
+    if data_dir and tuple(shape) == (32, 32, 3):
+        sys.path.insert(0, HERE)
+        from gpu_check import read_cifar_batch   # data_batch_1 alone (raw, .xz or .gz)
+        x = read_cifar_batch(data_dir, "data_batch_1")[0]
         return x[np.random.default_rng(seed).permutation(len(x))[:n]]
     return np.random.default_rng(seed).integers(0, 256, size=(n, *shape)).astype(np.uint8)
+
+
+def _xp(a):
+    from flowpp_ref.backend import get_xp
+    return get_xp(a.backend)
+
+
+def _sync(xp):
+    from flowpp_ref.backend import synchronize
+    synchronize(xp)
+
+
+def _peak_memory_mb(xp):
+    """CuPy: the memory pool's size (it keeps freed blocks, so its size is its peak); NumPy: peak RSS."""
+    from flowpp_ref.backend import is_cupy
+    if is_cupy(xp):
+        return xp.get_default_memory_pool().total_bytes() / 2 ** 20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10
 
 
 def _stats(times):
     return dict(min_s=min(times), median_s=statistics.median(times), times=times)
 
 
-class TorchCudaRNG:
-    """The two draws TorchFlowPP makes, from torch's CUDA generator (tensors on the device)."""
+class TorchDeviceRNG:
+    """The two draws TorchFlowPP makes, from torch's generator of ``device`` (tensors on the device)."""
 
-    def __init__(self, seed):
+    def __init__(self, seed, device="cuda"):
         import torch
-        self.torch = torch
-        self.gen = torch.Generator(device="cuda").manual_seed(seed)
+        self.torch, self.device = torch, device
+        self.gen = torch.Generator(device=device).manual_seed(seed)
 
     def random(self, shape, dtype=None):
-        return self.torch.rand(tuple(shape), generator=self.gen, device="cuda")
+        return self.torch.rand(tuple(shape), generator=self.gen, device=self.device)
 
     def standard_normal(self, shape, dtype=None):
-        return self.torch.randn(tuple(shape), generator=self.gen, device="cuda")
+        return self.torch.randn(tuple(shape), generator=self.gen, device=self.device)
+
+
+TorchCudaRNG = TorchDeviceRNG
 
 
 # ------------------------------------------------------------------ workers
 def worker_init(a):
-    import cupy
     import numpy as np
 
     from flowpp_ref.backend import make_rng, to_numpy
     from flowpp_ref.model import FlowPP
     from flowpp_ref.presets import get_preset
+    xp = _xp(a)
     p = get_preset(a.preset)
-    model = FlowPP(p.model, seed=0, xp=cupy, dtype=np.float32)
+    model = FlowPP(p.model, seed=0, xp=xp, dtype=np.float32)
     t0 = time.perf_counter()
-    model.data_init(_images(a.init_batch, p.model.image_shape, a.data_dir, 1), rng=make_rng(1, cupy))
-    cupy.cuda.get_current_stream().synchronize()
+    model.data_init(_images(a.init_batch, p.model.image_shape, a.data_dir, 1), rng=make_rng(1, xp))
+    _sync(xp)
     t_init = time.perf_counter() - t0
     np.savez(a.path, batch=_images(a.batch, p.model.image_shape, a.data_dir, 2),
              **{"p/" + k: to_numpy(v) for k, v in model.parameters().items()})
@@ -117,18 +151,20 @@ def _load(path):
 
 
 def worker_ours(a):
-    import cupy
     import numpy as np
 
-    from flowpp_ref.backend import make_rng
+    from flowpp_ref.backend import asarray, make_rng, to_numpy
     from flowpp_ref.model import FlowPP
     from flowpp_ref.presets import get_preset
+    xp = _xp(a)
     p = get_preset(a.preset)
     batch, params = _load(a.path)
-    model = FlowPP(p.model, seed=0, xp=cupy, dtype=np.float32)
-    model.load_parameters({k: cupy.asarray(v) for k, v in params.items()})
-    rng = make_rng(3, cupy)
-    sync = cupy.cuda.get_current_stream().synchronize
+    model = FlowPP(p.model, seed=0, xp=xp, dtype=np.float32)
+    model.load_parameters({k: asarray(v, xp) for k, v in params.items()})
+    rng = make_rng(3, xp)
+
+    def sync():
+        _sync(xp)
     times = []
     for i in range(a.warmup + a.repeats):
         sync()
@@ -138,13 +174,13 @@ def worker_ours(a):
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
         del grads
-    out = dict(step=_stats(times), loss=float(cupy.asnumpy(loss)),
-               peak_pool_mb=cupy.get_default_memory_pool().total_bytes() / 2 ** 20)
+    out = dict(step=_stats(times), loss=float(to_numpy(loss)), peak_pool_mb=_peak_memory_mb(xp),
+               backend=a.backend)
     if a.sample_sizes:
         samp = {}
         for n in (int(s) for s in a.sample_sizes.split(",")):
-            model.sample(n, rng=make_rng(4, cupy))          # warm-up (kernels compiled for this size)
-            ts = [model.sample(n, rng=make_rng(5 + r, cupy), return_time=True)[1] for r in range(a.repeats)]
+            model.sample(n, rng=make_rng(4, xp))          # warm-up (kernels compiled for this size)
+            ts = [model.sample(n, rng=make_rng(5 + r, xp), return_time=True)[1] for r in range(a.repeats)]
             samp[str(n)] = _stats(ts)
         out["sampling"] = samp
     return out
@@ -161,22 +197,95 @@ def worker_torch(a):
     batch, params = _load(a.path)
     host_model = FlowPP(p.model, seed=0, dtype=np.float32)
     host_model.load_parameters(params)
-    twin = TorchFlowPP(host_model, dtype=torch.float32, device="cuda").train()
-    rng = TorchCudaRNG(3)
+    dev = a.torch_device
+    cuda = dev.startswith("cuda")
+    twin = TorchFlowPP(host_model, dtype=torch.float32, device=dev).train()
+    rng = TorchDeviceRNG(3, dev)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     times = []
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     for i in range(a.warmup + a.repeats):
         twin.zero_grad()
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         loss = twin.loss(batch, rng=rng, train=True)
         loss.backward()
-        torch.cuda.synchronize()
+        sync()
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
     return dict(step=_stats(times), loss=float(loss.detach().cpu()),
-                peak_allocated_mb=torch.cuda.max_memory_allocated() / 2 ** 20,
-                torch=torch.__version__, device=torch.cuda.get_device_name())
+                peak_allocated_mb=(torch.cuda.max_memory_allocated() / 2 ** 20) if cuda else None,
+                torch=torch.__version__, device=torch.cuda.get_device_name() if cuda else "cpu")
+
+
+# ------------------------------------------------------------------ one coupling layer (part 3)
+def _coupling_cfg(name):
+    sys.path.insert(0, HERE)
+    import bench_coupling
+    return bench_coupling, bench_coupling.SETTINGS[name]
+
+
+def worker_coupling_init(a):
+    bc, _ = _coupling_cfg(a.setting)
+    bc.init_params(a.setting, a.batch, a.path)          # host: DDI on <= 32 inputs, parameters + inputs saved
+    return dict(setting=a.setting)
+
+
+def worker_coupling_ours(a):
+    import numpy as np
+
+    from flowpp_ref.backend import asarray
+    from flowpp_ref.bijections.coupling import MixLogisticAttnCoupling
+    bc, cfg = _coupling_cfg(a.setting)
+    xp = _xp(a)
+    params, c, e, dy_c, dy_e, dl = bc._load(a.path)
+    layer = MixLogisticAttnCoupling(cfg["shape"], cfg["filters"], cfg["blocks"], cfg["components"],
+                                    dropout_p=bc.DROPOUT, rng=np.random.default_rng(0), xp=xp, dtype=np.float32)
+    layer.load_parameters({k: asarray(v, xp) for k, v in params.items()})
+    c, e, dy_c, dy_e, dl = (asarray(v, xp) for v in (c, e, dy_c, dy_e, dl))
+    from flowpp_ref.backend import make_rng
+    rng = make_rng(1, xp)
+    times = []
+    for i in range(a.warmup + a.repeats):
+        _sync(xp)
+        t0 = time.perf_counter()
+        y, logdet, cache = layer.forward((c, e), train=True, rng=rng)
+        dx, _, grads = layer.backward((dy_c, dy_e), dl, cache)
+        _sync(xp)
+        if i >= a.warmup:
+            times.append(time.perf_counter() - t0)
+        del cache, grads, dx, y
+    return dict(step=_stats(times), peak_pool_mb=_peak_memory_mb(xp), backend=a.backend)
+
+
+def worker_coupling_torch(a):
+    import torch
+    bc, cfg = _coupling_cfg(a.setting)
+    dev = a.torch_device
+    cuda = dev.startswith("cuda")
+    params, c, e, dy_c, dy_e, dl = bc._load(a.path)
+    mod = bc._torch_module(params, cfg).to(dev).train()
+    tc = torch.from_numpy(c).to(dev).requires_grad_(True)
+    te = torch.from_numpy(e).to(dev).requires_grad_(True)
+    tdy_c, tdy_e, tdl = (torch.from_numpy(v).to(dev) for v in (dy_c, dy_e, dl))
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(a.warmup + a.repeats):
+        for p in mod.parameters():
+            p.grad = None
+        tc.grad = te.grad = None
+        sync()
+        t0 = time.perf_counter()
+        y_e, logdet = mod(tc, te)
+        ((tc * tdy_c).sum() + (y_e * tdy_e).sum() + (logdet * tdl).sum()).backward()
+        sync()
+        if i >= a.warmup:
+            times.append(time.perf_counter() - t0)
+    return dict(step=_stats(times), peak_allocated_mb=(torch.cuda.max_memory_allocated() / 2 ** 20) if cuda else None,
+                device=torch.cuda.get_device_name() if cuda else "cpu")
 
 
 # ------------------------------------------------------------------ driver
@@ -189,21 +298,40 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sample-sizes", default="8,64", help="sampling batch sizes (first preset); '' to skip")
     ap.add_argument("--data-dir", default=None, help="folder with cifar-10-batches-py/ (else random images)")
+    ap.add_argument("--coupling", default="", help="coupling settings of bench_coupling.py to time too (e.g. cifar)")
+    ap.add_argument("--coupling-batch", type=int, default=64)
+    ap.add_argument("--backend", default="cupy", choices=["cupy", "numpy"], help="flowpp_ref's backend [cupy]")
+    ap.add_argument("--torch-device", default="cuda", help="the PyTorch twin's device [cuda]")
+    ap.add_argument("--quick", action="store_true",
+                    help="small at B=64 + one cifar10-paper coupling layer, sampling 8 and 64, 1 warm-up + 3 steps")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="the plumbing on the CPU: NumPy + torch CPU, tiny preset, small coupling, B=4")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--preset", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--setting", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--path", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        print(json.dumps({"init": worker_init, "ours": worker_ours, "torch": worker_torch}[a.worker](a)))
+        workers = {"init": worker_init, "ours": worker_ours, "torch": worker_torch,
+                   "coupling_init": worker_coupling_init, "coupling_ours": worker_coupling_ours,
+                   "coupling_torch": worker_coupling_torch}
+        print(json.dumps(workers[a.worker](a)))
         return
+    if a.quick:
+        a.presets, a.batch, a.warmup, a.repeats, a.sample_sizes, a.coupling = "small", 64, 1, 3, "8,64", "cifar"
+    if a.dry_run:
+        a.presets, a.batch, a.init_batch, a.warmup, a.repeats, a.sample_sizes = "tiny", 4, 8, 1, 1, "2"
+        a.coupling, a.coupling_batch, a.backend, a.torch_device = "small", 4, "numpy", "cpu"
 
-    results = dict(batch=a.batch, repeats=a.repeats, warmup=a.warmup, dtype="float32", runs=[])
+    results = dict(batch=a.batch, repeats=a.repeats, warmup=a.warmup, dtype="float32", backend=a.backend,
+                   torch_device=a.torch_device, quick=a.quick, dry_run=a.dry_run, runs=[], coupling=[])
+    dev = ["--backend", a.backend, "--torch-device", a.torch_device]
     with tempfile.TemporaryDirectory() as tmp:
         for i, preset in enumerate(a.presets.split(",")):
             path = os.path.join(tmp, f"{preset}.npz")
             common = ["--preset", preset, "--path", path, "--batch", str(a.batch), "--init-batch", str(a.init_batch),
-                      "--warmup", str(a.warmup), "--repeats", str(a.repeats)] + (
+                      "--warmup", str(a.warmup), "--repeats", str(a.repeats), *dev] + (
                 ["--data-dir", a.data_dir] if a.data_dir else [])
             init = _run_worker(["--worker", "init", *common])
             ours = _run_worker(["--worker", "ours", *common, "--sample-sizes", a.sample_sizes if i == 0 else ""])
@@ -214,16 +342,32 @@ def main(argv=None):
             results["runs"].append(run)
             results.setdefault("device", twin["device"])
             print(f"[{preset}] B={a.batch} ({init['num_parameters']:,} parameters) on {twin['device']}")
-            print(f"  flowpp_ref (CuPy): step {ours['step']['min_s'] * 1e3:8.1f} ms (median "
+            print(f"  flowpp_ref ({a.backend:5s}): step {ours['step']['min_s'] * 1e3:8.1f} ms (median "
                   f"{ours['step']['median_s'] * 1e3:.1f}), peak pool {ours['peak_pool_mb']:.0f} MB, loss {ours['loss']:.4f}")
-            print(f"  PyTorch twin     : step {twin['step']['min_s'] * 1e3:8.1f} ms (median "
-                  f"{twin['step']['median_s'] * 1e3:.1f}), peak allocated {twin['peak_allocated_mb']:.0f} MB, "
+            print(f"  PyTorch twin      : step {twin['step']['min_s'] * 1e3:8.1f} ms (median "
+                  f"{twin['step']['median_s'] * 1e3:.1f}), peak allocated {twin['peak_allocated_mb'] or 0:.0f} MB, "
                   f"loss {twin['loss']:.4f}")
             print(f"  ratio ours / torch: {run['ratio_min']:.2f}x (min), {run['ratio_median']:.2f}x (median); "
                   f"target <= 1.5x")
             for n, s in ours.get("sampling", {}).items():
                 print(f"  sampling {n:>3s} images: {s['min_s']:.3f} s (median {s['median_s']:.3f})"
                       + ("; target < 0.1 s (paper: 0.32 s on a 1080 Ti)" if n == "8" else ""))
+        for setting in [c for c in a.coupling.split(",") if c]:
+            path = os.path.join(tmp, f"coupling-{setting}.npz")
+            common = ["--setting", setting, "--path", path, "--batch", str(a.coupling_batch),
+                      "--warmup", str(a.warmup), "--repeats", str(a.repeats), *dev]
+            _run_worker(["--worker", "coupling_init", *common])
+            ours = _run_worker(["--worker", "coupling_ours", *common])
+            twin = _run_worker(["--worker", "coupling_torch", *common])
+            run = dict(setting=setting, batch=a.coupling_batch, ours=ours, torch=twin,
+                       ratio_min=ours["step"]["min_s"] / twin["step"]["min_s"],
+                       ratio_median=ours["step"]["median_s"] / twin["step"]["median_s"])
+            results["coupling"].append(run)
+            results.setdefault("device", twin["device"])
+            print(f"[coupling {setting}] B={a.coupling_batch} on {twin['device']}: flowpp_ref "
+                  f"{ours['step']['min_s'] * 1e3:.1f} ms (peak pool {ours['peak_pool_mb']:.0f} MB), PyTorch "
+                  f"{twin['step']['min_s'] * 1e3:.1f} ms (peak {twin['peak_allocated_mb'] or 0:.0f} MB); "
+                  f"ratio {run['ratio_min']:.2f}x (min), {run['ratio_median']:.2f}x (median)")
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:

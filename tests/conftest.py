@@ -4,7 +4,9 @@ Tolerances (see STYLE.md's pitfalls):
 * float64: derivative checks (finite differences, rel. error) and round trips;
 * float32: round trips only, looser.
 """
+import inspect
 import os
+import re
 
 import numpy as np
 import pytest
@@ -48,3 +50,35 @@ def xp(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+# ------------------------------------------------------------ the GPU selection (pytest -m gpu)
+# benchmarks/gpu_check.py runs `pytest -m gpu` on the GPU machine. Rather than relying on every
+# author remembering the marker, every test that touches CuPy/CUDA is marked here: an explicit
+# @pytest.mark.gpu, a "cupy" parameter (the xp fixture's cupy case, or any parametrisation with
+# the value "cupy"), or a test function whose source mentions cupy, gpu_available, nvcc, nvrtc or NCCL.
+_GPU_SOURCE = re.compile(r"\bcupy\b|gpu_available|nvcc|nvrtc|(?i:nccl)")
+_source_hits = {}
+
+
+def touches_gpu(item) -> bool:
+    if item.get_closest_marker("gpu") is not None:
+        return True
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and any(isinstance(v, str) and v == "cupy" for v in callspec.params.values()):
+        return True
+    fn = getattr(item, "function", None)
+    if fn is None:
+        return False
+    if fn not in _source_hits:
+        try:
+            _source_hits[fn] = bool(_GPU_SOURCE.search(inspect.getsource(fn)))
+        except (OSError, TypeError):
+            _source_hits[fn] = False
+    return _source_hits[fn]
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if touches_gpu(item) and item.get_closest_marker("gpu") is None:
+            item.add_marker(pytest.mark.gpu)

@@ -274,3 +274,15 @@ def test_nin_matches_torch():
     nin = NIN(4, 6, rng=rng, dtype=np.float64)
     randomize(nin, rng)
     torch_check_layer(torch, nin, t_nin, rng.standard_normal((3, 4, 5, 4)))
+
+
+def test_conv2d_refuses_a_generator_without_normal():
+    """Parameters are drawn on the host: a CuPy-like Generator (no normal()) is refused by name, not crashed on."""
+    from flowpp_ref.nn.weightnorm import Conv2d
+
+    class DeviceLikeGenerator:          # cupy.random.Generator has random/standard_normal but no normal
+        def standard_normal(self, size=None, dtype=None):
+            raise AssertionError("not reached")
+
+    with pytest.raises(TypeError, match="normal"):
+        Conv2d(3, 4, 3, rng=DeviceLikeGenerator())

@@ -35,6 +35,7 @@ using std::fmin; using std::fmax; using std::sqrt;
 """
 TYPES = (("float", "f32"), ("double", "f64"))
 THREADS = 256
+RAWMODULE_OPTIONS = ("--std=c++11",)   # NVRTC options of every RawModule (tests compile with the same)
 
 
 def wrappers(entries: dict, kind: str) -> str:
@@ -83,7 +84,7 @@ class RawModuleCache:
     def module(self):
         if self._module is None:
             import cupy
-            self._module = cupy.RawModule(code=self._source_fn(), options=("--std=c++11",))
+            self._module = cupy.RawModule(code=self._source_fn(), options=RAWMODULE_OPTIONS)
         return self._module
 
     def launch(self, name: str, n: int, *args):

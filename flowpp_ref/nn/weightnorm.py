@@ -65,7 +65,12 @@ def _host_rng(rng):
         raise TypeError("rng is required: pass a seeded np.random.Generator (np.random.default_rng(seed))")
     if isinstance(rng, (int, np.integer)):
         return np.random.default_rng(int(rng))
-    return rng   # another Generator-like object (e.g. a CuPy Generator); its draws are moved by asarray
+    if not callable(getattr(rng, "normal", None)):
+        # e.g. a CuPy Generator: cupy.random.Generator has no normal() (CuPy 13/14), and the
+        # parameters are drawn on the host anyway, then moved by asarray
+        raise TypeError(f"rng must be a host np.random.Generator or an int seed (parameters are drawn on the "
+                        f"host), got {type(rng).__module__}.{type(rng).__name__}, which has no normal()")
+    return rng   # another Generator-like object with normal(); its draws are moved by asarray
 
 
 def _ddi_update(layer, out):
