@@ -175,8 +175,10 @@ def _run(fn, args) -> int:
             raise
         msg = str(e) if not isinstance(e, OSError) or not e.filename else \
             f"{e.filename}: {e.strerror or e}"
+        if isinstance(e, (UsageError, ConfigError, FlowInputError)):
+            e.coordinated = True                # functions of the options and data: every rank has it
         if comm is not None and not getattr(e, "coordinated", False):
-            e.args = (f"{' '.join(msg.split())}",)
-            raise                               # only this rank saw it: run() reports and aborts
+            from .distributed import abort_on_error
+            abort_on_error(comm, e, with_traceback=False)   # only this rank saw it: stop them all
         _say(rank, e, f"flowpp: error: {' '.join(msg.split())}")
         return 1 if isinstance(e, TrainingDiverged) else 2

@@ -397,7 +397,7 @@ def _report(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def abort_on_error(comm, exc: BaseException) -> None:
+def abort_on_error(comm, exc: BaseException, with_traceback: bool = True) -> None:
     """For an exception that only this rank saw: report it, then end every rank (MPI_Abort).
 
     Rank 0 reports at once; other ranks wait 2 s first, so that a failure common to all
@@ -405,9 +405,11 @@ def abort_on_error(comm, exc: BaseException) -> None:
     """
     if comm.size == 1 or getattr(exc, "coordinated", False):
         return
+    exc.coordinated = True                  # reported here; outer handlers must not report it again
     if comm.rank != 0:
         time.sleep(2.0)
     head = f"flowpp: error on rank {comm.rank} of {comm.size}: {type(exc).__name__}: {' '.join(str(exc).split())}"
-    tb = "" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "".join(traceback.format_exception(exc))
+    tb = "" if not with_traceback or isinstance(exc, (KeyboardInterrupt, SystemExit)) else \
+        "".join(traceback.format_exception(exc))
     _report(f"{head}\n{tb}flowpp: stopping every rank (MPI_Abort)")
     comm.abort(1)

@@ -421,8 +421,8 @@ def _reduced_step(model, images, idx, seed, step, comm, reducer, time_up, signum
             err.coordinated, err.rank_local = True, True
             err.flowpp_where = f"rank {comm.rank} of {comm.size}, step {step + 1}"
             raise err
-        e = dist.PeerFailed(f"{n_failed} of the {comm.size} processes failed in step {step + 1} (their error is "
-                            "reported above); every process stopped")
+        e = dist.PeerFailed(f"{n_failed} of the {comm.size} processes failed in step {step + 1} (the failing "
+                            "process reports its error); every process stopped")
         e.coordinated = True
         raise e
     sig = _signal.SIGTERM if flags[3] > 0.5 else _signal.SIGINT if flags[2] > 0.5 else None
