@@ -259,6 +259,7 @@ DRIVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_reliability_signal_in_a_subprocess_writes_a_checkpoint_and_says_how_to_resume(sig, status, tmp_path):
     driver = tmp_path / "driver.py"
