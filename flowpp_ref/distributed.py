@@ -15,7 +15,9 @@ Communicators (all with ``rank``, ``size``, ``local_rank``, ``allreduce(buf)``,
   stream; the NCCL unique id is broadcast over MPI; each process uses the GPU of its
   local rank (``local_rank % device_count``), selected before any CuPy allocation.
   Host (NumPy) buffers still go over MPI. **This class has never run**: the machine it
-  was written on has no GPU; it is in ``benchmarks/bench_gpu.py``'s to-do of GPU checks.
+  was written on has no GPU. Its check is ``tests/test_distributed.py::
+  test_nccl_communicator_and_cupy_training_match_one_process`` (marked ``gpu``, so a GPU
+  check running ``pytest -m gpu`` includes it).
 
 :func:`get_comm` picks one: ``kind="auto"`` (the default) detects a launch by
 ``mpiexec``/``mpirun``/``srun`` from the environment (``PMI_SIZE``/``PMI_RANK`` of MPICH's

@@ -8,6 +8,9 @@ Modes (made-up 4x4 images, the tiny preset, dropout on so that the per-image mas
   process), (6) sharded evaluation (k = 1 and k = 3) of (3)'s model. Rank 0 writes OUT/*.
 * ``cli OUT FAULT STEP ARGS...``: ``flowpp train ARGS`` (cli.main) with rank 1 made to
   ``raise`` / ``kill`` (SIGKILL) / ``hang`` in the step STEP (1-based); FAULT ``none``: no fault.
+* ``nccl OUT``: (GPU, never run so far) the NCCL communicator on CuPy buffers (all-reduce and
+  broadcast against their expected values), then 4 float64 training steps with ``--backend cupy``;
+  rank 0 writes OUT/nccl.json.
 """
 import json
 import os
@@ -99,10 +102,33 @@ def cli_run(out, fault, fault_step, argv):
     return cli.main(argv)
 
 
+def nccl_run(out):
+    import cupy
+    from flowpp_ref import distributed as dist
+    from flowpp_ref.train import train
+    comm = dist.get_comm("nccl", backend="cupy")
+    a = cupy.arange(10, dtype=cupy.float32) * (comm.rank + 1)
+    comm.allreduce(a)
+    want = np.arange(10) * sum(range(1, comm.size + 1))
+    b = cupy.full(5, float(comm.rank), dtype=cupy.float64)
+    comm.broadcast(b, root=0)
+    h = np.zeros(4)
+    h[comm.rank % 4] = 1.0
+    comm.allreduce(h)                                        # a host buffer goes over MPI
+    ok = bool(np.array_equal(cupy.asnumpy(a), want) and not cupy.asnumpy(b).any() and h.sum() == comm.size)
+    s = train("tiny", images(), steps=4, progress=False, overrides=OV, dtype=np.float64, backend="cupy", comm=comm)
+    if comm.rank == 0:
+        with open(os.path.join(out, "nccl.json"), "w") as f:
+            json.dump({"ok": ok, "size": comm.size, "device": comm.device,
+                       "losses": [r["train_bpd"] for r in s["history"]]}, f)
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     if mode == "suite":
         suite(out, sys.argv[3])
+    elif mode == "nccl":
+        nccl_run(out)
     elif mode == "cli":
         sys.exit(cli_run(out, sys.argv[3], int(sys.argv[4]), sys.argv[5:]))
     else:

@@ -276,3 +276,31 @@ def test_a_batch_that_does_not_divide_among_the_ranks_is_one_clear_error(tmp_pat
                   "7", "--out", str(tmp_path), timeout=120)
     assert r.returncode == 2, r.stdout + r.stderr
     assert r.stderr.count("--batch-size 7 (the global batch) does not divide among the 2 processes") == 1, r.stderr
+
+
+def _gpus():
+    try:
+        from flowpp_ref.backend import gpu_available
+        if not gpu_available():
+            return 0
+        import cupy
+        from cupy.cuda import nccl  # noqa: F401
+        return cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # noqa: BLE001 - no CuPy, no NCCL in this CuPy build, no driver
+        return 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(MPIEXEC is None, reason=f"needs MPI: {WHY}")
+@pytest.mark.skipif(_gpus() == 0, reason="needs CuPy with NCCL (cupy.cuda.nccl) and a CUDA device")
+def test_nccl_communicator_and_cupy_training_match_one_process(tmp_path):
+    """Never run so far (no GPU lent yet): min(2, GPUs) ranks, one GPU each."""
+    from flowpp_ref.train import train
+    n = min(2, _gpus())
+    r, _ = mpirun("nccl", str(tmp_path), n=n, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with open(tmp_path / "nccl.json") as f:
+        res = json.load(f)
+    assert res["ok"] and res["size"] == n
+    one = train("tiny", W.images(), steps=4, progress=False, overrides=W.OV, dtype=np.float64, backend="cupy")
+    np.testing.assert_allclose(res["losses"], [h["train_bpd"] for h in one["history"]], rtol=1e-10)
