@@ -83,6 +83,8 @@ def cli_run(out, fault, fault_step, argv):
     from flowpp_ref.distributed import launched_rank
     cli._load_data = lambda args, split: images(48, 0) if split == "train" else images(8, 1)
     rank = launched_rank()
+    with open(os.path.join(out, f"pid.{rank}"), "w") as f:     # for the signal test
+        f.write(str(os.getpid()))
     orig = model_mod.FlowPP.loss_and_grads
     calls = {"n": 0}
 

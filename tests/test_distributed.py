@@ -271,6 +271,32 @@ def test_a_hung_rank_is_stopped_by_the_timeout(tmp_path):
 
 
 @needs_mpi
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path):
+    import signal
+    e = dict(os.environ, PYTHONPATH=REPO, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    argv = [MPIEXEC, "-n", "2", sys.executable, os.path.join(HERE, "mpi_worker.py"), "cli", str(tmp_path), "none",
+            "0", *TRAIN[:4], "100000", *TRAIN[5:], "--out", str(tmp_path)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e, cwd=REPO)
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 120 and not (os.path.exists(tmp_path / "checkpoint.npz")
+                                                  and os.path.exists(tmp_path / "pid.1")):
+            time.sleep(0.2)
+        with open(tmp_path / "pid.1") as f:
+            os.kill(int(f.read()), signal.SIGTERM)                 # rank 1 only
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, out + err
+    assert err.count("flowpp: stopped: SIGTERM at step") == 1, err
+    step = _ckpt_step(tmp_path / "checkpoint.npz")
+    assert step == max(json.loads(line)["step"] for line in open(tmp_path / "log.jsonl"))
+    assert f"checkpoint written to {tmp_path / 'checkpoint.npz'} (step {step})" in err
+
+
+@needs_mpi
 def test_a_batch_that_does_not_divide_among_the_ranks_is_one_clear_error(tmp_path):
     r, _ = mpirun("cli", str(tmp_path), "none", "0", "train", "--preset", "tiny", "--steps", "2", "--batch-size",
                   "7", "--out", str(tmp_path), timeout=120)
