@@ -1,6 +1,10 @@
 """Command line: ``flowpp train | eval | sample | demo`` (also ``python -m flowpp_ref``).
 
-Run ``flowpp COMMAND --help`` for every option.
+Run ``flowpp COMMAND --help`` for every option (each numeric one with its range).
+Errors are one line ``flowpp: error: ...`` (exit 2; 1 for a diverged run; 130/143 when
+SIGINT/SIGTERM stopped a run after writing its checkpoint); ``--debug`` shows the
+traceback. The checks live in :mod:`flowpp_ref.cli_args`, the ranges in
+:mod:`flowpp_ref.options`.
 """
 from __future__ import annotations
 

@@ -363,10 +363,10 @@ def train(preset, train_images, test_images=None, *, out_dir=None, steps=None, m
         log.close()
         where = (f"checkpoint written to {ckpt_path} (step {step})" if wrote or state["good_ckpt"] == (ckpt_path, step)
                  else (last_good() if ckpt_path else "no out_dir, so no checkpoint"))
-        raise TrainingInterrupted(
-            f"{name} at step {step}: {where}. To continue, run the same command again (it resumes from the "
-            "checkpoint); add --no-resume to start afresh.", step=step,
-            checkpoint=state["good_ckpt"][0] if state["good_ckpt"] else None, signum=guard.requested)
+        how = ("To continue, run the same command again (it resumes from the checkpoint); add --no-resume to "
+               "start afresh." if ckpt_path else "Give out_dir= to make a run resumable.")
+        raise TrainingInterrupted(f"{name} at step {step}: {where}. {how}", step=step, signum=guard.requested,
+                                  checkpoint=state["good_ckpt"][0] if state["good_ckpt"] else None)
     summary = {"preset": p.name, "steps": step, "steps_run": steps_run, "skipped_steps": skipped,
                "final_train_bpd": history[-1]["train_bpd"] if history else None,
                "num_parameters": model.num_parameters(), "backend": backend}

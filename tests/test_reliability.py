@@ -299,6 +299,22 @@ def test_reliability_signal_in_a_subprocess_writes_a_checkpoint_and_says_how_to_
     assert log_steps(out) == list(range(1, step + 3))
 
 
+def test_reliability_signal_in_process_stops_after_the_step(tmp_path):
+    from flowpp_ref.runfolder import TrainingInterrupted
+    before = signal.getsignal(signal.SIGINT)
+
+    def interrupt_at_3(step, rec):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(TrainingInterrupted, match="SIGINT at step 3: checkpoint written") as e:
+        train("tiny", images(), out_dir=str(tmp_path), steps=50, progress=False, on_step=interrupt_at_3,
+              report=lambda m: None)
+    assert e.value.step == 3 and e.value.checkpoint == str(tmp_path / "checkpoint.npz")
+    assert load_checkpoint(e.value.checkpoint)["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is before                # the handler is put back
+    assert not (tmp_path / "summary.json").exists()
+
+
 # ----------------------------------------------------------------- found 7
 def test_reliability_resume_truncates_the_log_to_the_checkpoint(tmp_path, flowpp):
     out = tmp_path / "run"
