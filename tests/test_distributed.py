@@ -134,6 +134,23 @@ def test_flat_buffer_round_trip_and_digest():
     assert dist.parameter_digest(arrays) != d
 
 
+def test_parameters_that_differ_between_ranks_stop_the_run():
+    class TwoRanks(FakeComm):
+        """Rank 0 of 2; 'rank 1' contributes the digest of other arrays."""
+        def __init__(self, other):
+            super().__init__(0, 2)
+            self.other = int(dist.parameter_digest(other), 16)
+
+        def allreduce(self, buf):
+            buf[2], buf[3] = float(self.other >> 32), float(self.other & 0xFFFFFFFF)
+            return buf
+
+    a = {"w": np.arange(3.0)}
+    dist.check_same_parameters(TwoRanks({"w": np.arange(3.0)}), a, where="step 4")        # equal: silent
+    with pytest.raises(dist.ParameterMismatch, match=r"step 4: the parameters differ .*ranks \[0\].*ranks \[1\]"):
+        dist.check_same_parameters(TwoRanks({"w": np.arange(3.0) + 1e-12}), a, where="step 4")
+
+
 def test_one_process_needs_no_mpi_and_launches_are_detected():
     code = ("import sys; from flowpp_ref import distributed as d, train; c = d.get_comm(); "
             "assert c.size == 1 and type(c).__name__ == 'SingleComm', c; "
