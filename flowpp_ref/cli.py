@@ -122,6 +122,25 @@ def _add_data(p):
                    help="--data imagenet64: where the memory-mapped .npy copy is written [--data-dir]")
 
 
+def _add_distributed(p):
+    # --- data parallel (issue 11): see flowpp_ref/distributed.py ---
+    g = p.add_argument_group("data parallel (run under mpiexec -n N or srun)")
+    g.add_argument("--distributed", default=None, choices=["auto", "single", "mpi", "nccl"],
+                   help="communicator: 'auto' uses MPI (NCCL with --backend cupy) when started by mpiexec/srun "
+                        "with several processes [default: $FLOWPP_DISTRIBUTED or auto]")
+    g.add_argument("--comm-timeout", type=float, default=None,
+                   help="seconds a process waits for the others in one collective before it stops them all "
+                        "[default: $FLOWPP_COMM_TIMEOUT or 1800]")
+
+
+def _comm(args):
+    from . import distributed
+    t = getattr(args, "comm_timeout", None)
+    if t is not None and not t > 0:
+        raise UsageError(f"--comm-timeout must be > 0 seconds, got {t:g}")
+    return distributed.get_comm(getattr(args, "distributed", None), backend=args.backend, timeout=t)
+
+
 def build_parser():
     ap = argparse.ArgumentParser(prog="flowpp", description="Flow++ with hand-written derivatives: "
                                  "train, evaluate (bits/dim) and sample.")
@@ -163,6 +182,7 @@ def build_parser():
                    "(its checkpoints and log are then replaced)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_common(t)
+    _add_distributed(t)
 
     e = sub.add_parser("eval", help="bits/dim of a checkpoint on a test set (EMA parameters)")
     e.add_argument("checkpoint", help="path to checkpoint.npz")
@@ -175,6 +195,7 @@ def build_parser():
     e.add_argument("--max-batches", type=int, default=None, help="evaluate only this many batches [all]")
     e.add_argument("--out", default=None, help="write the result JSON here")
     _add_common(e)
+    _add_distributed(e)
 
     s = sub.add_parser("sample", help="draw samples from a checkpoint into a PNG grid")
     s.add_argument("checkpoint", help="path to checkpoint.npz")
@@ -197,16 +218,17 @@ def cmd_train(args, preset=None, data_kind=None):
     from .presets import get_preset
     preset = preset or args.preset
     ov = _overrides(args)
-    cli_args.check_train_args(args, preset, ov)            # before any work
+    comm = _comm(args)                                     # first: NCCL picks this process's GPU
+    cli_args.check_train_args(args, preset, ov, comm=comm)            # before any work
     train_x = _load_data(args, "train")
     shape = get_preset(preset, **ov).model.image_shape
     cli_args.check_images_fit(train_x.shape, shape, f"--preset {preset}", args.data)
     test_x = _load_data(args, "test")
     s = train(preset, train_x, test_x, out_dir=args.out, steps=args.steps, minutes=args.minutes,
               backend=args.backend, resume=not getattr(args, "no_resume", False),
-              progress=not getattr(args, "no_progress", False), overrides=ov)
-    if s.get("already_done") or not s.get("steps_run"):
-        return s                                            # train() said why; nothing written
+              progress=not getattr(args, "no_progress", False), overrides=ov, comm=comm)
+    if s.get("already_done") or not s.get("steps_run") or comm.rank != 0:
+        return s                                            # train() said why; nothing written (or not rank 0)
     model, ema = s["model"], s["ema"]
     plot_training_curve(os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "curve.png"))
     n = getattr(args, "samples", 64)
@@ -226,6 +248,7 @@ def cmd_train(args, preset=None, data_kind=None):
 
 def cmd_eval(args):
     from .train import evaluate, load_model
+    comm = _comm(args)
     model, p, _ = load_model(args.checkpoint, backend=args.backend)
     x = _load_data(args, "test")
     cli_args.check_images_fit(x.shape, p.model.image_shape, f"checkpoint {args.checkpoint}", args.data)
@@ -234,8 +257,10 @@ def cmd_eval(args):
         x = reduce_bits(x, p.model.n_bits)
     r = evaluate(model, x, batch_size=args.batch_size, max_batches=args.max_batches, k=args.k,
                  seed=args.seed or 0, progress=args.k > 1 and not args.no_progress,
-                 label=f"checkpoint {args.checkpoint} (EMA parameters) on --data {args.data}")
+                 label=f"checkpoint {args.checkpoint} (EMA parameters) on --data {args.data}", comm=comm)
     r["checkpoint"] = args.checkpoint
+    if comm.rank != 0:
+        return r
     text = json.dumps(r, indent=2, allow_nan=False)       # strict JSON: evaluate() refuses non-finite results
     print(text)
     if args.out:
@@ -245,6 +270,9 @@ def cmd_eval(args):
 
 
 def cmd_sample(args):
+    from .distributed import launched_rank
+    if launched_rank() != 0:                                # under mpiexec: rank 0 samples
+        return None
     from .backend import make_rng
     from .plotting import save_sample_grid
     from .train import load_model

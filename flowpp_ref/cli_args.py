@@ -72,17 +72,21 @@ def check_out_dir(out: str) -> None:
         raise UsageError(f"--out {out}: the folder is not writable")
 
 
-def check_train_args(args, preset_name: str, overrides: dict) -> None:
+def check_train_args(args, preset_name: str, overrides: dict, comm=None) -> None:
     """Everything about a train command that can be checked before loading data."""
     from .presets import get_preset
     from .runfolder import CKPT_NAME, read_checkpoint_step
     if args.steps is None and args.minutes is None:
         raise UsageError("give --steps or --minutes (or both)")
     try:
-        get_preset(preset_name, **overrides)
+        p = get_preset(preset_name, **overrides)
     except ValueError as e:
         raise UsageError(f"--preset {preset_name} with these options: {e}") from e
     ckpt = os.path.join(args.out, CKPT_NAME)
+    n = comm.size if comm is not None else 1
+    if n > 1 and p.train.batch_size % n and ("batch_size" in overrides or not os.path.isfile(ckpt)):
+        raise UsageError(f"--batch-size {p.train.batch_size} (the global batch) does not divide among the {n} "
+                         f"processes: each takes batch_size / {n} images; choose a multiple of {n}")
     if not getattr(args, "no_resume", False) and os.path.isfile(ckpt) and args.steps is not None:
         step = read_checkpoint_step(ckpt)
         if step >= args.steps:
@@ -110,20 +114,54 @@ def _library_errors():
     return CheckpointError, DataError, TrainingInterrupted, NonFiniteResult, TrainingDiverged, FlowInputError
 
 
+def _world():
+    """(rank, communicator or None) of a data-parallel run (issue 11); (0, None) for one process."""
+    from . import distributed
+    comm = next((c for c in distributed._WORLD.values() if c.size > 1), None)
+    return (comm.rank if comm is not None else distributed.launched_rank()), comm
+
+
 def run(fn, args) -> int:
-    """Run a subcommand; return its exit status, with library errors as one line on stderr."""
+    """Run a subcommand; return its exit status, with library errors as one line on stderr.
+
+    Under mpiexec (several processes): rank 0 prints the messages every rank shares; an
+    error of one rank's own step is printed by that rank; an error only one rank saw
+    outside the training step ends every rank (:func:`flowpp_ref.distributed.abort_on_error`).
+    """
+    try:
+        return _run(fn, args)
+    except BaseException as e:
+        rank, comm = _world()
+        if comm is not None:
+            from .distributed import abort_on_error
+            abort_on_error(comm, e)
+        raise
+
+
+def _say(rank, e, text, file=None):
+    if rank == 0 or getattr(e, "rank_local", False):
+        where = getattr(e, "flowpp_where", None)
+        if where:
+            text = text.replace("flowpp: error: ", f"flowpp: error ({where}): ", 1)
+        print(text, file=file or sys.stderr)
+
+
+def _run(fn, args) -> int:
     debug = getattr(args, "debug", False) or os.environ.get("FLOWPP_DEBUG", "") not in ("", "0")
     CheckpointError, DataError, TrainingInterrupted, NonFiniteResult, TrainingDiverged, FlowInputError = \
         _library_errors()
+    from .distributed import DistributedError
     try:
         fn(args)
         return 0
     except AlreadyDone as e:
-        print(f"flowpp: {e}")
+        e.coordinated = True                    # every rank reads the same checkpoint
+        _say(_world()[0], e, f"flowpp: {e}", file=sys.stdout)
         return 0
     except TrainingInterrupted as e:
         import signal
-        print(f"flowpp: stopped: {e}", file=sys.stderr)
+        e.coordinated = True
+        _say(_world()[0], e, f"flowpp: stopped: {e}")
         return 130 if e.signum == signal.SIGINT else 143
     except KeyboardInterrupt:
         if debug:
@@ -131,10 +169,16 @@ def run(fn, args) -> int:
         print("flowpp: interrupted", file=sys.stderr)
         return 130
     except (TrainingDiverged, UsageError, ConfigError, FlowInputError, DataError, CheckpointError,
-            NonFiniteResult, OSError) as e:
-        if debug:
+            NonFiniteResult, OSError, DistributedError) as e:
+        rank, comm = _world()
+        if debug and (rank == 0 or getattr(e, "rank_local", False)):
             raise
         msg = str(e) if not isinstance(e, OSError) or not e.filename else \
             f"{e.filename}: {e.strerror or e}"
-        print(f"flowpp: error: {' '.join(msg.split())}", file=sys.stderr)
+        if isinstance(e, (UsageError, ConfigError, FlowInputError)):
+            e.coordinated = True                # functions of the options and data: every rank has it
+        if comm is not None and not getattr(e, "coordinated", False):
+            from .distributed import abort_on_error
+            abort_on_error(comm, e, with_traceback=False)   # only this rank saw it: stop them all
+        _say(rank, e, f"flowpp: error: {' '.join(msg.split())}")
         return 1 if isinstance(e, TrainingDiverged) else 2

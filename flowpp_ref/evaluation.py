@@ -16,7 +16,9 @@ moved to the host and folded into a running log-sum-exp per image in float64::
     log P(x_i) = m_i + log s_i - log k
 
 so memory is O(images), not O(images x k). The standard error reported is that of
-the per-image bits/dim over the images.
+the per-image bits/dim over the images. Under data parallelism (issue 11) the passes are
+dealt round-robin over the ranks and the noise of each (image, sample) pair is keyed
+(:func:`iw_key`), so the bound is the same whatever the number of ranks or ``rows``.
 """
 from __future__ import annotations
 
@@ -27,33 +29,66 @@ import numpy as np
 from .backend import to_numpy
 
 
-def log_weight_passes(model, images, k: int, *, rng, rows: int = 64):
-    """Yield ``(image_index [r], log_weight float64 [r])`` pass by pass, image-major."""
+def iw_key(seed: int) -> int:
+    """The key of the k-sample bound's noise: pair (image i, sample j) draws from
+    ``KeyedRNG(iw_key(seed), [i * k + j])``, whatever pass or rank computes it."""
+    from .keyed_rng import key_of
+    return key_of(int(seed), 12345, -1)
+
+
+def log_weight_passes(model, images, k: int, *, rng=None, key=None, rows: int = 64, comm=None):
+    """Yield ``(image_index [r], log_weight float64 [r])`` pass by pass, image-major.
+
+    Noise: ``rng``, one generator read pass after pass (single process only), or ``key``:
+    pair p = i * k + j draws from :class:`~flowpp_ref.keyed_rng.KeyedRNG` ``(key, p)``, so
+    the numbers do not depend on ``rows`` or on the ranks. With ``comm`` of N ranks, pass
+    number t is computed by rank t mod N (the k samples of an image are spread over them).
+    """
     n = len(images)
     if k < 1 or rows < 1:
         raise ValueError(f"k and rows must be positive, got k={k}, rows={rows}")
+    if (rng is None) == (key is None):
+        raise ValueError("give exactly one of rng= (a generator) and key= (per-pair keyed noise)")
+    rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
+    if size > 1 and key is None:
+        raise ValueError("a sharded bound needs key=: one generator cannot be split over ranks reproducibly")
     total = n * k
-    for start in range(0, total, rows):
+    for t, start in enumerate(range(0, total, rows)):
+        if t % size != rank:
+            continue
         pairs = np.arange(start, min(start + rows, total))
         img = pairs // k
         lo, hi = int(img[0]), int(img[-1]) + 1
         xf = model.prepare(np.asarray(images[lo:hi]))                 # checked once per pass, on the host
         xp = model.xp
         x = xf[xp.asarray(img - lo)]                                  # the copies of each image
-        elbo, _ = model.elbo(x, rng=rng, train=False)
+        if key is not None:
+            from .keyed_rng import KeyedRNG
+            r = KeyedRNG(key, pairs, xp)
+        else:
+            r = rng
+        elbo, _ = model.elbo(x, rng=r, train=False)
         yield img, to_numpy(elbo).astype(np.float64)
 
 
-def importance_weighted_bpd(model, images, k: int, *, rng, rows: int = 64, progress: bool = False):
-    """Per-image bits/dim (float64 host array) of the k-sample importance-weighted bound."""
+def importance_weighted_bpd(model, images, k: int, *, rng=None, key=None, rows: int = 64, progress: bool = False,
+                            comm=None):
+    """Per-image bits/dim (float64 host array) of the k-sample importance-weighted bound.
+
+    With ``comm`` of N ranks each rank folds its own passes into (m_i, s_i); the ranks'
+    partial log-sum-exps l_r,i = m_r,i + log s_r,i (-inf where a rank saw no sample of
+    image i) travel in one all-reduce of an [N, images] array (rank r fills row r) and
+    log P(x_i) = logsumexp_r l_r,i - log k.
+    """
     n = len(images)
     m = np.full(n, -np.inf)
     s = np.zeros(n)
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=n * k, desc=f"eval k={k}", unit="sample", dynamic_ncols=True)
-    for img, w in log_weight_passes(model, images, k, rng=rng, rows=rows):
+        size = comm.size if comm is not None else 1
+        bar = tqdm(total=-(-n * k // size), desc=f"eval k={k}", unit="sample", dynamic_ncols=True)
+    for img, w in log_weight_passes(model, images, k, rng=rng, key=key, rows=rows, comm=comm):
         m_new = m.copy()
         np.maximum.at(m_new, img, w)
         touched = np.unique(img)
@@ -65,13 +100,22 @@ def importance_weighted_bpd(model, images, k: int, *, rng, rows: int = 64, progr
             bar.update(len(img))
     if bar is not None:
         bar.close()
-    logp = m + np.log(s) - math.log(k)
+    with np.errstate(divide="ignore"):
+        lse = m + np.log(s)                                           # -inf where this rank saw no sample
+    if comm is not None and comm.size > 1:
+        part = np.zeros((comm.size, n))
+        part[comm.rank] = lse
+        comm.allreduce(part)                                          # row r: rank r's partial log-sum-exp
+        top = part.max(axis=0)
+        with np.errstate(invalid="ignore"):
+            lse = top + np.log(np.exp(part - top).sum(axis=0))
+    logp = lse - math.log(k)
     return -logp / (model.num_dims * math.log(2.0))
 
 
-def evaluate_iw(model, images, k: int, *, rng, rows: int = 64, progress: bool = False):
+def evaluate_iw(model, images, k: int, *, rng=None, key=None, rows: int = 64, progress: bool = False, comm=None):
     """``{"bpd", "bpd_sem", "num_images", "k"}`` of the k-sample bound over ``images``."""
-    v = importance_weighted_bpd(model, images, k, rng=rng, rows=rows, progress=progress)
+    v = importance_weighted_bpd(model, images, k, rng=rng, key=key, rows=rows, progress=progress, comm=comm)
     return {"bpd": float(v.mean()), "bpd_sem": float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0,
             "num_images": int(len(v)), "k": int(k)}
 

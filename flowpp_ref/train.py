@@ -30,6 +30,21 @@ step, states (or refuses) options that differ from the checkpoint's, and returns
 once when the checkpoint is already at ``steps``. SIGINT/SIGTERM stop the loop after
 the current step, write a checkpoint and raise :class:`TrainingInterrupted`. Option
 ranges: :mod:`flowpp_ref.options`.
+
+Data parallel (:mod:`flowpp_ref.distributed`, issue 11): under ``mpiexec -n N`` (or
+with ``comm=``) each of the N processes computes the loss and gradients of its
+``batch_size / N`` images of the global batch; one all-reduce per step sums the
+gradients, the loss and two flags (a rank whose step raised; a rank that wants to stop:
+time budget or signal) in one flat buffer, and every rank applies the same clipping,
+Adam and EMA update. The dequantization noise and dropout masks of an image come from
+:class:`~flowpp_ref.keyed_rng.KeyedRNG` keyed by (seed, step, position in the global
+batch), so an N-process step equals the one-process step up to the rounding of the sum.
+The data-dependent init runs on the global init batch on every rank, then rank 0's
+parameters are broadcast; a resumed run loads the checkpoint on every rank. A hash of
+the parameters is compared across ranks at every checkpoint. Rank 0 alone writes the
+checkpoints, the log, summary.json and the progress bar. With N > 1 the time budget and
+signals stop the run after the step in which some rank noticed them (every rank stops at
+the same step).
 """
 from __future__ import annotations
 
@@ -48,6 +63,8 @@ from .optim import EMA, Adam, clip_scale, global_grad_norm_array, warmup_lr  # n
 from .schedules import learning_rate
 from .presets import ModelConfig, Preset, TrainConfig, get_preset
 from . import runfolder
+from . import distributed as dist
+from .keyed_rng import KeyedRNG, key_of
 from .options import ConfigError, check_model_config, check_option, check_run_limits, check_train_config
 from .runfolder import TrainingInterrupted  # noqa: F401  (re-exported)
 from .validation import check_pixels
@@ -67,6 +84,23 @@ class NonFiniteResult(ValueError):
 def step_rng(seed: int, step: int, xp=np):
     """The generator of step ``step``: a pure function of (seed, step)."""
     return make_rng(int(seed) * 1_000_003 + int(step) + 1, xp)
+
+
+def shard_loss_and_grads(model, images, idx, *, seed, step, comm, train=True):
+    """Loss and gradients of this rank's shard of the global batch ``images[idx]``.
+
+    Rank r takes positions ``r*b .. (r+1)*b - 1`` (b = len(idx) / size) and draws its
+    random numbers per position (:class:`~flowpp_ref.keyed_rng.KeyedRNG`, key (seed,
+    step)); summed over the ranks and divided by ``size``, loss and gradients are those
+    of the whole batch on one process.
+    """
+    n = len(idx)
+    if n % comm.size:
+        raise ConfigError(f"the batch of {n} images does not divide among {comm.size} processes")
+    b = n // comm.size
+    lo = comm.rank * b
+    rng = KeyedRNG(key_of(seed, step, 1), np.arange(lo, lo + b), model.xp)
+    return model.loss_and_grads(images[idx[lo:lo + b]], rng=rng, train=train)
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int):
@@ -118,7 +152,7 @@ class _Logger:
 
 
 def train(preset, train_images, test_images=None, *, out_dir=None, steps=None, minutes=None, backend="numpy",
-          resume=True, progress=True, overrides=None, dtype=np.float32, on_step=None, report=None):
+          resume=True, progress=True, overrides=None, dtype=np.float32, on_step=None, report=None, comm=None):
     """Train a Flow++ model; returns a summary dict (also written to ``out_dir/summary.json``).
 
     ``train_images``, ``test_images``: 8-bit pixels, an integer array (uint8) [N,H,W,C]
@@ -132,10 +166,16 @@ def train(preset, train_images, test_images=None, *, out_dir=None, steps=None, m
     :func:`flowpp_ref.runfolder.reconcile`. ``on_step(step, record)`` is called for every
     step that was not skipped, when its scalars are read back (every ``log_every``
     steps). ``report(message)`` receives the sentences about resuming, skipped
-    checkpoints and signals (default: print to stderr).
+    checkpoints and signals (default: print to stderr). ``comm``: a communicator of
+    :mod:`flowpp_ref.distributed` (default: :func:`~flowpp_ref.distributed.get_comm`,
+    a single process unless started by mpiexec/srun); ``batch_size`` is the global batch.
     """
     import sys
+    comm = dist.get_comm(backend=backend) if comm is None else comm
     say = report or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if comm.rank != 0:
+        say = lambda msg: None  # noqa: E731  (rank 0 reports)
+        progress = False
     p = _resolve(preset, overrides)
     check_run_limits(steps, minutes)
     check_train_config(p.train)
@@ -163,6 +203,10 @@ def train(preset, train_images, test_images=None, *, out_dir=None, steps=None, m
     for name, n_img in (("batch_size", len(train_images)), ("init_batch_size", len(train_images))):
         if getattr(tc, name) > n_img and (name == "batch_size" or ck is None):
             raise ConfigError(f"{name} {getattr(tc, name)} exceeds the {n_img} training images")
+    if tc.batch_size % comm.size:
+        raise ConfigError(f"--batch-size {tc.batch_size} (batch_size, the global batch) does not divide among the "
+                          f"{comm.size} processes: each takes batch_size / {comm.size} images; choose a multiple "
+                          f"of {comm.size}")
     if p.model.n_bits < 8:
         from .data import reduce_bits
         train_images = reduce_bits(train_images, p.model.n_bits)
@@ -170,6 +214,7 @@ def train(preset, train_images, test_images=None, *, out_dir=None, steps=None, m
 
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
+    if out_dir and comm.rank == 0:
         stale = runfolder.remove_stale_temporaries(out_dir)
         if stale:
             say(f"removed {len(stale)} temporary file(s) left by an interrupted write in {out_dir}: {', '.join(stale)}")
@@ -186,12 +231,17 @@ def train(preset, train_images, test_images=None, *, out_dir=None, steps=None, m
         idx = np.random.default_rng([tc.seed, 99]).permutation(len(train_images))[:tc.init_batch_size]
         model.data_init(train_images[idx], rng=step_rng(tc.seed, -1, xp))
         params = model.parameters()
+        dist.broadcast_arrays(comm, params)            # every rank starts from rank 0's init
         ema.load_state_dict({"decay": tc.ema_decay, "shadow": {k: v.copy() for k, v in params.items()}})
     check_x = train_images[np.random.default_rng([tc.seed, 98]).permutation(len(train_images))[:min(tc.batch_size, 16)]]
 
-    if out_dir:
+    dist.check_same_parameters(comm, params, where="after the init" if ck is None else f"after loading {ckpt_path}")
+    if out_dir and comm.rank == 0:
         runfolder.truncate_log(os.path.join(out_dir, "log.jsonl"), start)
-    log = _Logger(os.path.join(out_dir, "log.jsonl") if out_dir else None)
+    log = _Logger(os.path.join(out_dir, "log.jsonl") if out_dir and comm.rank == 0 else None)
+    reducer = None
+    if comm.size > 1:       # gradients + [loss, failed, time up, SIGINT, SIGTERM]: one all-reduce per step
+        reducer = dist.FlatBuffer({k: v.shape for k, v in params.items()}, 5, xp, dtype)
     history = []
     state = {"bad": 0, "skipped": 0, "good_ckpt": (ckpt_path, start) if ck is not None else None, "deferred": False}
     pending = []                    # (step, loss, grad norm, ok, lr) of steps not yet read back
@@ -226,9 +276,11 @@ def train(preset, train_images, test_images=None, *, out_dir=None, steps=None, m
                 if bar is not None:
                     bar.write(f"step {s}: non-finite loss/gradient ({loss_f}, {gnorm}); step skipped")
                 if state["bad"] >= tc.max_bad_steps:
-                    raise TrainingDiverged(
+                    e = TrainingDiverged(
                         f"{state['bad']} consecutive steps with a non-finite loss or gradient (last at step {s}); "
                         f"{last_good()}. Lower the learning rate (--lr) or check the data.")
+                    e.coordinated = True                # the same values on every rank
+                    raise e
                 continue
             state["bad"] = 0
             rec = {"step": s, "train_bpd": loss_f, "grad_norm": gnorm, "lr": lr}
@@ -253,22 +305,35 @@ def train(preset, train_images, test_images=None, *, out_dir=None, steps=None, m
             state["deferred"] = True
             return False
         nonlocal params
+        dist.check_same_parameters(comm, {**params, **{"ema/" + k: v for k, v in ema.shadow.items()}},
+                                   where=f"step {step}, before writing {ckpt_path}")
         bad = _check_batch_failure(model, ema, check_x, tc.seed, xp)
         params = model.parameters()              # use_ema put back copies: the loop must update those
         if bad:
-            raise TrainingDiverged(f"at step {step} the {bad} give a non-finite loss on the check batch, so no "
-                                   f"checkpoint was written; {last_good()}. Lower the learning rate (--lr).")
-        runfolder.keep_previous(ckpt_path)
-        _save(ckpt_path, model, adam, ema, step, p)
+            e = TrainingDiverged(f"at step {step} the {bad} give a non-finite loss on the check batch, so no "
+                                 f"checkpoint was written; {last_good()}. Lower the learning rate (--lr).")
+            e.coordinated = True
+            raise e
+        if comm.rank == 0:
+            runfolder.keep_previous(ckpt_path)
+            _save(ckpt_path, model, adam, ema, step, p)
         state["good_ckpt"], state["deferred"] = (ckpt_path, step), False
         return True
 
     guard = runfolder.InterruptGuard(say)
     try:
         with guard:
-            while step < total and time.perf_counter() < deadline and not guard.requested:
+            stop = False
+            while step < total and not stop and (reducer is not None or
+                                                 (time.perf_counter() < deadline and not guard.requested)):
                 idx = batch_indices(len(train_images), tc.batch_size, tc.seed, step)
-                loss, grads = model.loss_and_grads(train_images[idx], rng=step_rng(tc.seed, step, xp), train=True)
+                if reducer is None:
+                    loss, grads = shard_loss_and_grads(model, train_images, idx, seed=tc.seed, step=step, comm=comm)
+                else:
+                    loss, grads, stop, sig = _reduced_step(model, train_images, idx, tc.seed, step, comm, reducer,
+                                                           time.perf_counter() >= deadline, guard.requested)
+                    if sig:
+                        guard.requested = guard.requested or sig     # some rank got it: all stop as interrupted
                 gnorm = global_grad_norm_array(grads)
                 ok = xp.isfinite(loss) & xp.isfinite(gnorm)      # a skipped step changes nothing (no host sync)
                 step += 1
@@ -284,6 +349,9 @@ def train(preset, train_images, test_images=None, *, out_dir=None, steps=None, m
                 if due_ckpt:
                     checkpoint()
             flush()
+    except BaseException as e:
+        dist.abort_on_error(comm, e)          # an error only this rank saw: end every rank
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -314,19 +382,57 @@ def train(preset, train_images, test_images=None, *, out_dir=None, steps=None, m
         with use_ema(model, ema):
             summary["test_bpd"] = evaluate(model, test_images, batch_size=tc.batch_size,
                                            max_batches=tc.eval_batches, seed=tc.seed,
-                                           label=f"the test images at step {step}")["bpd"]
+                                           label=f"the test images at step {step}", comm=comm)["bpd"]
             from .evaluation import inverse_error      # issue 12: the release's val_inverr monitor
             summary["val_inverr"] = inverse_error(model, test_images, batch_size=tc.batch_size,
                                                   max_batches=tc.eval_batches, seed=tc.seed)
         log.write({"step": step, "test_bpd": summary["test_bpd"], "val_inverr": summary["val_inverr"]})
     log.close()
     summary["history"] = history
-    if out_dir:
+    if out_dir and comm.rank == 0:
         runfolder.atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(
             {k: v for k, v in summary.items() if k != "history"}, indent=2, allow_nan=False))
     summary["model"] = model
     summary["ema"] = ema
     return summary
+
+
+def _reduced_step(model, images, idx, seed, step, comm, reducer, time_up, signum):
+    """This rank's shard step, then one all-reduce of [gradients, loss, failed, time up, SIGINT, SIGTERM].
+
+    Returns the global (loss, gradients, stop, signal number or None): stop when some
+    rank's time budget ran out or some rank received SIGINT/SIGTERM. A rank whose step raised contributes
+    zeros and failed = 1: every rank then raises together (that rank its own error,
+    marked rank-local so it is reported; the others :class:`~flowpp_ref.distributed.PeerFailed`).
+    """
+    import signal as _signal
+    xp = model.xp
+    err = None
+    ctl = [0.0, float(bool(time_up)), float(signum == _signal.SIGINT), float(signum == _signal.SIGTERM)]
+    try:
+        loss, grads = shard_loss_and_grads(model, images, idx, seed=seed, step=step, comm=comm)
+        reducer.pack(grads, xp.concatenate([xp.asarray(loss, dtype=reducer.data.dtype).reshape(1),
+                                            xp.asarray(ctl, dtype=reducer.data.dtype)]))
+    except Exception as e:  # noqa: BLE001 - reported below, after the others know
+        err = e
+        ctl[0] = 1.0
+        reducer.pack(None, [0.0] + ctl)
+    comm.allreduce(reducer.data)
+    reducer.data *= reducer.data.dtype.type(1.0 / comm.size)     # the mean over equal shards
+    g, extra = reducer.unpack()
+    flags = to_numpy(extra[1:]).astype(np.float64) * comm.size   # one host read of 4 scalars per step
+    if flags[0] > 0:
+        n_failed = int(round(flags[0]))
+        if err is not None:
+            err.coordinated, err.rank_local = True, True
+            err.flowpp_where = f"rank {comm.rank} of {comm.size}, step {step + 1}"
+            raise err
+        e = dist.PeerFailed(f"{n_failed} of the {comm.size} processes failed in step {step + 1} (the failing "
+                            "process reports its error); every process stopped")
+        e.coordinated = True
+        raise e
+    sig = _signal.SIGTERM if flags[3] > 0.5 else _signal.SIGINT if flags[2] > 0.5 else None
+    return extra[0].copy(), g, bool(flags[1] > 0.5 or sig), sig   # (the buffer is reused next step)
 
 
 def _check_batch_failure(model, ema, check_x, seed, xp):
@@ -356,16 +462,28 @@ class use_ema:
         return False
 
 
-def evaluate(model, images, *, batch_size=64, max_batches=None, k=1, seed=0, label=None, progress=False):
-    """Mean test bits/dim over (up to ``max_batches``; None: all) batches; k > 1: importance-sampled bound
-    (:func:`flowpp_ref.evaluation.evaluate_iw`, the release's evaluation, with a progress bar if ``progress``).
+def evaluate(model, images, *, batch_size=64, max_batches=None, k=1, seed=0, label=None, progress=False,
+             comm=None):
+    """Mean test bits/dim over (up to ``max_batches``; None: all) batches; k > 1: the release's
+    importance-sampled bound (:func:`flowpp_ref.evaluation.evaluate_iw`: passes of ``batch_size``
+    (image, sample) pairs, float64 log-sum-exp, a progress bar on rank 0 if ``progress``).
+
+    The random numbers of sample j of image i come from a :class:`~flowpp_ref.keyed_rng.KeyedRNG`
+    keyed by (seed, j) and i, so the result does not depend on how the work is split:
+    with ``comm`` (default: :func:`flowpp_ref.distributed.get_comm`) of N ranks the
+    (batch, sample) pairs are dealt round-robin over the ranks (so the k samples of the
+    bound are spread over them too) and the log-weights summed in one all-reduce.
 
     Raises :class:`NonFiniteResult` naming the batch (and ``label``, e.g. the checkpoint)
     if any image's bits/dim is not finite: a result is a number or an error.
     """
+    from .backend import is_cupy
+    from .objective import importance_sampled_log_prob
     check_option("batch_size", batch_size)
     check_option("max_batches", max_batches, none_ok=True)
     check_option("k", k)
+    if comm is None:
+        comm = dist.get_comm(backend="cupy" if is_cupy(model.xp) else "numpy")
     images = np.asarray(images)
     n = len(images)
     if n == 0:
@@ -373,26 +491,33 @@ def evaluate(model, images, *, batch_size=64, max_batches=None, k=1, seed=0, lab
     nb = math.ceil(n / batch_size)
     if max_batches is not None:
         nb = min(nb, max_batches)
-    rng = make_rng(int(seed) + 12345, model.xp)
-    if k > 1:   # issue 12: the release's k-sample bound, in passes of batch_size (image, sample) pairs
-        from .evaluation import evaluate_iw
-        r = evaluate_iw(model, images[:min(n, nb * batch_size)], k, rng=rng, rows=batch_size,
-                        progress=progress)
+    m = min(n, nb * batch_size)
+    if k > 1:   # issue 12: the release's k-sample bound; issue 11: its passes spread over the ranks
+        from .evaluation import evaluate_iw, iw_key
+        r = evaluate_iw(model, images[:m], k, key=iw_key(seed), rows=batch_size,
+                        progress=progress and comm.rank == 0, comm=comm)
         if not (np.isfinite(r["bpd"]) and np.isfinite(r["bpd_sem"])):
             raise NonFiniteResult(
                 f"the {k}-sample bits/dim of {label or 'the evaluation'} is not finite ({r['bpd']}): the "
                 "parameters are broken; use an earlier checkpoint (checkpoint-prev.npz of the run folder)")
         return r
-    vals = []
+    logw = np.zeros((k, m), dtype=np.float64)          # log-weights (ELBO samples), nats
+    for unit in range(comm.rank, nb * k, comm.size):
+        i, j = divmod(unit, k)
+        lo, hi = i * batch_size, min((i + 1) * batch_size, m)
+        rng = KeyedRNG(key_of(seed, 12345, j), np.arange(lo, hi), model.xp)
+        elbo, _ = model.elbo(model.prepare(images[lo:hi]), rng=rng, train=False)
+        logw[j, lo:hi] = to_numpy(elbo).astype(np.float64)
+    comm.allreduce(logw)
+    logp = importance_sampled_log_prob(logw) if k > 1 else logw[0]
+    v = -logp / (model.num_dims * math.log(2.0))
     for i in range(nb):
-        v = model.bits_per_dim(images[i * batch_size:(i + 1) * batch_size], rng=rng, k=k)
-        if not np.isfinite(v).all():
+        vb = v[i * batch_size:(i + 1) * batch_size]
+        if not np.isfinite(vb).all():
             raise NonFiniteResult(
-                f"bits/dim is not finite for {int((~np.isfinite(v)).sum())} of the {len(v)} images of batch {i} "
-                f"(images {i * batch_size}..{i * batch_size + len(v) - 1}) of {label or 'the evaluation'}: the "
+                f"bits/dim is not finite for {int((~np.isfinite(vb)).sum())} of the {len(vb)} images of batch {i} "
+                f"(images {i * batch_size}..{i * batch_size + len(vb) - 1}) of {label or 'the evaluation'}: the "
                 "parameters are broken; use an earlier checkpoint (checkpoint-prev.npz of the run folder)")
-        vals.append(v)
-    v = np.concatenate(vals)
     return {"bpd": float(v.mean()), "bpd_sem": float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0,
             "num_images": int(len(v)), "k": int(k)}
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from flowpp_ref.backend import make_rng
-from flowpp_ref.evaluation import importance_weighted_bpd, log_weight_passes
+from flowpp_ref.evaluation import importance_weighted_bpd, iw_key, log_weight_passes
 from flowpp_ref.model import FlowPP
 from flowpp_ref.presets import get_preset
 from flowpp_ref.train import evaluate
@@ -55,9 +55,35 @@ def test_evaluate_k_uses_the_batched_bound_and_reports_the_standard_error():
     model, x = _model_and_images(4)
     r = evaluate(model, x, batch_size=3, k=4, seed=0)
     assert r["k"] == 4 and r["num_images"] == 4 and r["bpd_sem"] > 0
-    v = importance_weighted_bpd(model, x, 4, rng=make_rng(12345), rows=3)
+    v = importance_weighted_bpd(model, x, 4, key=iw_key(0), rows=3)
     assert r["bpd"] == pytest.approx(v.mean(), rel=1e-12)
     assert r["bpd_sem"] == pytest.approx(v.std(ddof=1) / 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_keyed_bound_does_not_depend_on_the_passes_nor_on_the_ranks(rows):
+    """Keyed noise: the same bound for any pass size, and for the passes dealt over 3 'ranks'
+    (a fake communicator that sums the ranks' buffers as an all-reduce would)."""
+    model, x = _model_and_images(4)
+    ref = importance_weighted_bpd(model, x, 6, key=iw_key(3), rows=4)
+    np.testing.assert_allclose(importance_weighted_bpd(model, x, 6, key=iw_key(3), rows=rows), ref, rtol=1e-12)
+
+    class Rank:
+        def __init__(self, r, parts):
+            self.rank, self.size, self.parts = r, 3, parts
+
+        def allreduce(self, buf):           # called once per rank, in rank order, after its passes
+            self.parts.append(buf.copy())
+            if len(self.parts) == self.size:
+                buf[...] = sum(self.parts)
+            return buf
+
+    parts, out = [], []
+    for r in range(3):                      # ranks 0, 1 finish first; rank 2's call completes the sum
+        out.append(importance_weighted_bpd(model, x, 6, key=iw_key(3), rows=rows, comm=Rank(r, parts)))
+    np.testing.assert_allclose(out[-1], ref, rtol=1e-12)
+    with pytest.raises(ValueError, match="key="):
+        importance_weighted_bpd(model, x, 6, rng=make_rng(0), rows=rows, comm=Rank(0, []))
 
 
 def test_inverse_error_is_small_and_reacts_to_a_broken_inverse():
