@@ -211,6 +211,22 @@ def build_parser():
     return cli_args.apply_ranges(ap)
 
 
+def _fit_default(args, x, shape, say=False):
+    """``--data default`` for a preset of smaller images (``tiny``: 4x4x3): the embedded 32x32
+    images block-averaged to the preset's size (:func:`flowpp_ref.data.block_average`), said
+    once. Any other data set, or a size that is no whole divisor of 32, is left as it is
+    (and refused by the shape check that follows)."""
+    from .data import block_average
+    h, w, c = shape
+    if (args.data != "default" or x is None or tuple(x.shape[1:]) == tuple(shape) or c != x.shape[3]
+            or h >= x.shape[1] or x.shape[1] % h or x.shape[2] % w):
+        return x
+    if say:
+        print(f"--data default at {h}x{w}: the embedded {x.shape[1]}x{x.shape[2]} images averaged over "
+              f"{x.shape[1] // h}x{x.shape[2] // w} blocks (the preset's image size)")
+    return block_average(x, (h, w))
+
+
 def cmd_train(args, preset=None, data_kind=None):
     from .plotting import plot_training_curve, save_sample_grid
     from .train import train, use_ema
@@ -220,10 +236,10 @@ def cmd_train(args, preset=None, data_kind=None):
     ov = _overrides(args)
     comm = _comm(args)                                     # first: NCCL picks this process's GPU
     cli_args.check_train_args(args, preset, ov, comm=comm)            # before any work
-    train_x = _load_data(args, "train")
     shape = get_preset(preset, **ov).model.image_shape
+    train_x = _fit_default(args, _load_data(args, "train"), shape, say=comm.rank == 0)
     cli_args.check_images_fit(train_x.shape, shape, f"--preset {preset}", args.data)
-    test_x = _load_data(args, "test")
+    test_x = _fit_default(args, _load_data(args, "test"), shape)
     s = train(preset, train_x, test_x, out_dir=args.out, steps=args.steps, minutes=args.minutes,
               backend=args.backend, resume=not getattr(args, "no_resume", False),
               progress=not getattr(args, "no_progress", False), overrides=ov, comm=comm)
@@ -251,6 +267,7 @@ def cmd_eval(args):
     comm = _comm(args)
     model, p, _ = load_model(args.checkpoint, backend=args.backend)
     x = _load_data(args, "test")
+    x = _fit_default(args, x, p.model.image_shape)
     cli_args.check_images_fit(x.shape, p.model.image_shape, f"checkpoint {args.checkpoint}", args.data)
     if p.model.n_bits < 8:
         from .data import reduce_bits

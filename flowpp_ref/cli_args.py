@@ -100,8 +100,9 @@ def check_images_fit(shape, image_shape, what: str, data: str) -> None:
     if tuple(shape[1:]) != tuple(image_shape):
         h, w, c = image_shape
         raise UsageError(f"{what} takes {h}x{w}x{c} images but --data {data} holds "
-                         f"{'x'.join(map(str, shape[1:]))} images. The 'tiny' preset is for tests on "
-                         "4x4 images from Python; with this data use --preset small or a paper preset.")
+                         f"{'x'.join(map(str, shape[1:]))} images: use a preset made for that image size "
+                         "(--preset small or a paper preset for 32x32 images; only --data default is "
+                         "averaged down to a smaller preset such as tiny).")
 
 
 # ------------------------------------------------------------------ errors

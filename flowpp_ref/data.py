@@ -324,6 +324,24 @@ def load_default_dataset(split: str = "train"):
     return images.copy(), labels.copy()
 
 
+def block_average(images, out_hw):
+    """uint8 ``[N, H, W, C]`` -> uint8 ``[N, h, w, C]``: the mean of each (H/h) x (W/w) block,
+    rounded to the nearest integer (half up). H and W must be multiples of h and w.
+
+    Used by the CLI to give the embedded 32x32 images to a preset of smaller images (the
+    ``tiny`` preset's 4x4): the result is a data set of its own, announced where it is used.
+    """
+    x = np.asarray(images)
+    h, w = (int(v) for v in out_hw)
+    if x.ndim != 4 or x.dtype != np.uint8:
+        raise DataError(f"block_average: need uint8 [N, H, W, C] images, got {x.dtype} of shape {x.shape}")
+    H, W = x.shape[1:3]
+    if h < 1 or w < 1 or H % h or W % w:
+        raise DataError(f"block_average: {H}x{W} images do not split into {h}x{w} whole blocks")
+    blocks = x.reshape(len(x), h, H // h, w, W // w, x.shape[3]).astype(np.float64)
+    return np.floor(blocks.mean(axis=(2, 4)) + 0.5).astype(np.uint8)
+
+
 @functools.lru_cache(maxsize=4)
 def _decode_default(path, split):
     if not os.path.isfile(path):

@@ -396,11 +396,34 @@ def test_reliability_library_errors_are_one_line_with_exit_2(tmp_path, flowpp):
         cli.main(["eval", str(tmp_path / "missing.npz"), "--debug"])
 
 
-def test_reliability_tiny_preset_on_default_data_is_a_clear_error(tmp_path, capsys):
-    rc = cli.main(["train", "--preset", "tiny", "--data", "default", "--steps", "2", "--out", str(tmp_path / "r")])
+def test_reliability_tiny_preset_on_default_data_is_averaged_down_and_said(tmp_path, capsys):
+    rc = cli.main(["train", "--preset", "tiny", "--data", "default", "--steps", "2", "--samples", "0",
+                   "--no-progress", "--out", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "--data default at 4x4: the embedded 32x32 images averaged over 8x8 blocks" in out
+    assert os.path.isfile(tmp_path / "r" / "checkpoint.npz")
+
+
+def test_reliability_images_of_the_wrong_size_are_a_clear_error(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((6, 8, 8, 3), np.uint8))
+    rc = cli.main(["train", "--preset", "small", "--data", "images", "--data-dir", str(tmp_path / "x.npy"),
+                   "--steps", "2", "--out", str(tmp_path / "r")])
     e = capsys.readouterr().err
-    assert rc == 2 and e.startswith("flowpp: error: --preset tiny takes 4x4x3 images but --data default holds "
-                                    "32x32x3 images")
+    assert rc == 2 and e.startswith("flowpp: error: --preset small takes 32x32x3 images but --data images holds "
+                                    "8x8x3 images")
+
+
+def test_reliability_block_average_rounds_block_means_and_refuses_bad_sizes():
+    from flowpp_ref.data import DataError, block_average
+    x = np.arange(2 * 4 * 4 * 1, dtype=np.uint8).reshape(2, 4, 4, 1)
+    y = block_average(x, (2, 2))
+    want = np.floor(x.reshape(2, 2, 2, 2, 2, 1).mean(axis=(2, 4)) + 0.5)
+    assert y.dtype == np.uint8 and y.shape == (2, 2, 2, 1) and np.array_equal(y, want)
+    assert block_average(np.full((1, 4, 4, 3), 255, np.uint8), (1, 1)).max() == 255
+    with pytest.raises(DataError, match="whole blocks"):
+        block_average(x, (3, 3))
+    with pytest.raises(DataError, match="uint8"):
+        block_average(x.astype(np.float32), (2, 2))
 
 
 def test_reliability_missing_cifar_advice_fits_the_command_line(tmp_path, capsys):
