@@ -242,3 +242,32 @@ def test_cuda_source_on_host_matches_reference(host_lib, B, h, T, d, dtype):
 def test_cuda_attention_source_compiles_with_nvcc(tmp_path):
     ok, err = nvcc_compile(ca.cuda_source(), tmp_path, "attention")
     assert ok, err
+
+
+def test_cuda_fused_attention_matches_reference_on_gpu():
+    """CuPy dispatch of the layer (fused CUDA kernels) against its reference path, on the GPU."""
+    from flowpp_ref.backend import gpu_available
+    if not gpu_available():
+        pytest.skip("cupy backend: CuPy or a CUDA device is not available on this machine")
+    import cupy
+    rng = np.random.default_rng(9)
+    q, k, v = (cupy.asarray(x) for x in _qkv(rng, 2, 4, 37, 8))
+    dA = cupy.asarray(rng.standard_normal((2, 4, 37, 8)))
+    a, lse = ca.attention_forward(q, k, v)
+    grads = ca.attention_backward(q, k, v, a, lse, dA)
+    a_ref, lse_ref, g_ref = _ref_all(*(cupy.asnumpy(x) for x in (q, k, v, dA)))
+    np.testing.assert_allclose(cupy.asnumpy(a), a_ref, rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(cupy.asnumpy(lse), lse_ref, rtol=1e-11, atol=1e-11)
+    for g, r in zip(grads, g_ref):
+        np.testing.assert_allclose(cupy.asnumpy(g), r, rtol=1e-11, atol=1e-11)
+    att = SelfAttention(32, heads=4, rng=np.random.default_rng(1), xp=cupy, dtype=np.float64)
+    x = cupy.asarray(rng.standard_normal((2, 4, 5, 32)))
+    pos = cupy.asarray(rng.standard_normal((4, 5, 32)))
+    out_f, cache_f = att.forward(x, pos)
+    assert "lse" in cache_f
+    dx_f = att.backward(cupy.ones_like(x), cache_f)[0]
+    with kernels_enabled(False):
+        out_r, cache_r = att.forward(x, pos)
+        dx_r = att.backward(cupy.ones_like(x), cache_r)[0]
+    np.testing.assert_allclose(cupy.asnumpy(out_f), cupy.asnumpy(out_r), rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(cupy.asnumpy(dx_f), cupy.asnumpy(dx_r), rtol=1e-11, atol=1e-11)
