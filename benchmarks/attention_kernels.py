@@ -39,6 +39,9 @@ def main(argv=None):
     ap.add_argument("--d", type=int, default=8)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--layer", action="store_true",
+                    help="also time the whole SelfAttention layer (projections, gate; F = heads * d, "
+                         "T = 16 x (T / 16) positions), fused against fused=False")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args(argv)
     B, h, T, d = a.batch, a.heads, a.T, a.d
@@ -58,6 +61,25 @@ def main(argv=None):
     cases = {"explicit_forward": lambda: attention_ref(q, k, v),
              "fused_forward": lambda: numba_attention.attention_forward(q, k, v),
              "explicit_forward_backward": explicit_fb, "fused_forward_backward": fused_fb}
+    if a.layer:
+        from flowpp_ref.nn.attention import SelfAttention
+        F = h * d
+        x = rng.standard_normal((B, 16, T // 16, F)).astype(a.dtype)
+        pos = (0.1 * rng.standard_normal((16, T // 16, F))).astype(a.dtype)
+        dout = rng.standard_normal(x.shape).astype(a.dtype)
+        layers = {}
+        for name, fused in (("explicit", False), ("fused", True)):
+            layers[name] = SelfAttention(F, heads=h, rng=np.random.default_rng(1), dtype=np.dtype(a.dtype).type,
+                                         fused=fused)
+            layers[name].data_init(x, pos)
+
+        def layer_fb(att):
+            out, cache = att.forward(x, pos, train=True)
+            att.backward(dout, cache)
+
+        for name, att in layers.items():
+            cases[f"{name}_layer_forward"] = (lambda att=att: att.forward(x, pos))
+            cases[f"{name}_layer_forward_backward"] = (lambda att=att: layer_fb(att))
     for f in cases.values():
         f()
     wall = {n: [] for n in cases}
@@ -75,8 +97,9 @@ def main(argv=None):
            "times_ms": {n: dict(wall_min=1e3 * min(wall[n]), wall_median=1e3 * statistics.median(wall[n]),
                                 cpu_min=1e3 * min(cpu[n])) for n in cases}}
     t = res["times_ms"]
+    parts = ("forward", "forward_backward") + (("layer_forward", "layer_forward_backward") if a.layer else ())
     res["speedup"] = {f"{part}_{kind}": t[f"explicit_{part}"][kind] / t[f"fused_{part}"][kind]
-                      for part in ("forward", "forward_backward") for kind in ("wall_min", "cpu_min")}
+                      for part in parts for kind in ("wall_min", "cpu_min")}
     for n, x in t.items():
         print(f"{n:28s} wall min {x['wall_min']:8.1f} ms  median {x['wall_median']:8.1f} ms  cpu min {x['cpu_min']:8.1f} ms")
     print("speed-up (explicit / fused):", {k: round(v, 2) for k, v in res["speedup"].items()},

@@ -46,12 +46,17 @@ gradient buffers, so no extra transposes are needed). float32 and float64; sums 
 input dtype (tests: float32 within 1e-5 of the float64 reference for T <= 70; at T = 512 the
 largest difference seen was 2e-6).
 
-Measured (benchmarks/attention_kernels.py, B = 16, 4 heads, T = 512, d = 8, float32, shared
-2-core machine, min over repeats): with 1 thread each (OpenBLAS / numba), forward 44 -> 23 ms,
-forward + backward 112 -> 66 ms against the explicit path (1.9x / 1.7x); with 2 threads each on
-the loaded machine, 227 -> 34 ms and 515 -> 80 ms (6.7x / 6.4x: the explicit path's BLAS threads
-lose most under contention). At d = 8 both paths do O(T^2 d) arithmetic; the fused one is bound
-by instruction throughput (about 4 cycles per score and thread in the forward).
+Measured (benchmarks/attention_kernels.py, B = 16, 4 heads, T = 512, d = 8, float32, a 2-core
+machine shared with other jobs, min over interleaved repeats), explicit path -> fused:
+
+    1 thread each (OpenBLAS, numba), load ~1.6:  forward 43.9 -> 24.7 ms (1.8x), forward + backward 101.5 -> 66.0 ms (1.5x)
+    2 threads each, load ~1.6:                   forward 41.0 -> 20.4 ms (2.0x), forward + backward  95.8 -> 63.0 ms (1.5x)
+    2 threads each, load ~5-7 (other jobs):      forward 227 -> 34 ms (6.7x),    forward + backward 515 -> 80 ms (6.4x)
+
+At d = 8 both paths do O(T^2 d) arithmetic (the fused backward recomputes the scores); the fused
+forward is bound by instruction throughput (about 1.5 ns per score and thread: scores 0.35, exp
+0.4, the P v reductions 0.2-0.6, the row max 0.1), so a 5x gain over the explicit path with one
+thread would need about 90 GFLOP/s per core.
 """
 from __future__ import annotations
 
@@ -369,6 +374,16 @@ def _check_block(key_block):
     return np.int64(key_block)
 
 
+def _place(buf, dst):
+    """buf, or buf copied into the caller's (possibly strided) array dst."""
+    if dst is None:
+        return buf
+    dst[...] = buf
+    return dst
+
+
+# The kernels always get C-contiguous arrays (copies of strided views cost O(B h T d), against the
+# kernels' O(B h T^2 d)), so each compiles once per dtype: fewer signatures to compile and cache.
 def attention_forward(q, k, v, out=None, key_block=KEY_BLOCK):
     """(A, L) of softmax(q k^T / sqrt(d)) v for q, k, v ``[B, h, T, d]`` (any strides).
 
@@ -380,12 +395,11 @@ def attention_forward(q, k, v, out=None, key_block=KEY_BLOCK):
     _check(q, k, v)
     B, h, T, d = q.shape
     scale = q.dtype.type(1.0 / math.sqrt(d))
-    if out is None:
-        out = np.empty(q.shape, dtype=q.dtype)
+    a = np.empty(q.shape, dtype=q.dtype)
     lse = np.empty((B, h, T), dtype=q.dtype)
     _forward(np.ascontiguousarray(q), np.ascontiguousarray(k.swapaxes(-1, -2)),
-             np.ascontiguousarray(v.swapaxes(-1, -2)), out, lse, scale, _check_block(key_block))
-    return out, lse
+             np.ascontiguousarray(v.swapaxes(-1, -2)), a, lse, scale, _check_block(key_block))
+    return _place(a, out), lse
 
 
 def attention_backward(q, k, v, a, lse, da, dq=None, dk=None, dv=None, key_block=KEY_BLOCK):
@@ -395,11 +409,12 @@ def attention_backward(q, k, v, a, lse, da, dq=None, dk=None, dv=None, key_block
     """
     _check(q, k, v)
     B, h, T, d = q.shape
+    if a.shape != q.shape or da.shape != q.shape or lse.shape != (B, h, T):
+        raise ValueError(f"fused attention backward: a and da must have q's shape {q.shape} and lse "
+                         f"{(B, h, T)}; got {a.shape}, {da.shape}, {lse.shape}")
     scale = q.dtype.type(1.0 / math.sqrt(d))
-    dq = np.empty(q.shape, q.dtype) if dq is None else dq
-    dk = np.empty(q.shape, q.dtype) if dk is None else dk
-    dv = np.empty(q.shape, q.dtype) if dv is None else dv
-    _backward(np.ascontiguousarray(q), np.ascontiguousarray(k.swapaxes(-1, -2)),
-              np.ascontiguousarray(v.swapaxes(-1, -2)), a, lse, da, dq, dk, dv, scale,
+    gq, gk, gv = (np.empty(q.shape, q.dtype) for _ in range(3))
+    c = lambda x: np.ascontiguousarray(x, dtype=q.dtype)  # noqa: E731
+    _backward(c(q), c(k.swapaxes(-1, -2)), c(v.swapaxes(-1, -2)), c(a), c(lse), c(da), gq, gk, gv, scale,
               _check_block(key_block))
-    return dq, dk, dv
+    return _place(gq, dq), _place(gk, dk), _place(gv, dv)
