@@ -1,0 +1,273 @@
+"""Fused self-attention (online softmax, no T x T weights) against the explicit reference.
+
+* numba kernels (:mod:`flowpp_ref.kernels.numba_attention`) vs :func:`attention_ref` /
+  :func:`attention_backward_ref`: float64 to 1e-12, float32 (against the float64 reference of
+  the same inputs) to 1e-5, T not a multiple of the key / query blocks, d = 8, 24, 32, 64,
+  several batch sizes; small key blocks so the online recurrence runs over many blocks;
+* the fused backward against central differences (float64);
+* the layer: fused and reference paths agree, the fused cache holds no [B, h, T, T] array,
+  ``attention_maps`` still returns the weights;
+* the CUDA kernels' source (:mod:`flowpp_ref.kernels.cuda_attention`) compiled for the CPU
+  against the reference, and compiled by nvcc where it is installed.
+"""
+import numpy as np
+import pytest
+
+from flowpp_ref.gradcheck import numerical_gradient, rel_error
+from flowpp_ref.kernels import kernels_enabled
+from flowpp_ref.kernels import cuda_attention as ca
+from flowpp_ref.kernels import numba_attention as na
+from flowpp_ref.nn.attention import SelfAttention, attention_backward_ref, attention_ref
+
+from cuda_host import CXX, NO_CXX, build_host_library, call, nvcc_compile, suffix
+
+
+def _qkv(rng, B, h, T, d, dtype=np.float64, spread=1.5):
+    """q, k, v as the layer has them: strided views [B, h, T, d] of one [B, T, 3, h, d] array."""
+    qkv = (spread * rng.standard_normal((B, T, 3, h, d))).astype(dtype)
+    c = qkv.transpose(2, 0, 3, 1, 4)
+    return c[0], c[1], c[2]
+
+
+def _ref_all(q, k, v, dA):
+    w, a = attention_ref(q, k, v)
+    s = np.matmul(q, k.swapaxes(-1, -2)) / np.sqrt(q.shape[-1])
+    m = s.max(-1, keepdims=True)
+    lse = (m + np.log(np.exp(s - m).sum(-1, keepdims=True)))[..., 0]
+    return a, lse, attention_backward_ref(q, k, v, w, dA)
+
+
+SHAPES = [(1, 2, 37, 8), (3, 4, 70, 8), (2, 1, 45, 24), (2, 2, 33, 32), (1, 2, 29, 64), (5, 1, 9, 8)]
+
+
+@pytest.mark.parametrize("B,h,T,d", SHAPES)
+@pytest.mark.parametrize("key_block", [16, na.KEY_BLOCK])
+def test_numba_fused_matches_reference_float64(B, h, T, d, key_block):
+    rng = np.random.default_rng(T * d + B)
+    q, k, v = _qkv(rng, B, h, T, d)
+    dA = rng.standard_normal((B, h, T, d))
+    a_ref, lse_ref, g_ref = _ref_all(q, k, v, dA)
+    a, lse = na.attention_forward(q, k, v, key_block=key_block)
+    np.testing.assert_allclose(a, a_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(lse, lse_ref, rtol=1e-12, atol=1e-12)
+    grads = na.attention_backward(q, k, v, a, lse, dA, key_block=key_block)
+    for g, r, name in zip(grads, g_ref, "qkv"):
+        np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-12, err_msg="d" + name)
+
+
+@pytest.mark.parametrize("B,h,T,d", [(2, 4, 70, 8), (3, 2, 45, 24), (1, 2, 33, 32), (2, 1, 29, 64)])
+def test_numba_fused_float32_within_1e5_of_float64_reference(B, h, T, d):
+    rng = np.random.default_rng(T + d)
+    q, k, v = _qkv(rng, B, h, T, d, np.float32)
+    dA = rng.standard_normal((B, h, T, d)).astype(np.float32)
+    a_ref, lse_ref, g_ref = _ref_all(*(x.astype(np.float64) for x in (q, k, v, dA)))
+    a, lse = na.attention_forward(q, k, v, key_block=32)
+    assert a.dtype == np.float32 and lse.dtype == np.float32
+    np.testing.assert_allclose(a, a_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse, lse_ref, rtol=1e-5, atol=1e-5)
+    for g, r, name in zip(na.attention_backward(q, k, v, a, lse, dA, key_block=32), g_ref, "qkv"):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5, err_msg="d" + name)
+
+
+def test_numba_fused_large_scores_do_not_overflow():
+    """Scores of order 1000: the running maximum keeps every exp argument <= 0."""
+    rng = np.random.default_rng(3)
+    q, k, v = _qkv(rng, 1, 2, 40, 8, spread=20.0)
+    a_ref, lse_ref, _ = _ref_all(q, k, v, np.zeros(q.shape))
+    assert np.abs(lse_ref).max() > 300
+    a, lse = na.attention_forward(q, k, v, key_block=8)
+    assert np.all(np.isfinite(a))
+    np.testing.assert_allclose(a, a_ref, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(lse, lse_ref, rtol=1e-12)
+
+
+def test_numba_fused_backward_matches_finite_differences():
+    rng = np.random.default_rng(11)
+    B, h, T, d = 2, 2, 13, 8
+    q, k, v = (np.ascontiguousarray(x) for x in _qkv(rng, B, h, T, d))
+    R = rng.standard_normal((B, h, T, d))                 # loss = sum(A * R)
+
+    def loss():
+        return float((na.attention_forward(q, k, v, key_block=4)[0] * R).sum())
+
+    a, lse = na.attention_forward(q, k, v, key_block=4)
+    grads = na.attention_backward(q, k, v, a, lse, R, key_block=4)
+    for x, g, name in zip((q, k, v), grads, "qkv"):
+        num = numerical_gradient(loss, x)
+        assert rel_error(g, num) < 1e-7, name
+
+
+def test_numba_fused_wrong_formula_is_caught_by_finite_differences():
+    """The check above can fail: dS = P * dP (D left out) gives a wrong dq."""
+    rng = np.random.default_rng(12)
+    q, k, v = (np.ascontiguousarray(x) for x in _qkv(rng, 1, 1, 9, 8))
+    R = rng.standard_normal(q.shape)
+    w, a = attention_ref(q, k, v)
+    ds_wrong = w * np.matmul(R, v.swapaxes(-1, -2))      # missing "- rowsum(dA * A)"
+    dq_wrong = np.matmul(ds_wrong, k) / np.sqrt(8)
+    num = numerical_gradient(lambda: float((attention_ref(q, k, v)[1] * R).sum()), q)
+    assert rel_error(dq_wrong, num) > 1e-3
+
+
+def test_numba_fused_writes_strided_outputs_and_checks_inputs():
+    rng = np.random.default_rng(5)
+    q, k, v = _qkv(rng, 2, 2, 11, 8)
+    buf = np.full((2, 11, 2, 8), np.nan)
+    a, lse = na.attention_forward(q, k, v, out=buf.transpose(0, 2, 1, 3))
+    assert np.all(np.isfinite(buf))
+    np.testing.assert_allclose(buf.transpose(0, 2, 1, 3), attention_ref(q, k, v)[1], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="shape"):
+        na.attention_forward(q, k[:, :, :5], v)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        na.attention_forward(q.astype(np.int32), k.astype(np.int32), v.astype(np.int32))
+    with pytest.raises(ValueError, match="key_block"):
+        na.attention_forward(q, k, v, key_block=0)
+
+
+# ---------------------------------------------------------------- the layer
+def _layer(F, heads, seed, dtype=np.float64, fused=True):
+    rng = np.random.default_rng(seed)
+    att = SelfAttention(F, heads=heads, rng=rng, dtype=dtype, fused=fused)
+    x = rng.standard_normal((3, 5, 7, F)).astype(dtype)       # T = 35
+    pos = rng.standard_normal((5, 7, F)).astype(dtype)
+    att.data_init(x, pos)
+    return att, x, pos, rng
+
+
+def _arrays(obj):
+    if isinstance(obj, np.ndarray):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _arrays(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _arrays(v)
+
+
+@pytest.mark.parametrize("F,heads", [(32, 4), (48, 2)])
+def test_layer_fused_matches_reference_path_and_cache_has_no_weights(F, heads):
+    att, x, pos, rng = _layer(F, heads, seed=F)
+    dout = rng.standard_normal(x.shape)
+    out_f, cache_f = att.forward(x, pos)
+    res_f = att.backward(dout, cache_f)
+    with kernels_enabled(False):
+        out_r, cache_r = att.forward(x, pos)
+        res_r = att.backward(dout, cache_r)
+    np.testing.assert_allclose(out_f, out_r, rtol=1e-12, atol=1e-12)
+    for a, b in zip(res_f[:2], res_r[:2]):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-12)
+    for name in res_r[2]:
+        np.testing.assert_allclose(res_f[2][name], res_r[2][name], rtol=1e-11, atol=1e-12, err_msg=name)
+    T = x.shape[1] * x.shape[2]
+    assert "weights" in cache_r and cache_r["weights"].shape == (3, heads, T, T)
+    assert "lse" in cache_f and "weights" not in cache_f
+    assert not any(a.ndim >= 2 and a.shape[-2:] == (T, T) for a in _arrays(cache_f))
+    size_f = sum(a.size for a in _arrays(cache_f))       # everything else is as in the reference cache
+    size_r = sum(a.size for a in _arrays(cache_r))
+    assert size_f <= size_r - cache_r["weights"].size + cache_f["lse"].size + cache_f["attn_out"].size
+
+
+def test_layer_explicit_switch_and_attention_maps():
+    att, x, pos, _ = _layer(16, 4, seed=1, fused=False)
+    assert "weights" in att.forward(x, pos)[1]
+    att.fused = True
+    w = att.attention_maps(x, pos)                      # computed on demand, also on the fused layer
+    assert w.shape == (3, 4, 35, 35)
+    np.testing.assert_allclose(w.sum(-1), 1, atol=1e-12)
+    out, cache = att.forward(x, pos)
+    assert "weights" not in cache
+
+
+def test_layer_fused_float32_matches_float64_reference():
+    att64, x, pos, rng = _layer(32, 4, seed=7)
+    att32 = SelfAttention(32, heads=4, rng=np.random.default_rng(0), dtype=np.float32)
+    att32.load_parameters({k: v.astype(np.float32) for k, v in att64.parameters().items()})
+    dout = rng.standard_normal(x.shape)
+    out32, c32 = att32.forward(x.astype(np.float32), pos.astype(np.float32))
+    dx32, dpos32, _ = att32.backward(dout.astype(np.float32), c32)
+    with kernels_enabled(False):
+        out, c = att64.forward(x, pos)
+        dx, dpos, _ = att64.backward(dout, c)
+    assert rel_error(out32, out) < 1e-5 and rel_error(dx32, dx) < 1e-5 and rel_error(dpos32, dpos) < 1e-5
+
+
+# ---------------------------------------------------------------- CUDA source on the CPU
+needs_cxx = pytest.mark.skipif(CXX is None, reason=NO_CXX)
+
+
+@pytest.fixture(scope="module")
+def host_lib(tmp_path_factory):
+    return build_host_library(ca.host_source(), tmp_path_factory.mktemp("cuda_attention_host"), "attention")
+
+
+def _host_forward(lib, q, k, v):
+    B, h, T, d = q.shape
+    q, k, v = (np.ascontiguousarray(x) for x in (q, k, v))
+    out = np.empty(q.shape, q.dtype)
+    lse = np.empty((B, h, T), q.dtype)
+    call(lib, "attention_fwd_" + suffix(q.dtype), B * h * T, np.int32(T), np.int32(d), q, k, v, out, lse)
+    return out, lse
+
+
+def _host_backward(lib, q, k, v, a, lse, dA):
+    B, h, T, d = q.shape
+    q, k, v, a, dA = (np.ascontiguousarray(x) for x in (q, k, v, a, dA))
+    D = np.empty((B, h, T), q.dtype)
+    dq, dk, dv = (np.empty(q.shape, q.dtype) for _ in range(3))
+    args = (np.int32(T), np.int32(d))
+    call(lib, "attention_rowdot_" + suffix(q.dtype), B * h * T, *args, a, dA, D)
+    call(lib, "attention_bwd_q_" + suffix(q.dtype), B * h * T, *args, q, k, v, lse, dA, D, dq)
+    call(lib, "attention_bwd_kv_" + suffix(q.dtype), B * h * T, *args, q, k, v, lse, dA, D, dk, dv)
+    return dq, dk, dv
+
+
+@needs_cxx
+@pytest.mark.parametrize("B,h,T,d", [(2, 2, 37, 8), (1, 3, 45, 24), (2, 1, 33, 32), (1, 1, 20, 64)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_cuda_source_on_host_matches_reference(host_lib, B, h, T, d, dtype):
+    rng = np.random.default_rng(T * d)
+    q, k, v = _qkv(rng, B, h, T, d, dtype)
+    dA = rng.standard_normal((B, h, T, d)).astype(dtype)
+    a_ref, lse_ref, g_ref = _ref_all(*(x.astype(np.float64) for x in (q, k, v, dA)))
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    a, lse = _host_forward(host_lib, q, k, v)
+    np.testing.assert_allclose(a, a_ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(lse, lse_ref, rtol=tol, atol=tol)
+    for g, r, name in zip(_host_backward(host_lib, q, k, v, a, lse, dA), g_ref, "qkv"):
+        np.testing.assert_allclose(g, r, rtol=tol, atol=tol, err_msg="d" + name)
+
+
+@pytest.mark.skipif(not __import__("shutil").which("nvcc"), reason="nvcc not installed: GPU build not compiled")
+def test_cuda_attention_source_compiles_with_nvcc(tmp_path):
+    ok, err = nvcc_compile(ca.cuda_source(), tmp_path, "attention")
+    assert ok, err
+
+
+def test_cuda_fused_attention_matches_reference_on_gpu():
+    """CuPy dispatch of the layer (fused CUDA kernels) against its reference path, on the GPU."""
+    from flowpp_ref.backend import gpu_available
+    if not gpu_available():
+        pytest.skip("cupy backend: CuPy or a CUDA device is not available on this machine")
+    import cupy
+    rng = np.random.default_rng(9)
+    q, k, v = (cupy.asarray(x) for x in _qkv(rng, 2, 4, 37, 8))
+    dA = cupy.asarray(rng.standard_normal((2, 4, 37, 8)))
+    a, lse = ca.attention_forward(q, k, v)
+    grads = ca.attention_backward(q, k, v, a, lse, dA)
+    a_ref, lse_ref, g_ref = _ref_all(*(cupy.asnumpy(x) for x in (q, k, v, dA)))
+    np.testing.assert_allclose(cupy.asnumpy(a), a_ref, rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(cupy.asnumpy(lse), lse_ref, rtol=1e-11, atol=1e-11)
+    for g, r in zip(grads, g_ref):
+        np.testing.assert_allclose(cupy.asnumpy(g), r, rtol=1e-11, atol=1e-11)
+    att = SelfAttention(32, heads=4, rng=np.random.default_rng(1), xp=cupy, dtype=np.float64)
+    x = cupy.asarray(rng.standard_normal((2, 4, 5, 32)))
+    pos = cupy.asarray(rng.standard_normal((4, 5, 32)))
+    out_f, cache_f = att.forward(x, pos)
+    assert "lse" in cache_f
+    dx_f = att.backward(cupy.ones_like(x), cache_f)[0]
+    with kernels_enabled(False):
+        out_r, cache_r = att.forward(x, pos)
+        dx_r = att.backward(cupy.ones_like(x), cache_r)[0]
+    np.testing.assert_allclose(cupy.asnumpy(out_f), cupy.asnumpy(out_r), rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(cupy.asnumpy(dx_f), cupy.asnumpy(dx_r), rtol=1e-11, atol=1e-11)
