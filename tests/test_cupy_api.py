@@ -370,7 +370,7 @@ CUDA_MODULES = _cuda_modules()
 
 def test_cuda_sources_are_found():
     names = {m.__name__.rsplit(".", 1)[1] for m in CUDA_MODULES}
-    assert {"cuda_mixlogistic", "cuda_layers"} <= names, names
+    assert {"cuda_mixlogistic", "cuda_layers", "cuda_attention"} <= names, names
 
 
 def _nvrtc():
