@@ -110,3 +110,21 @@ def test_twin_sdpa_matches_explicit_attention():
             np.testing.assert_allclose(out["sdpa"][1][k], v, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="attention"):
         TorchFlowPP(model, attention="flash")
+
+
+def test_conv2d_outputs_do_not_alias_the_reused_workspace():
+    """The kernel path reuses one scratch buffer per thread: results of earlier calls must survive later calls."""
+    rng = np.random.default_rng(4)
+    for cin, cout in ((8, 4), (4, 8)):
+        layer = Conv2d(cin, cout, 3, rng=rng, dtype=np.float64)
+        xs = [rng.standard_normal((2, 5, 4, cin)) for _ in range(2)]
+        ds = [rng.standard_normal((2, 5, 4, cout)) for _ in range(2)]
+        with kernels_enabled(True):
+            first = [layer.forward(xs[0])[0]]
+            first += list(layer.backward(ds[0], layer.forward(xs[0])[1]))
+            saved = [first[0].copy(), first[1].copy(), {k: v.copy() for k, v in first[2].items()}]
+            layer.backward(ds[1], layer.forward(xs[1])[1])        # overwrites the workspace
+        np.testing.assert_array_equal(first[0], saved[0])
+        np.testing.assert_array_equal(first[1], saved[1])
+        for k in saved[2]:
+            np.testing.assert_array_equal(first[2][k], saved[2][k])

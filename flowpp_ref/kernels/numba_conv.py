@@ -90,12 +90,21 @@ def _shifts(shifts):
     return np.ascontiguousarray(s[:, 0]), np.ascontiguousarray(s[:, 1])
 
 
-def gather_cols(x, shifts):
-    """``cols[b,h,w,t,:] = x[b, h+di_t, w+dj_t, :]`` (zero outside); ``shifts`` = [(di, dj), ...] -> [B,H,W,T,C]."""
+def gather_cols(x, shifts, out=None):
+    """``cols[b,h,w,t,:] = x[b, h+di_t, w+dj_t, :]`` (zero outside); ``shifts`` = [(di, dj), ...] -> [B,H,W,T,C].
+
+    ``out``: a C-contiguous array of that shape and x's dtype to fill (every entry is written)."""
     x = np.ascontiguousarray(x)
     di, dj = _shifts(shifts)
     B, H, W, C = x.shape
-    cols = np.empty((B, H, W, di.shape[0], C), dtype=x.dtype)
+    shape = (B, H, W, di.shape[0], C)
+    if out is None:
+        cols = np.empty(shape, dtype=x.dtype)
+    elif out.shape != shape or out.dtype != x.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"gather_cols: out must be a C-contiguous {x.dtype} array of shape {shape}, "
+                         f"got {out.dtype} {out.shape}")
+    else:
+        cols = out
     _gather_cols(x, di, dj, cols)
     return cols
 

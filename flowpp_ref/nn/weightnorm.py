@@ -26,6 +26,8 @@ Backward through the weight norm, per output unit o (n = ||V_o||)::
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from ..backend import asarray, array_module
@@ -157,6 +159,22 @@ def shift_sum_reference(y, shifts, bias=None):
     return out
 
 
+_WORKSPACE = threading.local()
+
+
+def _workspace(shape, dtype):
+    """A scratch array of ``shape`` reused across calls of this thread (the convolution's wide
+    temporary: Y, D, cols or Z below, each consumed before the call returns). Reusing it saves
+    the kernel's zeroing of fresh pages (about 1 ms per 10 MB buffer here, on every call); the
+    buffer (the largest seen, about 20 MB at cpu-bench) stays allocated while the thread lives."""
+    n = int(np.prod(shape))
+    dtype = np.dtype(dtype)
+    buf = getattr(_WORKSPACE, "buf", None)
+    if buf is None or buf.dtype != dtype or buf.size < n:
+        buf = _WORKSPACE.buf = np.empty(n, dtype=dtype)
+    return buf[:n].reshape(shape)
+
+
 def _conv_forward_thin(x, W, b):
     """The convolution through the kernels of :mod:`flowpp_ref.kernels.numba_conv` (see its docstring):
     matmul then ``shift_sum`` when Cout < Cin, else ``gather_cols`` then matmul."""
@@ -167,9 +185,11 @@ def _conv_forward_thin(x, W, b):
     if Co < C:
         # Y[q, t, o] = sum_c x[q, c] W[t, c, o];  out[p] = b + sum_t Y[p + s_t, t]
         Wp = W.reshape(T, C, Co).transpose(1, 0, 2).reshape(C, T * Co)
-        y = (x.reshape(-1, C) @ Wp).reshape(B, H, Wd, T, Co)
-        return shift_sum(y.astype(np.result_type(y.dtype, b.dtype), copy=False), shifts, b)
-    cols = gather_cols(x, shifts).reshape(B * H * Wd, T * C)
+        x2 = x.reshape(-1, C)
+        y = _workspace((B * H * Wd, T * Co), np.result_type(x2.dtype, Wp.dtype, b.dtype))
+        np.matmul(x2, Wp, out=y)
+        return shift_sum(y.reshape(B, H, Wd, T, Co), shifts, b)
+    cols = gather_cols(x, shifts, out=_workspace((B, H, Wd, T, C), x.dtype)).reshape(B * H * Wd, T * C)
     out = (cols @ W.reshape(T * C, Co)).reshape(B, H, Wd, Co)
     out += b
     return out
@@ -185,17 +205,19 @@ def _conv_backward_thin(dout, x, W):
     Wt = W.reshape(T, C, Co)
     if Co <= C:
         # D[q, t, o] = dout[q - s_t, o];  dW = x^T D (as [C, T, Co]);  dx = D M, M[(t, o), c] = W[t, c, o]
-        D = gather_cols(dout, neg).reshape(B * H * Wd, T * Co)
+        D = gather_cols(dout, neg, out=_workspace((B, H, Wd, T, Co), dout.dtype)).reshape(B * H * Wd, T * Co)
         dW = (x.reshape(-1, C).T @ D).reshape(C, T, Co).transpose(1, 0, 2).reshape(kh, kw, C, Co)
         dx = (D @ Wt.transpose(0, 2, 1).reshape(T * Co, C)).reshape(B, H, Wd, C)
         return dx, dW
     # dW = cols^T dout;  Z = dout M', M'[o, (t, c)] = W[t, c, o];  dx[q] = sum_t Z[q - s_t, t]
     d2 = dout.reshape(-1, Co)
-    cols = gather_cols(x, shifts).reshape(B * H * Wd, T * C)
+    cols = gather_cols(x, shifts, out=_workspace((B, H, Wd, T, C), x.dtype)).reshape(B * H * Wd, T * C)
     dW = (cols.T @ d2).reshape(kh, kw, C, Co)
-    del cols
-    z = (d2 @ Wt.transpose(2, 0, 1).reshape(Co, T * C)).reshape(B, H, Wd, T, C)
-    return shift_sum(z, neg), dW
+    del cols                                     # z reuses the same workspace
+    Mp = Wt.transpose(2, 0, 1).reshape(Co, T * C)
+    z = _workspace((B * H * Wd, T * C), np.result_type(d2.dtype, Mp.dtype))
+    np.matmul(d2, Mp, out=z)
+    return shift_sum(z.reshape(B, H, Wd, T, C), neg), dW
 
 
 def _use_conv_kernels(*arrays) -> bool:
