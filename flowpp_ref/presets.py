@@ -143,6 +143,17 @@ PRESETS = {
                           checkpoint_every=5, log_every=1)),
 }
 
+# ---- issue 10: cpu-bench (a contained block) ---------------------------------------------
+# The peer-sized CIFAR-10 configuration of the training-speed benchmark
+# (benchmarks/bench_step.py): the cifar10-paper architecture, narrowed (about 1.85M parameters).
+PRESETS["cpu-bench"] = _p(
+    "cpu-bench", "benchmark: cifar10-paper architecture, 32 filters, 2 blocks, K=8 (~1.85M parameters)",
+    image_shape=(32, 32, 3), stages=(4, 2, 3), filters=32, blocks=2, components=8, dropout_p=0.0,
+    dequant_couplings=4, dequant_blocks=1, dequant_filters=32, dequant_components=32,
+    context_channels=32, context_resnets=3,
+    train=TrainConfig(batch_size=16, init_batch_size=32))
+# ---- end issue 10 block -------------------------------------------------------------------
+
 
 # ----------------------------------------------------------------------------------
 # The release's launchers (repository aravindsrinivas/flowpp; issue 12). Every preset

@@ -121,13 +121,18 @@ def _per_sample(v):
 class TorchFlowPP(torch.nn.Module):
     """The twin of ``model`` (a ``flowpp_ref.model.FlowPP``); see the module docstring.
 
-    ``dtype``: torch.float64 for gradient checks, torch.float32 for timings. The noise is
+    ``dtype``: torch.float64 for gradient checks, torch.float32 for timings.
+    ``attention``: "explicit" (default: softmax(q k^T / sqrt(d)) v written out) or "sdpa"
+    (``torch.nn.functional.scaled_dot_product_attention``, the same math; for benchmarks). The noise is
     drawn in the model's dtype (as the model does) and then cast to ``dtype``.
     ``P``: dict dotted name -> Parameter (the names of ``model.parameters()``).
     """
 
-    def __init__(self, model, dtype=torch.float64, device="cpu"):
+    def __init__(self, model, dtype=torch.float64, device="cpu", attention="explicit"):
         super().__init__()
+        if attention not in ("explicit", "sdpa"):
+            raise ValueError(f"attention must be 'explicit' or 'sdpa', got {attention!r}")
+        self.attention = attention
         self.model = model
         self.dtype = dtype
         self.device = torch.device(device)
@@ -172,8 +177,11 @@ class TorchFlowPP(torch.nn.Module):
         T, h, d = H * W, layer.heads, layer.dim
         qkv = t_nin(x + pos[None], self.P, name + ".proj1")
         q, k, v = qkv.reshape(B, T, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)      # [B, h, T, d] each
-        w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)
-        a = (w @ v).permute(0, 2, 1, 3).reshape(B, H, W, F)
+        if self.attention == "sdpa":                                         # PyTorch's fused kernel
+            a = tF.scaled_dot_product_attention(q, k, v)                      # (default scale 1/sqrt(d))
+        else:
+            a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1) @ v
+        a = a.permute(0, 2, 1, 3).reshape(B, H, W, F)
         a = self._dropout(a, layer.dropout_p, train, rng)
         return x + t_gate(t_nin(a, self.P, name + ".proj2"))
 

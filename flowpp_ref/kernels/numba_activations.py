@@ -6,6 +6,11 @@ in :mod:`flowpp_ref.nn.activations`. Each kernel makes one pass over its data
 instead of the references' several temporaries. Single-threaded loops over a
 ``[N, C]`` view (N = product of the leading axes). exp and expm1 are the vectorisable ones of
 :mod:`flowpp_ref.kernels.fastexp`.
+
+Each loop stores to one contiguous run of a row, and the gate's divisions are compiled with
+``error_model="numpy"``, so that every loop vectorises (issue 10; 1 thread, [8192, 32] inputs,
+float32: concat_elu forward 1.78 -> 0.40 ms, gate forward 1.40 -> 0.12 ms, gate backward
+1.74 -> 0.25 ms; same results bit for bit in float64).
 """
 from __future__ import annotations
 
@@ -20,13 +25,19 @@ from .fastexp import fast_exp, fast_expm1
 def _concat_elu_fwd(x, out):
     # One expm1 per element serves both halves: e = expm1(-|v|), and
     # elu(v) = max(v, e), elu(-v) = max(-v, e)   (since expm1(z) >= z, and e < 0 <= |v|)
+    # Two passes over a row (e first parked in the second half): each loop then stores to one
+    # contiguous run and vectorises (one loop storing to both halves did not: 4.4x slower).
     N, C = x.shape
     for r in range(N):
+        xr = x[r]
+        o = out[r]
         for c in range(C):
-            v = x[r, c]
-            e = fast_expm1(-np.abs(v))
-            out[r, c] = max(v, e)
-            out[r, C + c] = max(-v, e)
+            o[C + c] = fast_expm1(-np.abs(xr[c]))
+        for c in range(C):
+            v = xr[c]
+            e = o[C + c]
+            o[c] = max(v, e)
+            o[C + c] = max(-v, e)
 
 
 @numba.njit(**NUMBA_OPTS)
@@ -44,33 +55,48 @@ def _concat_elu_bwd(dout, x, dx):
                 dx[r, c] = d1 * fast_exp(v) - d2
 
 
-@numba.njit(**NUMBA_OPTS)
+# error_model="numpy": a float division without numba's ZeroDivisionError branch (which kept
+# these loops from vectorising: 7x slower); 1 + e >= 1 here, so it never divides by zero.
+# ONE is a float32 1: float32 data stays float32 (the int 1 promoted it to float64), float64 stays exact.
+GATE_OPTS = dict(NUMBA_OPTS, error_model="numpy")
+ONE = np.float32(1.0)
+
+
+@numba.njit(**GATE_OPTS)
 def _gate_fwd(x, out):
     # out = h1 * sigmoid(h2);  sigmoid(z) = t (z >= 0) or e t (z < 0), e = exp(-|z|), t = 1 / (1 + e)
     N, C2 = x.shape
     C = C2 // 2
     for r in range(N):
+        xr = x[r]
+        o = out[r]
         for c in range(C):
-            z = x[r, C + c]
+            z = xr[C + c]
             e = fast_exp(-np.abs(z))
-            t = 1 / (1 + e)
-            out[r, c] = x[r, c] * (t if z >= 0 else e * t)
+            t = ONE / (ONE + e)
+            o[c] = xr[c] * (t if z >= 0 else e * t)
 
 
-@numba.njit(**NUMBA_OPTS)
+@numba.njit(**GATE_OPTS)
 def _gate_bwd(dout, x, dx):
     # dh1 = dout * s;  dh2 = dout * h1 * s * (1 - s),  s (1 - s) = e t^2 (no cancellation)
+    # (two loops, one per half of dx: each stores one contiguous run and vectorises)
     N, C2 = x.shape
     C = C2 // 2
     for r in range(N):
+        xr = x[r]
+        dr = dout[r]
+        o = dx[r]
         for c in range(C):
-            z = x[r, C + c]
+            z = xr[C + c]
             e = fast_exp(-np.abs(z))
-            t = 1 / (1 + e)
-            s = t if z >= 0 else e * t
-            d = dout[r, c]
-            dx[r, c] = d * s
-            dx[r, C + c] = d * x[r, c] * (e * t * t)
+            t = ONE / (ONE + e)
+            o[c] = dr[c] * (t if z >= 0 else e * t)
+        for c in range(C):
+            z = xr[C + c]
+            e = fast_exp(-np.abs(z))
+            t = ONE / (ONE + e)
+            o[C + c] = dr[c] * xr[c] * (e * t * t)
 
 
 def _rows(a, C):

@@ -26,9 +26,12 @@ Backward through the weight norm, per output unit o (n = ||V_o||)::
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from ..backend import asarray, array_module
+from ..kernels import use_kernels
 from ..module import Module
 from ..validation import FlowInputError, check_array
 
@@ -123,6 +126,109 @@ def im2col(x, kh: int, kw: int):
     return cols
 
 
+def tap_shifts(kh: int, kw: int):
+    """The input shift (di, dj) of every kernel tap (i, j), row-major: ``[(i - ph, j - pw), ...]``."""
+    ph, pw = _same_pads(kh)[0], _same_pads(kw)[0]
+    return [(i - ph, j - pw) for i in range(kh) for j in range(kw)]
+
+
+def gather_cols_reference(x, shifts):
+    """``cols[b,h,w,t,:] = x[b, h+di_t, w+dj_t, :]`` (zero outside): im2col with any list of shifts.
+
+    Plain-xp reference of :func:`flowpp_ref.kernels.numba_conv.gather_cols`; ``[B,H,W,C] -> [B,H,W,T,C]``.
+    """
+    xp = array_module(x)
+    B, H, W, C = x.shape
+    cols = xp.zeros((B, H, W, len(shifts), C), dtype=x.dtype)
+    for t, (di, dj) in enumerate(shifts):
+        h0, h1, w0, w1 = max(0, -di), min(H, H - di), max(0, -dj), min(W, W - dj)
+        if h0 < h1 and w0 < w1:
+            cols[:, h0:h1, w0:w1, t, :] = x[:, h0 + di:h1 + di, w0 + dj:w1 + dj, :]
+    return cols
+
+
+def shift_sum_reference(y, shifts, bias=None):
+    """``out[b,h,w,:] = bias + sum_t y[b, h+di_t, w+dj_t, t, :]`` (terms outside the image skipped).
+
+    Plain-xp reference of :func:`flowpp_ref.kernels.numba_conv.shift_sum`; ``[B,H,W,T,C] -> [B,H,W,C]``.
+    """
+    xp = array_module(y)
+    B, H, W, T, C = y.shape
+    out = xp.zeros((B, H, W, C), dtype=y.dtype)
+    if bias is not None:
+        out += bias
+    for t, (di, dj) in enumerate(shifts):
+        h0, h1, w0, w1 = max(0, -di), min(H, H - di), max(0, -dj), min(W, W - dj)
+        if h0 < h1 and w0 < w1:
+            out[:, h0:h1, w0:w1, :] += y[:, h0 + di:h1 + di, w0 + dj:w1 + dj, t, :]
+    return out
+
+
+_WORKSPACE = threading.local()
+
+
+def _workspace(shape, dtype):
+    """A scratch array of ``shape`` reused across calls of this thread (the convolution's wide
+    temporary: Y, D, cols or Z below, each consumed before the call returns). Reusing it saves
+    the kernel's zeroing of fresh pages (about 1 ms per 10 MB buffer here, on every call); the
+    buffer (the largest seen, about 20 MB at cpu-bench) stays allocated while the thread lives."""
+    n = int(np.prod(shape))
+    dtype = np.dtype(dtype)
+    buf = getattr(_WORKSPACE, "buf", None)
+    if buf is None or buf.dtype != dtype or buf.size < n:
+        buf = _WORKSPACE.buf = np.empty(n, dtype=dtype)
+    return buf[:n].reshape(shape)
+
+
+def _conv_forward_thin(x, W, b):
+    """The convolution through the kernels of :mod:`flowpp_ref.kernels.numba_conv` (see its docstring):
+    matmul then ``shift_sum`` when Cout < Cin, else ``gather_cols`` then matmul."""
+    from ..kernels.numba_conv import gather_cols, shift_sum
+    kh, kw, C, Co = W.shape
+    B, H, Wd, _ = x.shape
+    T, shifts = kh * kw, tap_shifts(kh, kw)
+    if Co < C:
+        # Y[q, t, o] = sum_c x[q, c] W[t, c, o];  out[p] = b + sum_t Y[p + s_t, t]
+        Wp = W.reshape(T, C, Co).transpose(1, 0, 2).reshape(C, T * Co)
+        x2 = x.reshape(-1, C)
+        y = _workspace((B * H * Wd, T * Co), np.result_type(x2.dtype, Wp.dtype, b.dtype))
+        np.matmul(x2, Wp, out=y)
+        return shift_sum(y.reshape(B, H, Wd, T, Co), shifts, b)
+    cols = gather_cols(x, shifts, out=_workspace((B, H, Wd, T, C), x.dtype)).reshape(B * H * Wd, T * C)
+    out = (cols @ W.reshape(T * C, Co)).reshape(B, H, Wd, Co)
+    out += b
+    return out
+
+
+def _conv_backward_thin(dout, x, W):
+    """(dx, dW) through the kernels of :mod:`flowpp_ref.kernels.numba_conv` (formulas in its docstring)."""
+    from ..kernels.numba_conv import gather_cols, shift_sum
+    kh, kw, C, Co = W.shape
+    B, H, Wd, _ = x.shape
+    T, shifts = kh * kw, tap_shifts(kh, kw)
+    neg = [(-di, -dj) for di, dj in shifts]
+    Wt = W.reshape(T, C, Co)
+    if Co <= C:
+        # D[q, t, o] = dout[q - s_t, o];  dW = x^T D (as [C, T, Co]);  dx = D M, M[(t, o), c] = W[t, c, o]
+        D = gather_cols(dout, neg, out=_workspace((B, H, Wd, T, Co), dout.dtype)).reshape(B * H * Wd, T * Co)
+        dW = (x.reshape(-1, C).T @ D).reshape(C, T, Co).transpose(1, 0, 2).reshape(kh, kw, C, Co)
+        dx = (D @ Wt.transpose(0, 2, 1).reshape(T * Co, C)).reshape(B, H, Wd, C)
+        return dx, dW
+    # dW = cols^T dout;  Z = dout M', M'[o, (t, c)] = W[t, c, o];  dx[q] = sum_t Z[q - s_t, t]
+    d2 = dout.reshape(-1, Co)
+    cols = gather_cols(x, shifts, out=_workspace((B, H, Wd, T, C), x.dtype)).reshape(B * H * Wd, T * C)
+    dW = (cols.T @ d2).reshape(kh, kw, C, Co)
+    del cols                                     # z reuses the same workspace
+    Mp = Wt.transpose(2, 0, 1).reshape(Co, T * C)
+    z = _workspace((B * H * Wd, T * C), np.result_type(d2.dtype, Mp.dtype))
+    np.matmul(d2, Mp, out=z)
+    return shift_sum(z.reshape(B, H, Wd, T, C), neg), dW
+
+
+def _use_conv_kernels(*arrays) -> bool:
+    return use_kernels() and all(isinstance(a, np.ndarray) for a in arrays)
+
+
 # ---------------------------------------------------------------- layers
 class Conv2d(Module):
     """Weight-normalised 2-D convolution, "SAME" padding, stride 1 (paper: ``conv2d``).
@@ -138,7 +244,10 @@ class Conv2d(Module):
     Implementation: forward is im2col + one matmul ``[BHW, kh*kw*Cin] @ [kh*kw*Cin, Cout]``;
             backward: dW = cols^T dout (one matmul), dx as kh*kw matmuls
             ``dout @ W[i,j]^T`` added into shifted slices of dx (slice adds, no
-            scatter with duplicate indices).
+            scatter with duplicate indices). That is the reference; for NumPy arrays with
+            kernels enabled the same sums run in another order through the one-pass kernels
+            of :mod:`flowpp_ref.kernels.numba_conv` (no zero-filled im2col of the input when
+            Cout < Cin: matmul first, then a shifted sum; a buffer T * min(Cin, Cout) wide).
     """
 
     def __init__(self, in_channels, out_channels, kernel_size=3, init_scale=1.0, *, rng, xp=np, dtype=np.float32):
@@ -169,6 +278,8 @@ class Conv2d(Module):
         kh, kw = self.kernel_size
         B, H, Wd, C = x.shape
         W, n = weight_norm(V, g)
+        if _use_conv_kernels(x, W, b):
+            return _conv_forward_thin(x, W, b), dict(x=x, W=W, n=n)
         cols = im2col(x, kh, kw).reshape(B * H * Wd, kh * kw * C)
         out = (cols @ W.reshape(kh * kw * C, self.out_channels)).reshape(B, H, Wd, self.out_channels) + b
         return out, dict(x=x, W=W, n=n)
@@ -186,6 +297,10 @@ class Conv2d(Module):
         d2 = dout.reshape(B * H * Wd, Co)
         # dL/db = sum over b,h,w of dout
         db = d2.sum(axis=0)
+        if _use_conv_kernels(dout, x, W):
+            dx, dW = _conv_backward_thin(dout, x, W)
+            dV, dg = weight_norm_backward(dW, self.params["V"], self.params["g"], n)
+            return dx, {"V": dV, "g": dg, "b": db}
         # dL/dW = cols^T @ dout
         cols = im2col(x, kh, kw).reshape(B * H * Wd, kh * kw * C)
         dW = (cols.T @ d2).reshape(kh, kw, C, Co)
