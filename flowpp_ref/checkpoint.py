@@ -149,12 +149,21 @@ def save_checkpoint(path, *, params, ema, optimizer_state, step, rng_state, conf
     meta = json.dumps({"format": FORMAT, "version": VERSION, "tree": tree})
     arrays[META_KEY] = np.frombuffer(meta.encode("utf-8"), dtype=np.uint8)
 
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+    return path
+
+
+def atomic_write(path, write, *, binary: bool = True) -> None:
+    """Write ``path`` so that it is either the old file or the whole new one: ``write(f)`` into a
+    temporary ``.<name>.*.tmp`` in the same folder, flush, fsync, rename over ``path``, fsync the
+    folder; the temporary file is removed if anything fails (the run folder's stale-file sweep
+    removes one a kill left behind)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
@@ -166,7 +175,6 @@ def save_checkpoint(path, *, params, ema, optimizer_state, step, rng_state, conf
             pass
         raise
     _fsync_dir(directory)
-    return path
 
 
 def _fsync_dir(directory):

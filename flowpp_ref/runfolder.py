@@ -35,7 +35,7 @@ import threading
 
 import numpy as np
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, atomic_write, load_checkpoint
 from .options import ConfigError
 
 CKPT_NAME = "checkpoint.npz"
@@ -66,21 +66,8 @@ def remove_stale_temporaries(out_dir) -> list:
 
 
 def atomic_write_text(path, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
+    """``path`` replaced by ``text`` atomically (:func:`flowpp_ref.checkpoint.atomic_write`)."""
+    atomic_write(path, lambda f: f.write(text), binary=False)
 
 
 def keep_previous(ckpt_path) -> str | None:
