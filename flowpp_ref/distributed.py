@@ -173,7 +173,7 @@ class MPIComm:
             if waited > self.timeout:
                 _report(f"flowpp: error: rank {self.rank} of {self.size} waited {waited:.0f} s in {what} "
                         f"(timeout {self.timeout:g} s, FLOWPP_COMM_TIMEOUT / --comm-timeout): another rank is "
-                        "stuck or gone; stopping every rank (MPI_Abort)")
+                        "stuck or gone; stopping every rank (MPI_Abort)", before_abort=True)
                 self.comm.Abort(3)
             time.sleep(pause)
             pause = min(pause * 1.5, 2e-3)
@@ -395,8 +395,13 @@ def check_same_parameters(comm, arrays: dict, *, where: str) -> None:
         raise e
 
 
-def _report(msg: str) -> None:
+def _report(msg: str, *, before_abort: bool = False) -> None:
     print(msg, file=sys.stderr, flush=True)
+    if before_abort:
+        # MPI_Abort makes the launcher kill every rank; MPICH's Hydra can do so before it has
+        # forwarded what this rank just wrote to its stderr pipe (seen once in a test run: the
+        # job ended with an empty stderr). Give the forwarding a moment first.
+        time.sleep(0.5)
 
 
 def abort_on_error(comm, exc: BaseException, with_traceback: bool = True) -> None:
@@ -413,5 +418,5 @@ def abort_on_error(comm, exc: BaseException, with_traceback: bool = True) -> Non
     head = f"flowpp: error on rank {comm.rank} of {comm.size}: {type(exc).__name__}: {' '.join(str(exc).split())}"
     tb = "" if not with_traceback or isinstance(exc, (KeyboardInterrupt, SystemExit)) else \
         "".join(traceback.format_exception(exc))
-    _report(f"{head}\n{tb}flowpp: stopping every rank (MPI_Abort)")
+    _report(f"{head}\n{tb}flowpp: stopping every rank (MPI_Abort)", before_abort=True)
     comm.abort(1)
