@@ -31,3 +31,20 @@ def maxrss_bytes() -> int:
 
 def median(xs):
     return statistics.median(xs)
+
+
+def time_numpy_steps(model, x, gen, repeats: int) -> dict:
+    """``repeats + 1`` training steps (``loss_and_grads``) of a flowpp_ref model, the first a
+    warm-up (numba compile / cache load): ``{"times", "warmup", "peak_rss_delta_mb"}``."""
+    import time
+
+    def step():
+        t0 = time.perf_counter()
+        _, grads = model.loss_and_grads(x, rng=gen, train=True)
+        dt = time.perf_counter() - t0
+        del grads
+        return dt
+
+    base = rss_bytes()
+    times = [step() for _ in range(repeats + 1)]
+    return dict(times=times[1:], warmup=times[0], peak_rss_delta_mb=(maxrss_bytes() - base) / 2**20)

@@ -62,7 +62,7 @@ import sys
 import tempfile
 import time
 
-from _common import maxrss_bytes, median, rss_bytes, thread_env  # benchmarks/ is on sys.path
+from _common import maxrss_bytes, median, rss_bytes, thread_env, time_numpy_steps  # benchmarks/ is on sys.path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -166,24 +166,13 @@ def worker_numpy(a):
     from flowpp_ref.backend import make_rng
     model, x = _load(a)
     gen = np.random.default_rng(1)
-
-    def step():
-        t0 = time.perf_counter()
-        loss, grads = model.loss_and_grads(x, rng=gen, train=True)
-        dt = time.perf_counter() - t0
-        del grads
-        return dt
-
-    base = rss_bytes()
-    times = [step() for _ in range(a.repeats + 1)]                  # first = warm-up (numba compile/cache load)
-    peak_rss = (maxrss_bytes() - base) / 2**20
+    timed = time_numpy_steps(model, x, gen, a.repeats)
     tracemalloc.start()
     model.loss_and_grads(x, rng=gen, train=True)
     tm_peak = tracemalloc.get_traced_memory()[1] / 2**20
     tracemalloc.stop()
     loss = float(model.loss(x, rng=np.random.default_rng(7), train=True)[0])
-    out = dict(times=times[1:], warmup=times[0], peak_rss_delta_mb=peak_rss, tracemalloc_peak_mb=tm_peak,
-               loss=loss, **_common_info())
+    out = dict(**timed, tracemalloc_peak_mb=tm_peak, loss=loss, **_common_info())
     if a.samples:
         model.sample(2, rng=make_rng(1))                            # warm-up
         out["sample_s"] = {str(n): [model.sample(n, rng=make_rng(2 + i), return_time=True)[1]

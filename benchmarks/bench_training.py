@@ -51,7 +51,7 @@ import sys
 import tempfile
 import time
 
-from _common import maxrss_bytes, median, rss_bytes, thread_env  # benchmarks/ is on sys.path
+from _common import maxrss_bytes, median, rss_bytes, thread_env, time_numpy_steps  # benchmarks/ is on sys.path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -165,18 +165,7 @@ def _load_step(a):
 def worker_step_ours(a):
     import numpy as np
     model, x = _load_step(a)
-    gen = np.random.default_rng(1)
-
-    def step():
-        t0 = time.perf_counter()
-        loss, grads = model.loss_and_grads(x, rng=gen, train=True)
-        dt = time.perf_counter() - t0
-        del grads
-        return dt
-
-    base = rss_bytes()
-    times = [step() for _ in range(a.repeats + 1)]                  # first = warm-up
-    return dict(times=times[1:], warmup=times[0], peak_rss_delta_mb=(maxrss_bytes() - base) / 2**20)
+    return time_numpy_steps(model, x, np.random.default_rng(1), a.repeats)
 
 
 def worker_step_torch(a):
