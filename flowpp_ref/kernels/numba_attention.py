@@ -65,10 +65,13 @@ import math
 import numba
 import numpy as np
 from numba.core import types
-from numba.extending import overload
+from llvmlite import ir
+from numba.extending import intrinsic, overload
 
 from . import NUMBA_OPTS, prefer_workqueue_threading
+from . import fastexp
 from .fastexp import EXACT_OPTS, fast_exp
+from .numba_views import borrow
 
 prefer_workqueue_threading()
 
@@ -77,26 +80,91 @@ KEY_BLOCK = 512      # default keys per tile (the score tile [8, 512] stays in L
                      # than 128 or 256 at T = 512, d = 8: longer SIMD loops)
 
 
+# ---------------------------------------------------------------- exp of the softmax
+_SM_LO_32, _SM_HI_32, _I126 = np.float32(-86.5), np.float32(89.0), np.int32(126)
+_F32_ZERO = np.float32(0.0)
+
+
+def softmax_exp(x):
+    """exp(x) for the softmax's arguments x = S - m <= 0 (inside numba kernels; see the overload)."""
+    return math.exp(x)
+
+
+def _softmax_exp32_impl(x):
+    # fastexp's float32 exp (the same reduction x = n ln2 + r and polynomial, hence the same value
+    # for -86.5 <= x <= 89) with one power of two instead of two: exp(x) = (2 exp(r)) 2^(n-1),
+    # 2^(n-1) normal for -125 <= n <= 128. Results below exp(-86.5) = 2.7e-38 (where 2^(n-1) would
+    # be subnormal) are returned as 0: in a softmax such terms are lost against the row maximum's 1
+    # anyway. Above, x is clamped at 89 (as in fastexp), where 2 exp(r) 2^127 overflows to inf.
+    # nan stays nan (the comparison below is false for nan). About 6 vector instructions fewer.
+    xc = min(x, _SM_HI_32)
+    n = (xc * fastexp._LOG2E_32 + fastexp._ROUND_32) - fastexp._ROUND_32
+    r = (xc - n * fastexp._LN2_HI_32) - n * fastexp._LN2_LO_32
+    p = fastexp._C32_7
+    p = p * r + fastexp._C32_6
+    p = p * r + fastexp._C32_5
+    p = p * r + fastexp._C32_4
+    p = p * r + fastexp._C32_3
+    p = p * r + fastexp._C32_2
+    p = p * r + fastexp._C32_1
+    p = p * r + fastexp._C32_0
+    e = (p + p) * fastexp._i32_bits_as_f32((np.int32(n) + _I126) << fastexp._I23)
+    return _F32_ZERO if xc < _SM_LO_32 else e
+
+
+@overload(softmax_exp, jit_options=EXACT_OPTS)
+def _softmax_exp_overload(x):
+    if x == types.float32:
+        return _softmax_exp32_impl
+    return lambda x: fast_exp(x)                 # float64: fastexp's (exact down to the subnormals)
+
+
 # ---------------------------------------------------------------- inner loops (SIMD over keys)
-# Each loop over the keys jj is its own small function taking 1-d views: LLVM then
-# vectorises it (with at most 4 rows read, its run-time alias checks stay under its limit).
+# Each loop over the keys jj is its own small function taking 1-d views (rows of a [d, T] array,
+# passed separately): LLVM then vectorises it. The channel dimension is handled 8 at a time
+# (the wrappers pad d with zero channels to a multiple of 8); one index expression over a
+# flattened [d * T] row did not vectorise (numba's index wrap-around): 18x slower.
 @numba.njit(**NUMBA_OPTS)
-def _axpy4(y, kn, x0, x1, x2, x3, m0, m1, m2, m3):
-    """y[jj] += x0 m0[jj] + x1 m1[jj] + x2 m2[jj] + x3 m3[jj]."""
+def _set8(y, kn, x0, x1, x2, x3, x4, x5, x6, x7, m0, m1, m2, m3, m4, m5, m6, m7):
+    """y[jj] = sum_c x_c m_c[jj] (c < 8)."""
     for jj in range(kn):
-        y[jj] += (x0 * m0[jj] + x1 * m1[jj]) + (x2 * m2[jj] + x3 * m3[jj])
+        y[jj] = ((x0 * m0[jj] + x1 * m1[jj]) + (x2 * m2[jj] + x3 * m3[jj])) + \
+                ((x4 * m4[jj] + x5 * m5[jj]) + (x6 * m6[jj] + x7 * m7[jj]))
 
 
 @numba.njit(**NUMBA_OPTS)
-def _axpy1(y, kn, x0, m0):
+def _add8(y, kn, x0, x1, x2, x3, x4, x5, x6, x7, m0, m1, m2, m3, m4, m5, m6, m7):
+    """y[jj] += sum_c x_c m_c[jj] (c < 8)."""
     for jj in range(kn):
-        y[jj] += x0 * m0[jj]
+        y[jj] += ((x0 * m0[jj] + x1 * m1[jj]) + (x2 * m2[jj] + x3 * m3[jj])) + \
+                 ((x4 * m4[jj] + x5 * m5[jj]) + (x6 * m6[jj] + x7 * m7[jj]))
+
+
+@numba.njit(**NUMBA_OPTS)
+def _set8_max(y, kn, best, x0, x1, x2, x3, x4, x5, x6, x7, m0, m1, m2, m3, m4, m5, m6, m7):
+    """_set8, returning max(best, the largest key of the y written)."""
+    for jj in range(kn):
+        v = ((x0 * m0[jj] + x1 * m1[jj]) + (x2 * m2[jj] + x3 * m3[jj])) + \
+            ((x4 * m4[jj] + x5 * m5[jj]) + (x6 * m6[jj] + x7 * m7[jj]))
+        y[jj] = v
+        best = max(best, _key(v))
+    return best
+
+
+@numba.njit(**NUMBA_OPTS)
+def _add8_max(y, kn, best, x0, x1, x2, x3, x4, x5, x6, x7, m0, m1, m2, m3, m4, m5, m6, m7):
+    """_add8, returning max(best, the largest key of the y written)."""
+    for jj in range(kn):
+        v = y[jj] + (((x0 * m0[jj] + x1 * m1[jj]) + (x2 * m2[jj] + x3 * m3[jj])) +
+                     ((x4 * m4[jj] + x5 * m5[jj]) + (x6 * m6[jj] + x7 * m7[jj])))
+        y[jj] = v
+        best = max(best, _key(v))
+    return best
 
 
 @numba.njit(**NUMBA_OPTS)
 def _dot8(p, kn, zero, m0, m1, m2, m3, m4, m5, m6, m7):
-    """(p . m0, ..., p . m7) over jj < kn: eight reductions share each load of p (only reads:
-    no alias checks; twice as fast as two _dot4 passes at kn = 512)."""
+    """(p . m0, ..., p . m7) over jj < kn: eight reductions share each load of p (only reads)."""
     a0 = zero
     a1 = zero
     a2 = zero
@@ -119,244 +187,437 @@ def _dot8(p, kn, zero, m0, m1, m2, m3, m4, m5, m6, m7):
 
 
 @numba.njit(**NUMBA_OPTS)
-def _dot4(p, kn, zero, m0, m1, m2, m3):
-    """(p . m0, p . m1, p . m2, p . m3) over jj < kn: four reductions share each load of p."""
+def _exp_dot8(s, kn, mx, zero, m0, m1, m2, m3, m4, m5, m6, m7):
+    """s[jj] <- p_jj = exp(s[jj] - mx); returns (sum_jj p_jj, p . m0, ..., p . m7)."""
+    r = zero
     a0 = zero
     a1 = zero
     a2 = zero
     a3 = zero
+    a4 = zero
+    a5 = zero
+    a6 = zero
+    a7 = zero
     for jj in range(kn):
-        pj = p[jj]
+        pj = softmax_exp(s[jj] - mx)
+        s[jj] = pj
+        r += pj
         a0 += pj * m0[jj]
         a1 += pj * m1[jj]
         a2 += pj * m2[jj]
         a3 += pj * m3[jj]
-    return a0, a1, a2, a3
+        a4 += pj * m4[jj]
+        a5 += pj * m5[jj]
+        a6 += pj * m6[jj]
+        a7 += pj * m7[jj]
+    return r, a0, a1, a2, a3, a4, a5, a6, a7
 
 
 @numba.njit(**NUMBA_OPTS)
-def _dot1(p, kn, zero, m0):
+def _p_ds(p, ds, kn, L, D):
+    """p[jj] <- P = exp(S - L) (p holds S);  ds[jj] <- dS = P (dP - D) (ds holds dP)."""
+    for jj in range(kn):
+        pj = softmax_exp(p[jj] - L)
+        p[jj] = pj
+        ds[jj] = pj * (ds[jj] - D)
+
+
+@numba.njit(**NUMBA_OPTS)
+def _axpy8x4(y0, y1, y2, y3, kn, X, c, r0, r1, r2, r3, r4, r5, r6, r7):
+    """y_t[jj] += sum_i X[i, c + t] r_i[jj] (i < 8, t < 4): the 8 rows r read once for 4 outputs."""
+    a0, a1, a2, a3, a4, a5, a6, a7 = X[0, c], X[1, c], X[2, c], X[3, c], X[4, c], X[5, c], X[6, c], X[7, c]
+    b0, b1, b2, b3, b4, b5, b6, b7 = (X[0, c + 1], X[1, c + 1], X[2, c + 1], X[3, c + 1], X[4, c + 1],
+                                      X[5, c + 1], X[6, c + 1], X[7, c + 1])
+    e0, e1, e2, e3, e4, e5, e6, e7 = (X[0, c + 2], X[1, c + 2], X[2, c + 2], X[3, c + 2], X[4, c + 2],
+                                      X[5, c + 2], X[6, c + 2], X[7, c + 2])
+    f0, f1, f2, f3, f4, f5, f6, f7 = (X[0, c + 3], X[1, c + 3], X[2, c + 3], X[3, c + 3], X[4, c + 3],
+                                      X[5, c + 3], X[6, c + 3], X[7, c + 3])
+    for jj in range(kn):
+        v0, v1, v2, v3, v4, v5, v6, v7 = r0[jj], r1[jj], r2[jj], r3[jj], r4[jj], r5[jj], r6[jj], r7[jj]
+        y0[jj] += ((a0 * v0 + a1 * v1) + (a2 * v2 + a3 * v3)) + ((a4 * v4 + a5 * v5) + (a6 * v6 + a7 * v7))
+        y1[jj] += ((b0 * v0 + b1 * v1) + (b2 * v2 + b3 * v3)) + ((b4 * v4 + b5 * v5) + (b6 * v6 + b7 * v7))
+        y2[jj] += ((e0 * v0 + e1 * v1) + (e2 * v2 + e3 * v3)) + ((e4 * v4 + e5 * v5) + (e6 * v6 + e7 * v7))
+        y3[jj] += ((f0 * v0 + f1 * v1) + (f2 * v2 + f3 * v3)) + ((f4 * v4 + f5 * v5) + (f6 * v6 + f7 * v7))
+
+
+@numba.njit(**NUMBA_OPTS)
+def _p_ds8_2(p0, ds0, p1, ds1, kn, L0, D0, L1, D1, X, G, i,
+             k0, k1, k2, k3, k4, k5, k6, k7, v0, v1, v2, v3, v4, v5, v6, v7):
+    """_p_ds8 for the query rows i and i + 1 (X, G [QB, 8]): each k, v load serves both."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = X[i, 0], X[i, 1], X[i, 2], X[i, 3], X[i, 4], X[i, 5], X[i, 6], X[i, 7]
+    z0, z1, z2, z3, z4, z5, z6, z7 = (X[i + 1, 0], X[i + 1, 1], X[i + 1, 2], X[i + 1, 3], X[i + 1, 4],
+                                      X[i + 1, 5], X[i + 1, 6], X[i + 1, 7])
+    g0, g1, g2, g3, g4, g5, g6, g7 = G[i, 0], G[i, 1], G[i, 2], G[i, 3], G[i, 4], G[i, 5], G[i, 6], G[i, 7]
+    h0, h1, h2, h3, h4, h5, h6, h7 = (G[i + 1, 0], G[i + 1, 1], G[i + 1, 2], G[i + 1, 3], G[i + 1, 4],
+                                      G[i + 1, 5], G[i + 1, 6], G[i + 1, 7])
+    for jj in range(kn):
+        a0, a1, a2, a3, a4, a5, a6, a7 = k0[jj], k1[jj], k2[jj], k3[jj], k4[jj], k5[jj], k6[jj], k7[jj]
+        b0, b1, b2, b3, b4, b5, b6, b7 = v0[jj], v1[jj], v2[jj], v3[jj], v4[jj], v5[jj], v6[jj], v7[jj]
+        s0 = ((x0 * a0 + x1 * a1) + (x2 * a2 + x3 * a3)) + ((x4 * a4 + x5 * a5) + (x6 * a6 + x7 * a7))
+        s1 = ((z0 * a0 + z1 * a1) + (z2 * a2 + z3 * a3)) + ((z4 * a4 + z5 * a5) + (z6 * a6 + z7 * a7))
+        e0 = ((g0 * b0 + g1 * b1) + (g2 * b2 + g3 * b3)) + ((g4 * b4 + g5 * b5) + (g6 * b6 + g7 * b7))
+        e1 = ((h0 * b0 + h1 * b1) + (h2 * b2 + h3 * b3)) + ((h4 * b4 + h5 * b5) + (h6 * b6 + h7 * b7))
+        q0 = softmax_exp(s0 - L0)
+        q1 = softmax_exp(s1 - L1)
+        p0[jj] = q0
+        p1[jj] = q1
+        ds0[jj] = q0 * (e0 - D0)
+        ds1[jj] = q1 * (e1 - D1)
+
+
+@numba.njit(**NUMBA_OPTS)
+def _dot8_2(p, r, kn, zero, m0, m1, m2, m3, m4, m5, m6, m7):
+    """(p . m_t, r . m_t for t < 8): _dot8 of two rows, each m load serving both."""
     a0 = zero
+    b0 = zero
+    a1 = zero
+    b1 = zero
+    a2 = zero
+    b2 = zero
+    a3 = zero
+    b3 = zero
+    a4 = zero
+    b4 = zero
+    a5 = zero
+    b5 = zero
+    a6 = zero
+    b6 = zero
+    a7 = zero
+    b7 = zero
     for jj in range(kn):
-        a0 += p[jj] * m0[jj]
-    return a0
+        u = p[jj]
+        w = r[jj]
+        a0 += u * m0[jj]
+        b0 += w * m0[jj]
+        a1 += u * m1[jj]
+        b1 += w * m1[jj]
+        a2 += u * m2[jj]
+        b2 += w * m2[jj]
+        a3 += u * m3[jj]
+        b3 += w * m3[jj]
+        a4 += u * m4[jj]
+        b4 += w * m4[jj]
+        a5 += u * m5[jj]
+        b5 += w * m5[jj]
+        a6 += u * m6[jj]
+        b6 += w * m6[jj]
+        a7 += u * m7[jj]
+        b7 += w * m7[jj]
+    return (a0, a1, a2, a3, a4, a5, a6, a7), (b0, b1, b2, b3, b4, b5, b6, b7)
 
 
 @numba.njit(**NUMBA_OPTS)
-def _fill(y, kn, value):
+def _set8_max_2(y, r, kn, X, i, best0, best1, m0, m1, m2, m3, m4, m5, m6, m7):
+    """_set8_max for the query rows i, i + 1 of X [QB, 8] into y, r (each m load serving both)."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = X[i, 0], X[i, 1], X[i, 2], X[i, 3], X[i, 4], X[i, 5], X[i, 6], X[i, 7]
+    z0, z1, z2, z3, z4, z5, z6, z7 = (X[i + 1, 0], X[i + 1, 1], X[i + 1, 2], X[i + 1, 3], X[i + 1, 4],
+                                      X[i + 1, 5], X[i + 1, 6], X[i + 1, 7])
     for jj in range(kn):
-        y[jj] = value
+        a0, a1, a2, a3, a4, a5, a6, a7 = m0[jj], m1[jj], m2[jj], m3[jj], m4[jj], m5[jj], m6[jj], m7[jj]
+        s0 = ((x0 * a0 + x1 * a1) + (x2 * a2 + x3 * a3)) + ((x4 * a4 + x5 * a5) + (x6 * a6 + x7 * a7))
+        s1 = ((z0 * a0 + z1 * a1) + (z2 * a2 + z3 * a3)) + ((z4 * a4 + z5 * a5) + (z6 * a6 + z7 * a7))
+        y[jj] = s0
+        r[jj] = s1
+        best0 = max(best0, _key(s0))
+        best1 = max(best1, _key(s1))
+    return best0, best1
 
 
 @numba.njit(**NUMBA_OPTS)
-def _mul(y, kn, x):
+def _exp_dot8_2(p, r, kn, mx0, mx1, zero, m0, m1, m2, m3, m4, m5, m6, m7):
+    """_exp_dot8 of two rows p, r (maxima mx0, mx1), each m load serving both."""
+    sp = zero
+    sr = zero
+    a0 = zero
+    b0 = zero
+    a1 = zero
+    b1 = zero
+    a2 = zero
+    b2 = zero
+    a3 = zero
+    b3 = zero
+    a4 = zero
+    b4 = zero
+    a5 = zero
+    b5 = zero
+    a6 = zero
+    b6 = zero
+    a7 = zero
+    b7 = zero
     for jj in range(kn):
-        y[jj] *= x[jj]
-
-
-@numba.njit(**NUMBA_OPTS)
-def _exp_sum(s, kn, mx, zero):
-    """s[jj] <- exp(s[jj] - mx); returns the sum."""
-    rs = zero
-    for jj in range(kn):
-        p = fast_exp(s[jj] - mx)
-        s[jj] = p
-        rs += p
-    return rs
-
-
-@numba.njit(**NUMBA_OPTS)
-def _exp_shift(s, kn, L):
-    for jj in range(kn):
-        s[jj] = fast_exp(s[jj] - L)
-
-
-def _row_max(s, kn, mx):
-    """max(mx, s[0], ..., s[kn-1]) inside numba kernels (vectorised; see the overload)."""
-    return max(mx, np.max(s[:kn]))
+        u = softmax_exp(p[jj] - mx0)
+        w = softmax_exp(r[jj] - mx1)
+        p[jj] = u
+        r[jj] = w
+        sp += u
+        sr += w
+        a0 += u * m0[jj]
+        b0 += w * m0[jj]
+        a1 += u * m1[jj]
+        b1 += w * m1[jj]
+        a2 += u * m2[jj]
+        b2 += w * m2[jj]
+        a3 += u * m3[jj]
+        b3 += w * m3[jj]
+        a4 += u * m4[jj]
+        b4 += w * m4[jj]
+        a5 += u * m5[jj]
+        b5 += w * m5[jj]
+        a6 += u * m6[jj]
+        b6 += w * m6[jj]
+        a7 += u * m7[jj]
+        b7 += w * m7[jj]
+    return (sp, a0, a1, a2, a3, a4, a5, a6, a7), (sr, b0, b1, b2, b3, b4, b5, b6, b7)
 
 
 _F32_MASK, _F64_MASK = np.int32(0x7FFFFFFF), np.int64(0x7FFFFFFFFFFFFFFF)
 
 
-def _row_max_impl(itype, mask):
-    # A float max reduction does not vectorise without fastmath's nnan (which the project
-    # does not use: nan must stay nan). The bits of a float, as a signed integer i, map to
-    # i ^ ((i >> (w-1)) & mask): a monotone map (negative floats' magnitudes reversed),
-    # and an integer max vectorises. (A nan score makes the row nan anyway, through exp.)
-    def impl(s, kn, mx):
-        si = s.view(itype)
-        t = np.empty(1, s.dtype)
-        ti = t.view(itype)
-        t[0] = mx
-        v0 = ti[0]
-        best = v0 ^ ((v0 >> (8 * ti.itemsize - 1)) & mask)
-        for jj in range(kn):
-            v = si[jj]
-            best = max(best, v ^ ((v >> (8 * ti.itemsize - 1)) & mask))
-        ti[0] = best ^ ((best >> (8 * ti.itemsize - 1)) & mask)
-        return t[0]
-    return impl
+# A float max reduction does not vectorise without fastmath's nnan (which the project does not
+# use: nan must stay nan). The bits of a float, as a signed integer i, map to the key
+# i ^ ((i >> (w-1)) & mask): a monotone map (negative floats' magnitudes reversed; it is its own
+# inverse), and an integer max vectorises. A nan score (positive nan bits: a key above inf's)
+# becomes the row maximum, so the row is nan, as it should be.
+@intrinsic
+def _bits(typingctx, x):
+    """The bits of a float32 / float64 as an int32 / int64 (an LLVM bitcast)."""
+    ity = types.int32 if x == types.float32 else types.int64
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(ity.bitwidth))
+
+    return ity(x), codegen
 
 
-@overload(_row_max, jit_options=EXACT_OPTS)
-def _row_max_overload(s, kn, mx):
-    if s.dtype == types.float32:
-        return _row_max_impl(np.int32, _F32_MASK)
-    return _row_max_impl(np.int64, _F64_MASK)
+@intrinsic
+def _from_bits(typingctx, i, like):
+    """The float32 / float64 (the type of ``like``) with the bits of the int32 / int64 ``i``."""
+    fty = ir.FloatType() if like == types.float32 else ir.DoubleType()
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], fty)
+
+    return like(i, like), codegen
+
+
+def _key(x):
+    """The monotone integer key of a float (see above; inside numba kernels)."""
+    return x
+
+
+def _unkey(k, like):
+    """The float of a key (``like``: a float of the type to return)."""
+    return like
+
+
+@overload(_key, jit_options=EXACT_OPTS)
+def _key_overload(x):
+    if x == types.float32:
+        return lambda x: np.int32(_bits(x) ^ ((_bits(x) >> np.int32(31)) & _F32_MASK))   # (numba widens int32 ops)
+    return lambda x: _bits(x) ^ ((_bits(x) >> np.int64(63)) & _F64_MASK)
+
+
+@overload(_unkey, jit_options=EXACT_OPTS)
+def _unkey_overload(k, like):
+    if like == types.float32:
+        return lambda k, like: _from_bits(np.int32(k ^ ((k >> np.int32(31)) & _F32_MASK)), like)
+    return lambda k, like: _from_bits(k ^ ((k >> np.int64(63)) & _F64_MASK), like)
 
 
 # ---------------------------------------------------------------- tiles
 @numba.njit(**NUMBA_OPTS)
-def _rowdot(x, m, j0, kn, y):
-    """y[jj] += sum_c x[c] m[c, j0 + jj] for jj < kn (m [d, T]); c unrolled by 4."""
-    d = x.shape[0]
-    c = 0
-    while c + 4 <= d:
-        _axpy4(y, kn, x[c], x[c + 1], x[c + 2], x[c + 3], m[c, j0:j0 + kn], m[c + 1, j0:j0 + kn],
-               m[c + 2, j0:j0 + kn], m[c + 3, j0:j0 + kn])
-        c += 4
-    while c < d:
-        _axpy1(y, kn, x[c], m[c, j0:j0 + kn])
-        c += 1
+def _rows_dot(y, kn, x, m, j0):
+    """y[jj] = sum_c x[c] m[c, j0 + jj] for jj < kn (m [dp, T], dp a multiple of 8)."""
+    for c in range(0, m.shape[0], 8):
+        r0, r1, r2, r3 = m[c, j0:j0 + kn], m[c + 1, j0:j0 + kn], m[c + 2, j0:j0 + kn], m[c + 3, j0:j0 + kn]
+        r4, r5, r6, r7 = m[c + 4, j0:j0 + kn], m[c + 5, j0:j0 + kn], m[c + 6, j0:j0 + kn], m[c + 7, j0:j0 + kn]
+        if c == 0:
+            _set8(y, kn, x[c], x[c + 1], x[c + 2], x[c + 3], x[c + 4], x[c + 5], x[c + 6], x[c + 7],
+                  r0, r1, r2, r3, r4, r5, r6, r7)
+        else:
+            _add8(y, kn, x[c], x[c + 1], x[c + 2], x[c + 3], x[c + 4], x[c + 5], x[c + 6], x[c + 7],
+                  r0, r1, r2, r3, r4, r5, r6, r7)
 
 
 @numba.njit(**NUMBA_OPTS)
-def _rowsdot(p, m, j0, kn, o, alpha, zero):
-    """o[c] = alpha o[c] + sum_jj p[jj] m[c, j0 + jj] for every c (m [d, T]); c by 8, 4, 1."""
-    d = m.shape[0]
-    c = 0
-    while c + 8 <= d:
-        a0, a1, a2, a3, a4, a5, a6, a7 = _dot8(p, kn, zero, m[c, j0:j0 + kn], m[c + 1, j0:j0 + kn],
-                                               m[c + 2, j0:j0 + kn], m[c + 3, j0:j0 + kn], m[c + 4, j0:j0 + kn],
-                                               m[c + 5, j0:j0 + kn], m[c + 6, j0:j0 + kn], m[c + 7, j0:j0 + kn])
-        o[c] = o[c] * alpha + a0
-        o[c + 1] = o[c + 1] * alpha + a1
-        o[c + 2] = o[c + 2] * alpha + a2
-        o[c + 3] = o[c + 3] * alpha + a3
-        o[c + 4] = o[c + 4] * alpha + a4
-        o[c + 5] = o[c + 5] * alpha + a5
-        o[c + 6] = o[c + 6] * alpha + a6
-        o[c + 7] = o[c + 7] * alpha + a7
-        c += 8
-    while c + 4 <= d:
-        a0, a1, a2, a3 = _dot4(p, kn, zero, m[c, j0:j0 + kn], m[c + 1, j0:j0 + kn], m[c + 2, j0:j0 + kn],
-                               m[c + 3, j0:j0 + kn])
-        o[c] = o[c] * alpha + a0
-        o[c + 1] = o[c + 1] * alpha + a1
-        o[c + 2] = o[c + 2] * alpha + a2
-        o[c + 3] = o[c + 3] * alpha + a3
-        c += 4
-    while c < d:
-        o[c] = o[c] * alpha + _dot1(p, kn, zero, m[c, j0:j0 + kn])
-        c += 1
+def _rows_dot_max(y, kn, x, m, j0, mx):
+    """_rows_dot, returning max(mx, y[0], ..., y[kn-1])."""
+    dp = m.shape[0]
+    best = _key(mx)
+    for c in range(0, dp, 8):
+        r0, r1, r2, r3 = m[c, j0:j0 + kn], m[c + 1, j0:j0 + kn], m[c + 2, j0:j0 + kn], m[c + 3, j0:j0 + kn]
+        r4, r5, r6, r7 = m[c + 4, j0:j0 + kn], m[c + 5, j0:j0 + kn], m[c + 6, j0:j0 + kn], m[c + 7, j0:j0 + kn]
+        if c + 8 < dp:
+            if c == 0:
+                _set8(y, kn, x[c], x[c + 1], x[c + 2], x[c + 3], x[c + 4], x[c + 5], x[c + 6], x[c + 7],
+                      r0, r1, r2, r3, r4, r5, r6, r7)
+            else:
+                _add8(y, kn, x[c], x[c + 1], x[c + 2], x[c + 3], x[c + 4], x[c + 5], x[c + 6], x[c + 7],
+                      r0, r1, r2, r3, r4, r5, r6, r7)
+        elif c == 0:
+            best = _set8_max(y, kn, best, x[c], x[c + 1], x[c + 2], x[c + 3], x[c + 4], x[c + 5], x[c + 6],
+                             x[c + 7], r0, r1, r2, r3, r4, r5, r6, r7)
+        else:
+            best = _add8_max(y, kn, best, x[c], x[c + 1], x[c + 2], x[c + 3], x[c + 4], x[c + 5], x[c + 6],
+                             x[c + 7], r0, r1, r2, r3, r4, r5, r6, r7)
+    return _unkey(best, mx)
 
 
 @numba.njit(**NUMBA_OPTS)
-def _outer_update(dst, j0, kn, coef, rows, qn):
-    """dst[c, j0 + jj] += sum_{i < qn} coef[i, c] rows[i, jj] for every c (dst [d, T]); i unrolled by 4."""
-    d = dst.shape[0]
-    for c in range(d):
-        t = dst[c, j0:j0 + kn]
-        i = 0
-        while i + 4 <= qn:
-            _axpy4(t, kn, coef[i, c], coef[i + 1, c], coef[i + 2, c], coef[i + 3, c],
-                   rows[i, :kn], rows[i + 1, :kn], rows[i + 2, :kn], rows[i + 3, :kn])
-            i += 4
-        while i < qn:
-            _axpy1(t, kn, coef[i, c], rows[i, :kn])
-            i += 1
+def _rows_dot_into(o, p, kn, m, j0, c, alpha, zero):
+    """o[c + t] = alpha o[c + t] + sum_jj p[jj] m[c + t, j0 + jj] for t < 8."""
+    a = _dot8(p, kn, zero, m[c, j0:j0 + kn], m[c + 1, j0:j0 + kn], m[c + 2, j0:j0 + kn], m[c + 3, j0:j0 + kn],
+              m[c + 4, j0:j0 + kn], m[c + 5, j0:j0 + kn], m[c + 6, j0:j0 + kn], m[c + 7, j0:j0 + kn])
+    for t in range(8):
+        o[c + t] = o[c + t] * alpha + a[t]
 
 
 @numba.njit(parallel=True, **NUMBA_OPTS)
-def _forward(q, kT, vT, out, lse, scale, KB):
-    B, h, T, d = q.shape
+def _forward(q_, kT_, vT_, out, lse, scale, KB, work_):
+    # q [BH, T, d]; kT, vT [BH, dp, T] (d padded with zero channels to dp, a multiple of 8);
+    # work [threads, 2 QB + 1, max(dp, KB)]: each thread's buffers (see _scratch)
+    q, kT, vT, work = borrow(q_), borrow(kT_), borrow(vT_), borrow(work_)
+    BH, T, d = q.shape
+    dp = kT.shape[1]
     QB = QUERY_BLOCK
     KB = max(1, min(KB, T))
     nqb = (T + QB - 1) // QB
     zero = scale - scale                                # 0 in the input dtype
-    for task in numba.prange(B * h * nqb):
-        b = task // (h * nqb)
-        hh = (task // nqb) % h
+    for task in numba.prange(BH * nqb):
+        bh = task // nqb
         i0 = (task % nqb) * QB
         qn = min(QB, T - i0)
-        kb, vb = kT[b, hh], vT[b, hh]                  # [d, T]
-        s = np.empty((QB, KB), dtype=q.dtype)
-        qs = np.empty((QB, d), dtype=q.dtype)
-        o = np.zeros((QB, d), dtype=q.dtype)
+        kb, vb = kT[bh], vT[bh]                         # [dp, T]
+        w = work[numba.get_thread_id()]
+        s = w[0]                                        # one row of scores / weights
+        s2 = w[2 * QB + 1]
+        xs = w[1:1 + QB]                                # c q of the block (zero-padded)
+        o = w[1 + QB:1 + 2 * QB]                        # running outputs
         m = np.full(QB, -np.inf, dtype=q.dtype)
         l = np.zeros(QB, dtype=q.dtype)
-        for i in range(qn):
-            for c in range(d):
-                qs[i, c] = q[b, hh, i0 + i, c] * scale
+        for i in range(QB):
+            for c in range(dp):
+                xs[i, c] = q[bh, i0 + i, c] * scale if (i < qn and c < d) else zero
+                o[i, c] = zero
         for j0 in range(0, T, KB):
             kn = min(KB, T - j0)
+            if dp == 8:                                           # two query rows per pass
+                for i in range(0, qn, 2):
+                    k0, k1 = _set8_max_2(s, s2, kn, xs, i, _key(m[i]), _key(m[i + 1]), kb[0, j0:j0 + kn], kb[1, j0:j0 + kn], kb[2, j0:j0 + kn], kb[3, j0:j0 + kn], kb[4, j0:j0 + kn], kb[5, j0:j0 + kn], kb[6, j0:j0 + kn], kb[7, j0:j0 + kn])
+                    mx0, mx1 = _unkey(k0, m[i]), _unkey(k1, m[i])
+                    al0, al1 = softmax_exp(m[i] - mx0), softmax_exp(m[i + 1] - mx1)
+                    e0, e1 = _exp_dot8_2(s, s2, kn, mx0, mx1, zero, vb[0, j0:j0 + kn], vb[1, j0:j0 + kn], vb[2, j0:j0 + kn], vb[3, j0:j0 + kn], vb[4, j0:j0 + kn], vb[5, j0:j0 + kn], vb[6, j0:j0 + kn], vb[7, j0:j0 + kn])
+                    l[i] = l[i] * al0 + e0[0]
+                    l[i + 1] = l[i + 1] * al1 + e1[0]
+                    for t in range(8):
+                        o[i, t] = o[i, t] * al0 + e0[1 + t]
+                        o[i + 1, t] = o[i + 1, t] * al1 + e1[1 + t]
+                    m[i] = mx0
+                    m[i + 1] = mx1
+                continue
             for i in range(qn):
-                sr = s[i]
-                _fill(sr, kn, zero)
-                _rowdot(qs[i], kb, j0, kn, sr)         # S_ij = c q_i . k_j
-                mx = _row_max(sr, kn, m[i])            # m_t = max(m_{t-1}, max_j S_ij)
-                alpha = fast_exp(m[i] - mx)            # exp(m_{t-1} - m_t) (0 on the first block)
-                rs = _exp_sum(sr, kn, mx, zero)        # exp(S_ij - m_t), and its sum
-                l[i] = l[i] * alpha + rs               # l_t = l_{t-1} alpha + sum_j exp(S_ij - m_t)
+                mx = _rows_dot_max(s, kn, xs[i], kb, j0, m[i])    # S_ij = c q_i . k_j;
+                #                                                   m_t = max(m_{t-1}, max_j S_ij)
+                alpha = softmax_exp(m[i] - mx)                    # exp(m_{t-1} - m_t) (0 on the first block)
+                e = _exp_dot8(s, kn, mx, zero, vb[0, j0:j0 + kn], vb[1, j0:j0 + kn], vb[2, j0:j0 + kn], vb[3, j0:j0 + kn], vb[4, j0:j0 + kn], vb[5, j0:j0 + kn], vb[6, j0:j0 + kn], vb[7, j0:j0 + kn])              # s <- exp(S_ij - m_t); its sum; . v_j
+                l[i] = l[i] * alpha + e[0]                        # l_t = l_{t-1} alpha + sum_j exp(S_ij - m_t)
+                for t in range(8):                                # o_t = o_{t-1} alpha + sum_j exp(S_ij - m_t) v_j
+                    o[i, t] = o[i, t] * alpha + e[1 + t]
+                for c in range(8, dp, 8):
+                    _rows_dot_into(o[i], s, kn, vb, j0, c, alpha, zero)
                 m[i] = mx
-                _rowsdot(sr, vb, j0, kn, o[i], alpha, zero)   # o_t = o_{t-1} alpha + sum_j exp(S_ij - m_t) v_j
         for i in range(qn):
             inv = 1 / l[i]
             for c in range(d):
-                out[b, hh, i0 + i, c] = o[i, c] * inv  # A = o / l
-            lse[b, hh, i0 + i] = m[i] + math.log(l[i])  # L = m + log l
+                out[bh, i0 + i, c] = o[i, c] * inv              # A = o / l
+            lse[bh, i0 + i] = m[i] + math.log(l[i])             # L = m + log l
 
 
 @numba.njit(parallel=True, **NUMBA_OPTS)
-def _backward(q, kT, vT, a, lse, da, dq, dk, dv, scale, KB):
-    B, h, T, d = q.shape
+def _backward(q_, kT_, vT_, a_, lse_, da_, dq, dk, dv, scale, KB, tiles_, work_):
+    # q, a, da, dq, dk, dv [BH, T, d]; kT, vT [BH, dp, T] (zero-padded channels); lse [BH, T];
+    # tiles [threads, 2 QB, KB], work [threads, 2 dp + 3 QB, max(dp, T)]: each thread's buffers
+    q, kT, vT, a, lse, da = borrow(q_), borrow(kT_), borrow(vT_), borrow(a_), borrow(lse_), borrow(da_)
+    tiles, work = borrow(tiles_), borrow(work_)
+    BH, T, d = q.shape
+    dp = kT.shape[1]
     QB = QUERY_BLOCK
     KB = max(1, min(KB, T))
     zero = scale - scale
-    one = zero + 1
-    for task in numba.prange(B * h):
-        b = task // h
-        hh = task % h
-        kb, vb = kT[b, hh], vT[b, hh]                  # [d, T]
-        dkT = np.zeros((d, T), dtype=q.dtype)          # dk^T, dv^T: consecutive keys
-        dvT = np.zeros((d, T), dtype=q.dtype)
-        p = np.empty((QB, KB), dtype=q.dtype)
-        ds = np.empty((QB, KB), dtype=q.dtype)
-        qs = np.empty((QB, d), dtype=q.dtype)          # c q of the query block
-        g = np.empty((QB, d), dtype=q.dtype)           # dA of the query block
-        dqb = np.empty((QB, d), dtype=q.dtype)
+    for bh in numba.prange(BH):
+        kb, vb = kT[bh], vT[bh]                         # [dp, T]
+        tid = numba.get_thread_id()
+        P = tiles[tid, 0:QB]                            # the tile of P [QB, KB]
+        DS = tiles[tid, QB:2 * QB]                      # the tile of dS
+        w = work[tid]
+        dkT = w[0:dp]                                   # dk^T, dv^T [dp, T]: consecutive keys
+        dvT = w[dp:2 * dp]
+        xs = w[2 * dp:2 * dp + QB]                      # c q of the query block (rows >= qn stay 0)
+        g = w[2 * dp + QB:2 * dp + 2 * QB]              # dA of the query block
+        dqb = w[2 * dp + 2 * QB:2 * dp + 3 * QB]
+        Dv = np.zeros(QB, dtype=q.dtype)
+        for c in range(dp):
+            for j in range(T):
+                dkT[c, j] = zero
+                dvT[c, j] = zero
         for i0 in range(0, T, QB):
             qn = min(QB, T - i0)
-            for i in range(qn):
-                for c in range(d):
-                    qs[i, c] = q[b, hh, i0 + i, c] * scale
-                    g[i, c] = da[b, hh, i0 + i, c]
-                    dqb[i, c] = 0
+            for i in range(QB):
+                Di = zero
+                for c in range(dp):
+                    if i < qn and c < d:
+                        xs[i, c] = q[bh, i0 + i, c] * scale
+                        g[i, c] = da[bh, i0 + i, c]
+                        Di += g[i, c] * a[bh, i0 + i, c]           # D_i = dA_i . A_i
+                    else:
+                        xs[i, c] = zero
+                        g[i, c] = zero
+                    dqb[i, c] = zero
+                Dv[i] = Di
             for j0 in range(0, T, KB):
                 kn = min(KB, T - j0)
-                for i in range(qn):
-                    pr, dr = p[i], ds[i]
-                    Li = lse[b, hh, i0 + i]
-                    Di = zero
-                    for c in range(d):
-                        Di += g[i, c] * a[b, hh, i0 + i, c]        # D_i = dA_i . A_i
-                    _fill(pr, kn, zero)
-                    _rowdot(qs[i], kb, j0, kn, pr)                 # S = c q k^T
-                    _exp_shift(pr, kn, Li)                         # P = exp(S - L)
-                    _fill(dr, kn, -Di)
-                    _rowdot(g[i], vb, j0, kn, dr)                  # dP - D,  dP = dA v^T
-                    _mul(dr, kn, pr)                               # dS = P (dP - D)
-                    _rowsdot(dr, kb, j0, kn, dqb[i], one, zero)    # dq += dS k   (c applied below)
-                _outer_update(dvT, j0, kn, g, p, qn)               # dv += P^T dA
-                _outer_update(dkT, j0, kn, qs, ds, qn)             # dk += dS^T (c q)
+                if dp == 8:
+                    for i in range(0, qn, 2):
+                        _p_ds8_2(P[i], DS[i], P[i + 1], DS[i + 1], kn, lse[bh, i0 + i], Dv[i],
+                                 lse[bh, min(i0 + i + 1, T - 1)], Dv[i + 1], xs, g, i, kb[0, j0:j0 + kn], kb[1, j0:j0 + kn], kb[2, j0:j0 + kn], kb[3, j0:j0 + kn], kb[4, j0:j0 + kn], kb[5, j0:j0 + kn], kb[6, j0:j0 + kn], kb[7, j0:j0 + kn], vb[0, j0:j0 + kn], vb[1, j0:j0 + kn], vb[2, j0:j0 + kn], vb[3, j0:j0 + kn], vb[4, j0:j0 + kn], vb[5, j0:j0 + kn], vb[6, j0:j0 + kn], vb[7, j0:j0 + kn])
+                for i in range(QB):
+                    pr, dr = P[i], DS[i]
+                    if i >= qn:                                    # padding rows: P = dS = 0
+                        for jj in range(kn):
+                            pr[jj] = zero
+                            dr[jj] = zero
+                        continue
+                    if dp != 8:
+                        _rows_dot(pr, kn, xs[i], kb, j0)           # S = c q k^T
+                        _rows_dot(dr, kn, g[i], vb, j0)            # dP = dA v^T
+                        _p_ds(pr, dr, kn, lse[bh, i0 + i], Dv[i])  # P = exp(S - L), dS = P (dP - D)
+                    if dp != 8:
+                        for c in range(0, dp, 8):
+                            _rows_dot_into(dqb[i], dr, kn, kb, j0, c, zero + 1, zero)   # dq += dS k (c below)
+                if dp == 8:
+                    for i in range(0, qn, 2):
+                        u, w2 = _dot8_2(DS[i], DS[i + 1], kn, zero, kb[0, j0:j0 + kn], kb[1, j0:j0 + kn], kb[2, j0:j0 + kn], kb[3, j0:j0 + kn], kb[4, j0:j0 + kn], kb[5, j0:j0 + kn], kb[6, j0:j0 + kn], kb[7, j0:j0 + kn])
+                        for t in range(8):
+                            dqb[i, t] += u[t]
+                            dqb[i + 1, t] += w2[t]
+                for c in range(0, dp, 4):                          # dv += P^T dA,  dk += dS^T (c q)
+                    _axpy8x4(dvT[c, j0:j0 + kn], dvT[c + 1, j0:j0 + kn], dvT[c + 2, j0:j0 + kn], dvT[c + 3, j0:j0 + kn],
+                             kn, g, c, P[0, :kn], P[1, :kn], P[2, :kn], P[3, :kn], P[4, :kn], P[5, :kn],
+                             P[6, :kn], P[7, :kn])
+                    _axpy8x4(dkT[c, j0:j0 + kn], dkT[c + 1, j0:j0 + kn], dkT[c + 2, j0:j0 + kn], dkT[c + 3, j0:j0 + kn],
+                             kn, xs, c, DS[0, :kn], DS[1, :kn], DS[2, :kn], DS[3, :kn], DS[4, :kn], DS[5, :kn],
+                             DS[6, :kn], DS[7, :kn])
             for i in range(qn):
                 for c in range(d):
-                    dq[b, hh, i0 + i, c] = dqb[i, c] * scale
+                    dq[bh, i0 + i, c] = dqb[i, c] * scale
         for j in range(T):
             for c in range(d):
-                dk[b, hh, j, c] = dkT[c, j]
-                dv[b, hh, j, c] = dvT[c, j]
+                dk[bh, j, c] = dkT[c, j]
+                dv[bh, j, c] = dvT[c, j]
+
+
+def _threads():
+    return int(numba.config.NUMBA_NUM_THREADS)      # the pool's size: every numba.get_thread_id() is below
 
 
 def _check(q, k, v):
@@ -382,6 +643,24 @@ def _place(buf, dst):
     return dst
 
 
+def _keys_major(x, dp):
+    """[B, h, T, d] -> C-contiguous [B h, dp, T] (keys consecutive), channels d..dp-1 zero."""
+    B, h, T, d = x.shape
+    out = np.zeros((B * h, dp, T), dtype=x.dtype)
+    out[:, :d, :] = x.reshape(B * h, T, d).swapaxes(1, 2) if x.flags.c_contiguous else \
+        x.swapaxes(-1, -2).reshape(B * h, d, T)
+    return out
+
+
+def _flat(x):
+    B, h, T, d = x.shape
+    return np.ascontiguousarray(x).reshape(B * h, T, d)
+
+
+def _padded_dim(d):
+    return -(-d // 8) * 8
+
+
 # The kernels always get C-contiguous arrays (copies of strided views cost O(B h T d), against the
 # kernels' O(B h T^2 d)), so each compiles once per dtype: fewer signatures to compile and cache.
 def attention_forward(q, k, v, out=None, key_block=KEY_BLOCK):
@@ -394,12 +673,14 @@ def attention_forward(q, k, v, out=None, key_block=KEY_BLOCK):
     """
     _check(q, k, v)
     B, h, T, d = q.shape
+    dp = _padded_dim(d)
     scale = q.dtype.type(1.0 / math.sqrt(d))
-    a = np.empty(q.shape, dtype=q.dtype)
-    lse = np.empty((B, h, T), dtype=q.dtype)
-    _forward(np.ascontiguousarray(q), np.ascontiguousarray(k.swapaxes(-1, -2)),
-             np.ascontiguousarray(v.swapaxes(-1, -2)), a, lse, scale, _check_block(key_block))
-    return _place(a, out), lse
+    a = np.empty((B * h, T, d), dtype=q.dtype)
+    lse = np.empty((B * h, T), dtype=q.dtype)
+    kb = int(_check_block(key_block))
+    work = np.empty((_threads(), 2 * QUERY_BLOCK + 2, max(dp, min(kb, T))), dtype=q.dtype)
+    _forward(_flat(q), _keys_major(k, dp), _keys_major(v, dp), a, lse, scale, np.int64(kb), work)
+    return _place(a.reshape(B, h, T, d), out), lse.reshape(B, h, T)
 
 
 def attention_backward(q, k, v, a, lse, da, dq=None, dk=None, dv=None, key_block=KEY_BLOCK):
@@ -412,9 +693,15 @@ def attention_backward(q, k, v, a, lse, da, dq=None, dk=None, dv=None, key_block
     if a.shape != q.shape or da.shape != q.shape or lse.shape != (B, h, T):
         raise ValueError(f"fused attention backward: a and da must have q's shape {q.shape} and lse "
                          f"{(B, h, T)}; got {a.shape}, {da.shape}, {lse.shape}")
+    dp = _padded_dim(d)
     scale = q.dtype.type(1.0 / math.sqrt(d))
-    gq, gk, gv = (np.empty(q.shape, q.dtype) for _ in range(3))
-    c = lambda x: np.ascontiguousarray(x, dtype=q.dtype)  # noqa: E731
-    _backward(c(q), c(k.swapaxes(-1, -2)), c(v.swapaxes(-1, -2)), c(a), c(lse), c(da), gq, gk, gv, scale,
-              _check_block(key_block))
-    return _place(gq, dq), _place(gk, dk), _place(gv, dv)
+    gq, gk, gv = (np.empty((B * h, T, d), q.dtype) for _ in range(3))
+    c = lambda x: _flat(np.asarray(x, dtype=q.dtype))  # noqa: E731
+    kb = int(_check_block(key_block))
+    tiles = np.empty((_threads(), 2 * QUERY_BLOCK, min(kb, T)), dtype=q.dtype)
+    work = np.empty((_threads(), 2 * dp + 3 * QUERY_BLOCK, max(dp, T)), dtype=q.dtype)
+    _backward(c(q), _keys_major(k, dp), _keys_major(v, dp), c(a),
+              np.ascontiguousarray(lse, dtype=q.dtype).reshape(B * h, T), c(da), gq, gk, gv, scale,
+              np.int64(kb), tiles, work)
+    shape = (B, h, T, d)
+    return _place(gq.reshape(shape), dq), _place(gk.reshape(shape), dk), _place(gv.reshape(shape), dv)
