@@ -401,6 +401,10 @@ def main(argv=None):
         return
     if a.worker:
         a.samples = [int(v) for v in a.samples.split(",") if v]
+        if a.worker != "twin" and a.worker != "twin-sdpa":
+            # flowpp_ref before NumPy, as the CLI imports it: its OPENBLAS_THREAD_TIMEOUT default
+            # only applies if it is set before OpenBLAS loads (a checkout without it sets nothing)
+            import flowpp_ref  # noqa: F401
         print(json.dumps(WORKERS[a.worker](a)))
         return
 

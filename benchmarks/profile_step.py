@@ -26,6 +26,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                    help="cpu: process CPU time (all threads; the default), wall: elapsed time (where a "
+                         "step waits on one thread, with --threads 2)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
@@ -34,10 +37,10 @@ def main(argv=None):
     import pstats
     import time
 
+    import flowpp_ref                   # first, as the CLI does: it sets OPENBLAS_THREAD_TIMEOUT before NumPy loads
     import numpy as np
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import flowpp_ref
     from bench_step import CONFIGS
     from flowpp_ref.backend import make_rng
     from flowpp_ref.data import load_default_dataset
@@ -51,7 +54,7 @@ def main(argv=None):
     x = imgs[-p.train.batch_size:]
     gen = np.random.default_rng(1)
     model.loss_and_grads(x, rng=gen, train=True)             # warm-up (numba compile / cache load)
-    pr = cProfile.Profile(time.process_time)
+    pr = cProfile.Profile(time.process_time if a.clock == "cpu" else time.perf_counter)
     pr.enable()
     for _ in range(a.steps):
         model.loss_and_grads(x, rng=gen, train=True)
@@ -66,7 +69,8 @@ def main(argv=None):
     rows = sorted(((tt / a.steps, ct / a.steps, nc // a.steps, f"{os.path.basename(fn)}:{ln}({name})")
                    for (fn, ln, name), (_, nc, tt, ct, _) in st.stats.items()), reverse=True)
     print(f"flowpp_ref from {os.path.dirname(flowpp_ref.__file__)}; {a.config}, batch {p.train.batch_size}, "
-          f"{a.threads} thread(s), {a.steps} steps; CPU time per step (user + system):")
+          f"{a.threads} thread(s), {a.steps} steps; "
+          f"{'CPU time (user + system)' if a.clock == 'cpu' else 'wall time'} per step:")
     print(f"  total {total:.3f} s   self-attention (forward + backward) {attn:.3f} s   non-attention "
           f"{total - attn:.3f} s")
     print(f"  {'own s':>7s} {'cum s':>7s} {'calls':>6s}  function (per step)")
@@ -74,7 +78,7 @@ def main(argv=None):
         print(f"  {tt:7.3f} {ct:7.3f} {nc:6d}  {name}")
     if a.out:
         with open(a.out, "w") as f:
-            json.dump(dict(source=os.path.dirname(flowpp_ref.__file__), config=a.config, threads=a.threads,
+            json.dump(dict(source=os.path.dirname(flowpp_ref.__file__), config=a.config, threads=a.threads, clock=a.clock,
                            steps=a.steps, total_s=total, attention_s=attn, non_attention_s=total - attn,
                            top=[dict(own_s=r[0], cum_s=r[1], calls=r[2], function=r[3]) for r in rows[:a.top]]),
                       f, indent=2)
