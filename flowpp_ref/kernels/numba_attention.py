@@ -370,6 +370,101 @@ def _exp_dot8_2(p, r, kn, mx0, mx1, zero, m0, m1, m2, m3, m4, m5, m6, m7):
     return (sp, a0, a1, a2, a3, a4, a5, a6, a7), (sr, b0, b1, b2, b3, b4, b5, b6, b7)
 
 
+# The same passes for d <= 4 (the channels padded to 4, not 8: half the loads and products).
+@numba.njit(**NUMBA_OPTS)
+def _set4_max_2(y, r, kn, X, i, best0, best1, m0, m1, m2, m3):
+    """_set8_max_2 with 4 channels."""
+    x0, x1, x2, x3 = X[i, 0], X[i, 1], X[i, 2], X[i, 3]
+    z0, z1, z2, z3 = X[i + 1, 0], X[i + 1, 1], X[i + 1, 2], X[i + 1, 3]
+    for jj in range(kn):
+        a0, a1, a2, a3 = m0[jj], m1[jj], m2[jj], m3[jj]
+        s0 = (x0 * a0 + x1 * a1) + (x2 * a2 + x3 * a3)
+        s1 = (z0 * a0 + z1 * a1) + (z2 * a2 + z3 * a3)
+        y[jj] = s0
+        r[jj] = s1
+        best0 = max(best0, _key(s0))
+        best1 = max(best1, _key(s1))
+    return best0, best1
+
+
+@numba.njit(**NUMBA_OPTS)
+def _exp_dot4_2(p, r, kn, mx0, mx1, zero, m0, m1, m2, m3):
+    """_exp_dot8_2 with 4 channels."""
+    sp = zero
+    sr = zero
+    a0 = zero
+    b0 = zero
+    a1 = zero
+    b1 = zero
+    a2 = zero
+    b2 = zero
+    a3 = zero
+    b3 = zero
+    for jj in range(kn):
+        u = softmax_exp(p[jj] - mx0)
+        w = softmax_exp(r[jj] - mx1)
+        p[jj] = u
+        r[jj] = w
+        sp += u
+        sr += w
+        a0 += u * m0[jj]
+        b0 += w * m0[jj]
+        a1 += u * m1[jj]
+        b1 += w * m1[jj]
+        a2 += u * m2[jj]
+        b2 += w * m2[jj]
+        a3 += u * m3[jj]
+        b3 += w * m3[jj]
+    return (sp, a0, a1, a2, a3), (sr, b0, b1, b2, b3)
+
+
+@numba.njit(**NUMBA_OPTS)
+def _p_ds4_2(p0, ds0, p1, ds1, kn, L0, D0, L1, D1, X, G, i, k0, k1, k2, k3, v0, v1, v2, v3):
+    """_p_ds8_2 with 4 channels."""
+    x0, x1, x2, x3 = X[i, 0], X[i, 1], X[i, 2], X[i, 3]
+    z0, z1, z2, z3 = X[i + 1, 0], X[i + 1, 1], X[i + 1, 2], X[i + 1, 3]
+    g0, g1, g2, g3 = G[i, 0], G[i, 1], G[i, 2], G[i, 3]
+    h0, h1, h2, h3 = G[i + 1, 0], G[i + 1, 1], G[i + 1, 2], G[i + 1, 3]
+    for jj in range(kn):
+        a0, a1, a2, a3 = k0[jj], k1[jj], k2[jj], k3[jj]
+        b0, b1, b2, b3 = v0[jj], v1[jj], v2[jj], v3[jj]
+        s0 = (x0 * a0 + x1 * a1) + (x2 * a2 + x3 * a3)
+        s1 = (z0 * a0 + z1 * a1) + (z2 * a2 + z3 * a3)
+        e0 = (g0 * b0 + g1 * b1) + (g2 * b2 + g3 * b3)
+        e1 = (h0 * b0 + h1 * b1) + (h2 * b2 + h3 * b3)
+        q0 = softmax_exp(s0 - L0)
+        q1 = softmax_exp(s1 - L1)
+        p0[jj] = q0
+        p1[jj] = q1
+        ds0[jj] = q0 * (e0 - D0)
+        ds1[jj] = q1 * (e1 - D1)
+
+
+@numba.njit(**NUMBA_OPTS)
+def _dot4_2(p, r, kn, zero, m0, m1, m2, m3):
+    """_dot8_2 with 4 channels."""
+    a0 = zero
+    b0 = zero
+    a1 = zero
+    b1 = zero
+    a2 = zero
+    b2 = zero
+    a3 = zero
+    b3 = zero
+    for jj in range(kn):
+        u = p[jj]
+        w = r[jj]
+        a0 += u * m0[jj]
+        b0 += w * m0[jj]
+        a1 += u * m1[jj]
+        b1 += w * m1[jj]
+        a2 += u * m2[jj]
+        b2 += w * m2[jj]
+        a3 += u * m3[jj]
+        b3 += w * m3[jj]
+    return (a0, a1, a2, a3), (b0, b1, b2, b3)
+
+
 _F32_MASK, _F64_MASK = np.int32(0x7FFFFFFF), np.int64(0x7FFFFFFFFFFFFFFF)
 
 
@@ -515,6 +610,20 @@ def _forward(q_, kT_, vT_, out, lse, scale, KB, work_):
                     m[i] = mx0
                     m[i + 1] = mx1
                 continue
+            if dp == 4:                                           # the same with 4 channels
+                for i in range(0, qn, 2):
+                    k0, k1 = _set4_max_2(s, s2, kn, xs, i, _key(m[i]), _key(m[i + 1]), kb[0, j0:j0 + kn], kb[1, j0:j0 + kn], kb[2, j0:j0 + kn], kb[3, j0:j0 + kn])
+                    mx0, mx1 = _unkey(k0, m[i]), _unkey(k1, m[i])
+                    al0, al1 = softmax_exp(m[i] - mx0), softmax_exp(m[i + 1] - mx1)
+                    e0, e1 = _exp_dot4_2(s, s2, kn, mx0, mx1, zero, vb[0, j0:j0 + kn], vb[1, j0:j0 + kn], vb[2, j0:j0 + kn], vb[3, j0:j0 + kn])
+                    l[i] = l[i] * al0 + e0[0]
+                    l[i + 1] = l[i + 1] * al1 + e1[0]
+                    for t in range(4):
+                        o[i, t] = o[i, t] * al0 + e0[1 + t]
+                        o[i + 1, t] = o[i + 1, t] * al1 + e1[1 + t]
+                    m[i] = mx0
+                    m[i + 1] = mx1
+                continue
             for i in range(qn):
                 mx = _rows_dot_max(s, kn, xs[i], kb, j0, m[i])    # S_ij = c q_i . k_j;
                 #                                                   m_t = max(m_{t-1}, max_j S_ij)
@@ -576,30 +685,45 @@ def _backward(q_, kT_, vT_, a_, lse_, da_, dq, dk, dv, scale, KB, tiles_, work_)
                 Dv[i] = Di
             for j0 in range(0, T, KB):
                 kn = min(KB, T - j0)
-                if dp == 8:
-                    for i in range(0, qn, 2):
+                # P = exp(S - L) and dS = P (dP - D) of the tile: S = c q k^T, dP = dA v^T
+                if dp == 8:                                        # two query rows per pass
+                    for i in range(0, qn, 2):                      # (a padding row i + 1: cleared below)
                         _p_ds8_2(P[i], DS[i], P[i + 1], DS[i + 1], kn, lse[bh, i0 + i], Dv[i],
-                                 lse[bh, min(i0 + i + 1, T - 1)], Dv[i + 1], xs, g, i, kb[0, j0:j0 + kn], kb[1, j0:j0 + kn], kb[2, j0:j0 + kn], kb[3, j0:j0 + kn], kb[4, j0:j0 + kn], kb[5, j0:j0 + kn], kb[6, j0:j0 + kn], kb[7, j0:j0 + kn], vb[0, j0:j0 + kn], vb[1, j0:j0 + kn], vb[2, j0:j0 + kn], vb[3, j0:j0 + kn], vb[4, j0:j0 + kn], vb[5, j0:j0 + kn], vb[6, j0:j0 + kn], vb[7, j0:j0 + kn])
-                for i in range(QB):
-                    pr, dr = P[i], DS[i]
-                    if i >= qn:                                    # padding rows: P = dS = 0
-                        for jj in range(kn):
-                            pr[jj] = zero
-                            dr[jj] = zero
-                        continue
-                    if dp != 8:
-                        _rows_dot(pr, kn, xs[i], kb, j0)           # S = c q k^T
-                        _rows_dot(dr, kn, g[i], vb, j0)            # dP = dA v^T
-                        _p_ds(pr, dr, kn, lse[bh, i0 + i], Dv[i])  # P = exp(S - L), dS = P (dP - D)
-                    if dp != 8:
-                        for c in range(0, dp, 8):
-                            _rows_dot_into(dqb[i], dr, kn, kb, j0, c, zero + 1, zero)   # dq += dS k (c below)
+                                 lse[bh, min(i0 + i + 1, T - 1)], Dv[i + 1], xs, g, i,
+                                 kb[0, j0:j0 + kn], kb[1, j0:j0 + kn], kb[2, j0:j0 + kn], kb[3, j0:j0 + kn], kb[4, j0:j0 + kn], kb[5, j0:j0 + kn], kb[6, j0:j0 + kn], kb[7, j0:j0 + kn],
+                                 vb[0, j0:j0 + kn], vb[1, j0:j0 + kn], vb[2, j0:j0 + kn], vb[3, j0:j0 + kn], vb[4, j0:j0 + kn], vb[5, j0:j0 + kn], vb[6, j0:j0 + kn], vb[7, j0:j0 + kn])
+                elif dp == 4:
+                    for i in range(0, qn, 2):
+                        _p_ds4_2(P[i], DS[i], P[i + 1], DS[i + 1], kn, lse[bh, i0 + i], Dv[i],
+                                 lse[bh, min(i0 + i + 1, T - 1)], Dv[i + 1], xs, g, i,
+                                 kb[0, j0:j0 + kn], kb[1, j0:j0 + kn], kb[2, j0:j0 + kn], kb[3, j0:j0 + kn], vb[0, j0:j0 + kn], vb[1, j0:j0 + kn], vb[2, j0:j0 + kn], vb[3, j0:j0 + kn])
+                else:                                              # any multiple of 8: one row per pass
+                    for i in range(qn):
+                        _rows_dot(P[i], kn, xs[i], kb, j0)         # S
+                        _rows_dot(DS[i], kn, g[i], vb, j0)         # dP
+                        _p_ds(P[i], DS[i], kn, lse[bh, i0 + i], Dv[i])
+                for i in range(qn, QB):                            # padding rows: P = dS = 0
+                    for jj in range(kn):
+                        P[i, jj] = zero
+                        DS[i, jj] = zero
+                # dq += dS k  (c applied at the end)
                 if dp == 8:
                     for i in range(0, qn, 2):
-                        u, w2 = _dot8_2(DS[i], DS[i + 1], kn, zero, kb[0, j0:j0 + kn], kb[1, j0:j0 + kn], kb[2, j0:j0 + kn], kb[3, j0:j0 + kn], kb[4, j0:j0 + kn], kb[5, j0:j0 + kn], kb[6, j0:j0 + kn], kb[7, j0:j0 + kn])
+                        u, w2 = _dot8_2(DS[i], DS[i + 1], kn, zero,
+                                        kb[0, j0:j0 + kn], kb[1, j0:j0 + kn], kb[2, j0:j0 + kn], kb[3, j0:j0 + kn], kb[4, j0:j0 + kn], kb[5, j0:j0 + kn], kb[6, j0:j0 + kn], kb[7, j0:j0 + kn])
                         for t in range(8):
                             dqb[i, t] += u[t]
                             dqb[i + 1, t] += w2[t]
+                elif dp == 4:
+                    for i in range(0, qn, 2):
+                        u4, w4 = _dot4_2(DS[i], DS[i + 1], kn, zero, kb[0, j0:j0 + kn], kb[1, j0:j0 + kn], kb[2, j0:j0 + kn], kb[3, j0:j0 + kn])
+                        for t in range(4):
+                            dqb[i, t] += u4[t]
+                            dqb[i + 1, t] += w4[t]
+                else:
+                    for i in range(qn):
+                        for c in range(0, dp, 8):
+                            _rows_dot_into(dqb[i], DS[i], kn, kb, j0, c, zero + 1, zero)
                 for c in range(0, dp, 4):                          # dv += P^T dA,  dk += dS^T (c q)
                     _axpy8x4(dvT[c, j0:j0 + kn], dvT[c + 1, j0:j0 + kn], dvT[c + 2, j0:j0 + kn], dvT[c + 3, j0:j0 + kn],
                              kn, g, c, P[0, :kn], P[1, :kn], P[2, :kn], P[3, :kn], P[4, :kn], P[5, :kn],
@@ -658,7 +782,8 @@ def _flat(x):
 
 
 def _padded_dim(d):
-    return -(-d // 8) * 8
+    """The channels the kernels compute with: 4 for d <= 4, else d rounded up to a multiple of 8."""
+    return 4 if d <= 4 else -(-d // 8) * 8
 
 
 # The kernels always get C-contiguous arrays (copies of strided views cost O(B h T d), against the
