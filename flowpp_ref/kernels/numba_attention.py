@@ -120,198 +120,34 @@ def _softmax_exp_overload(x):
 
 
 # ---------------------------------------------------------------- inner loops (SIMD over keys)
-# Each loop over the keys jj is its own small function taking 1-d views (rows of a [d, T] array,
-# passed separately): LLVM then vectorises it. The channel dimension is handled 8 at a time
-# (the wrappers pad d with zero channels to a multiple of 8); one index expression over a
-# flattened [d * T] row did not vectorise (numba's index wrap-around): 18x slower.
+# Each loop over the keys jj is its own small function taking 1-d views (rows of a [dp, T] array,
+# passed one by one): LLVM then vectorises it. Two query rows share each pass, so that every load
+# of a key row serves both (the passes are bound by loads from L2: 16 rows of 512 keys are 32 KB).
+# The channels run 8 at a time (4 when d <= 4; the wrappers pad d with zero channels). One index
+# expression over a flattened [dp * T] row did not vectorise (18x slower); an offset added to the
+# loop index did not either. Hand-unrolled over the channels: numba does not unroll loops.
 @numba.njit(**NUMBA_OPTS)
-def _set8(y, kn, x0, x1, x2, x3, x4, x5, x6, x7, m0, m1, m2, m3, m4, m5, m6, m7):
-    """y[jj] = sum_c x_c m_c[jj] (c < 8)."""
+def _set8_2(y, r, kn, X, i, c, m0, m1, m2, m3, m4, m5, m6, m7):
+    """y[jj] = X[i, c:c+8] . m[jj],  r[jj] = X[i+1, c:c+8] . m[jj]  (m_t: rows of k or v)."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = (X[i, c], X[i, c + 1], X[i, c + 2], X[i, c + 3], X[i, c + 4], X[i, c + 5],
+                                      X[i, c + 6], X[i, c + 7])
+    z0, z1, z2, z3, z4, z5, z6, z7 = (X[i + 1, c], X[i + 1, c + 1], X[i + 1, c + 2], X[i + 1, c + 3],
+                                      X[i + 1, c + 4], X[i + 1, c + 5], X[i + 1, c + 6], X[i + 1, c + 7])
     for jj in range(kn):
-        y[jj] = ((x0 * m0[jj] + x1 * m1[jj]) + (x2 * m2[jj] + x3 * m3[jj])) + \
-                ((x4 * m4[jj] + x5 * m5[jj]) + (x6 * m6[jj] + x7 * m7[jj]))
-
-
-@numba.njit(**NUMBA_OPTS)
-def _add8(y, kn, x0, x1, x2, x3, x4, x5, x6, x7, m0, m1, m2, m3, m4, m5, m6, m7):
-    """y[jj] += sum_c x_c m_c[jj] (c < 8)."""
-    for jj in range(kn):
-        y[jj] += ((x0 * m0[jj] + x1 * m1[jj]) + (x2 * m2[jj] + x3 * m3[jj])) + \
-                 ((x4 * m4[jj] + x5 * m5[jj]) + (x6 * m6[jj] + x7 * m7[jj]))
-
-
-@numba.njit(**NUMBA_OPTS)
-def _set8_max(y, kn, best, x0, x1, x2, x3, x4, x5, x6, x7, m0, m1, m2, m3, m4, m5, m6, m7):
-    """_set8, returning max(best, the largest key of the y written)."""
-    for jj in range(kn):
-        v = ((x0 * m0[jj] + x1 * m1[jj]) + (x2 * m2[jj] + x3 * m3[jj])) + \
-            ((x4 * m4[jj] + x5 * m5[jj]) + (x6 * m6[jj] + x7 * m7[jj]))
-        y[jj] = v
-        best = max(best, _key(v))
-    return best
-
-
-@numba.njit(**NUMBA_OPTS)
-def _add8_max(y, kn, best, x0, x1, x2, x3, x4, x5, x6, x7, m0, m1, m2, m3, m4, m5, m6, m7):
-    """_add8, returning max(best, the largest key of the y written)."""
-    for jj in range(kn):
-        v = y[jj] + (((x0 * m0[jj] + x1 * m1[jj]) + (x2 * m2[jj] + x3 * m3[jj])) +
-                     ((x4 * m4[jj] + x5 * m5[jj]) + (x6 * m6[jj] + x7 * m7[jj])))
-        y[jj] = v
-        best = max(best, _key(v))
-    return best
-
-
-@numba.njit(**NUMBA_OPTS)
-def _dot8(p, kn, zero, m0, m1, m2, m3, m4, m5, m6, m7):
-    """(p . m0, ..., p . m7) over jj < kn: eight reductions share each load of p (only reads)."""
-    a0 = zero
-    a1 = zero
-    a2 = zero
-    a3 = zero
-    a4 = zero
-    a5 = zero
-    a6 = zero
-    a7 = zero
-    for jj in range(kn):
-        pj = p[jj]
-        a0 += pj * m0[jj]
-        a1 += pj * m1[jj]
-        a2 += pj * m2[jj]
-        a3 += pj * m3[jj]
-        a4 += pj * m4[jj]
-        a5 += pj * m5[jj]
-        a6 += pj * m6[jj]
-        a7 += pj * m7[jj]
-    return a0, a1, a2, a3, a4, a5, a6, a7
-
-
-@numba.njit(**NUMBA_OPTS)
-def _exp_dot8(s, kn, mx, zero, m0, m1, m2, m3, m4, m5, m6, m7):
-    """s[jj] <- p_jj = exp(s[jj] - mx); returns (sum_jj p_jj, p . m0, ..., p . m7)."""
-    r = zero
-    a0 = zero
-    a1 = zero
-    a2 = zero
-    a3 = zero
-    a4 = zero
-    a5 = zero
-    a6 = zero
-    a7 = zero
-    for jj in range(kn):
-        pj = softmax_exp(s[jj] - mx)
-        s[jj] = pj
-        r += pj
-        a0 += pj * m0[jj]
-        a1 += pj * m1[jj]
-        a2 += pj * m2[jj]
-        a3 += pj * m3[jj]
-        a4 += pj * m4[jj]
-        a5 += pj * m5[jj]
-        a6 += pj * m6[jj]
-        a7 += pj * m7[jj]
-    return r, a0, a1, a2, a3, a4, a5, a6, a7
-
-
-@numba.njit(**NUMBA_OPTS)
-def _p_ds(p, ds, kn, L, D):
-    """p[jj] <- P = exp(S - L) (p holds S);  ds[jj] <- dS = P (dP - D) (ds holds dP)."""
-    for jj in range(kn):
-        pj = softmax_exp(p[jj] - L)
-        p[jj] = pj
-        ds[jj] = pj * (ds[jj] - D)
-
-
-@numba.njit(**NUMBA_OPTS)
-def _axpy8x4(y0, y1, y2, y3, kn, X, c, r0, r1, r2, r3, r4, r5, r6, r7):
-    """y_t[jj] += sum_i X[i, c + t] r_i[jj] (i < 8, t < 4): the 8 rows r read once for 4 outputs."""
-    a0, a1, a2, a3, a4, a5, a6, a7 = X[0, c], X[1, c], X[2, c], X[3, c], X[4, c], X[5, c], X[6, c], X[7, c]
-    b0, b1, b2, b3, b4, b5, b6, b7 = (X[0, c + 1], X[1, c + 1], X[2, c + 1], X[3, c + 1], X[4, c + 1],
-                                      X[5, c + 1], X[6, c + 1], X[7, c + 1])
-    e0, e1, e2, e3, e4, e5, e6, e7 = (X[0, c + 2], X[1, c + 2], X[2, c + 2], X[3, c + 2], X[4, c + 2],
-                                      X[5, c + 2], X[6, c + 2], X[7, c + 2])
-    f0, f1, f2, f3, f4, f5, f6, f7 = (X[0, c + 3], X[1, c + 3], X[2, c + 3], X[3, c + 3], X[4, c + 3],
-                                      X[5, c + 3], X[6, c + 3], X[7, c + 3])
-    for jj in range(kn):
-        v0, v1, v2, v3, v4, v5, v6, v7 = r0[jj], r1[jj], r2[jj], r3[jj], r4[jj], r5[jj], r6[jj], r7[jj]
-        y0[jj] += ((a0 * v0 + a1 * v1) + (a2 * v2 + a3 * v3)) + ((a4 * v4 + a5 * v5) + (a6 * v6 + a7 * v7))
-        y1[jj] += ((b0 * v0 + b1 * v1) + (b2 * v2 + b3 * v3)) + ((b4 * v4 + b5 * v5) + (b6 * v6 + b7 * v7))
-        y2[jj] += ((e0 * v0 + e1 * v1) + (e2 * v2 + e3 * v3)) + ((e4 * v4 + e5 * v5) + (e6 * v6 + e7 * v7))
-        y3[jj] += ((f0 * v0 + f1 * v1) + (f2 * v2 + f3 * v3)) + ((f4 * v4 + f5 * v5) + (f6 * v6 + f7 * v7))
-
-
-@numba.njit(**NUMBA_OPTS)
-def _p_ds8_2(p0, ds0, p1, ds1, kn, L0, D0, L1, D1, X, G, i,
-             k0, k1, k2, k3, k4, k5, k6, k7, v0, v1, v2, v3, v4, v5, v6, v7):
-    """_p_ds8 for the query rows i and i + 1 (X, G [QB, 8]): each k, v load serves both."""
-    x0, x1, x2, x3, x4, x5, x6, x7 = X[i, 0], X[i, 1], X[i, 2], X[i, 3], X[i, 4], X[i, 5], X[i, 6], X[i, 7]
-    z0, z1, z2, z3, z4, z5, z6, z7 = (X[i + 1, 0], X[i + 1, 1], X[i + 1, 2], X[i + 1, 3], X[i + 1, 4],
-                                      X[i + 1, 5], X[i + 1, 6], X[i + 1, 7])
-    g0, g1, g2, g3, g4, g5, g6, g7 = G[i, 0], G[i, 1], G[i, 2], G[i, 3], G[i, 4], G[i, 5], G[i, 6], G[i, 7]
-    h0, h1, h2, h3, h4, h5, h6, h7 = (G[i + 1, 0], G[i + 1, 1], G[i + 1, 2], G[i + 1, 3], G[i + 1, 4],
-                                      G[i + 1, 5], G[i + 1, 6], G[i + 1, 7])
-    for jj in range(kn):
-        a0, a1, a2, a3, a4, a5, a6, a7 = k0[jj], k1[jj], k2[jj], k3[jj], k4[jj], k5[jj], k6[jj], k7[jj]
-        b0, b1, b2, b3, b4, b5, b6, b7 = v0[jj], v1[jj], v2[jj], v3[jj], v4[jj], v5[jj], v6[jj], v7[jj]
+        a0, a1, a2, a3, a4, a5, a6, a7 = m0[jj], m1[jj], m2[jj], m3[jj], m4[jj], m5[jj], m6[jj], m7[jj]
         s0 = ((x0 * a0 + x1 * a1) + (x2 * a2 + x3 * a3)) + ((x4 * a4 + x5 * a5) + (x6 * a6 + x7 * a7))
         s1 = ((z0 * a0 + z1 * a1) + (z2 * a2 + z3 * a3)) + ((z4 * a4 + z5 * a5) + (z6 * a6 + z7 * a7))
-        e0 = ((g0 * b0 + g1 * b1) + (g2 * b2 + g3 * b3)) + ((g4 * b4 + g5 * b5) + (g6 * b6 + g7 * b7))
-        e1 = ((h0 * b0 + h1 * b1) + (h2 * b2 + h3 * b3)) + ((h4 * b4 + h5 * b5) + (h6 * b6 + h7 * b7))
-        q0 = softmax_exp(s0 - L0)
-        q1 = softmax_exp(s1 - L1)
-        p0[jj] = q0
-        p1[jj] = q1
-        ds0[jj] = q0 * (e0 - D0)
-        ds1[jj] = q1 * (e1 - D1)
+        y[jj] = s0
+        r[jj] = s1
 
 
 @numba.njit(**NUMBA_OPTS)
-def _dot8_2(p, r, kn, zero, m0, m1, m2, m3, m4, m5, m6, m7):
-    """(p . m_t, r . m_t for t < 8): _dot8 of two rows, each m load serving both."""
-    a0 = zero
-    b0 = zero
-    a1 = zero
-    b1 = zero
-    a2 = zero
-    b2 = zero
-    a3 = zero
-    b3 = zero
-    a4 = zero
-    b4 = zero
-    a5 = zero
-    b5 = zero
-    a6 = zero
-    b6 = zero
-    a7 = zero
-    b7 = zero
-    for jj in range(kn):
-        u = p[jj]
-        w = r[jj]
-        a0 += u * m0[jj]
-        b0 += w * m0[jj]
-        a1 += u * m1[jj]
-        b1 += w * m1[jj]
-        a2 += u * m2[jj]
-        b2 += w * m2[jj]
-        a3 += u * m3[jj]
-        b3 += w * m3[jj]
-        a4 += u * m4[jj]
-        b4 += w * m4[jj]
-        a5 += u * m5[jj]
-        b5 += w * m5[jj]
-        a6 += u * m6[jj]
-        b6 += w * m6[jj]
-        a7 += u * m7[jj]
-        b7 += w * m7[jj]
-    return (a0, a1, a2, a3, a4, a5, a6, a7), (b0, b1, b2, b3, b4, b5, b6, b7)
-
-
-@numba.njit(**NUMBA_OPTS)
-def _set8_max_2(y, r, kn, X, i, best0, best1, m0, m1, m2, m3, m4, m5, m6, m7):
-    """_set8_max for the query rows i, i + 1 of X [QB, 8] into y, r (each m load serving both)."""
-    x0, x1, x2, x3, x4, x5, x6, x7 = X[i, 0], X[i, 1], X[i, 2], X[i, 3], X[i, 4], X[i, 5], X[i, 6], X[i, 7]
-    z0, z1, z2, z3, z4, z5, z6, z7 = (X[i + 1, 0], X[i + 1, 1], X[i + 1, 2], X[i + 1, 3], X[i + 1, 4],
-                                      X[i + 1, 5], X[i + 1, 6], X[i + 1, 7])
+def _set8_2_max(y, r, kn, X, i, c, best0, best1, m0, m1, m2, m3, m4, m5, m6, m7):
+    """as _set8_2, returning max(best, the keys of the values written) per row."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = (X[i, c], X[i, c + 1], X[i, c + 2], X[i, c + 3], X[i, c + 4], X[i, c + 5],
+                                      X[i, c + 6], X[i, c + 7])
+    z0, z1, z2, z3, z4, z5, z6, z7 = (X[i + 1, c], X[i + 1, c + 1], X[i + 1, c + 2], X[i + 1, c + 3],
+                                      X[i + 1, c + 4], X[i + 1, c + 5], X[i + 1, c + 6], X[i + 1, c + 7])
     for jj in range(kn):
         a0, a1, a2, a3, a4, a5, a6, a7 = m0[jj], m1[jj], m2[jj], m3[jj], m4[jj], m5[jj], m6[jj], m7[jj]
         s0 = ((x0 * a0 + x1 * a1) + (x2 * a2 + x3 * a3)) + ((x4 * a4 + x5 * a5) + (x6 * a6 + x7 * a7))
@@ -324,8 +160,41 @@ def _set8_max_2(y, r, kn, X, i, best0, best1, m0, m1, m2, m3, m4, m5, m6, m7):
 
 
 @numba.njit(**NUMBA_OPTS)
+def _add8_2(y, r, kn, X, i, c, m0, m1, m2, m3, m4, m5, m6, m7):
+    """y[jj] += X[i, c:c+8] . m[jj],  r[jj] += X[i+1, c:c+8] . m[jj]."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = (X[i, c], X[i, c + 1], X[i, c + 2], X[i, c + 3], X[i, c + 4], X[i, c + 5],
+                                      X[i, c + 6], X[i, c + 7])
+    z0, z1, z2, z3, z4, z5, z6, z7 = (X[i + 1, c], X[i + 1, c + 1], X[i + 1, c + 2], X[i + 1, c + 3],
+                                      X[i + 1, c + 4], X[i + 1, c + 5], X[i + 1, c + 6], X[i + 1, c + 7])
+    for jj in range(kn):
+        a0, a1, a2, a3, a4, a5, a6, a7 = m0[jj], m1[jj], m2[jj], m3[jj], m4[jj], m5[jj], m6[jj], m7[jj]
+        s0 = y[jj] + (((x0 * a0 + x1 * a1) + (x2 * a2 + x3 * a3)) + ((x4 * a4 + x5 * a5) + (x6 * a6 + x7 * a7)))
+        s1 = r[jj] + (((z0 * a0 + z1 * a1) + (z2 * a2 + z3 * a3)) + ((z4 * a4 + z5 * a5) + (z6 * a6 + z7 * a7)))
+        y[jj] = s0
+        r[jj] = s1
+
+
+@numba.njit(**NUMBA_OPTS)
+def _add8_2_max(y, r, kn, X, i, c, best0, best1, m0, m1, m2, m3, m4, m5, m6, m7):
+    """as _add8_2, returning max(best, the keys of the values written) per row."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = (X[i, c], X[i, c + 1], X[i, c + 2], X[i, c + 3], X[i, c + 4], X[i, c + 5],
+                                      X[i, c + 6], X[i, c + 7])
+    z0, z1, z2, z3, z4, z5, z6, z7 = (X[i + 1, c], X[i + 1, c + 1], X[i + 1, c + 2], X[i + 1, c + 3],
+                                      X[i + 1, c + 4], X[i + 1, c + 5], X[i + 1, c + 6], X[i + 1, c + 7])
+    for jj in range(kn):
+        a0, a1, a2, a3, a4, a5, a6, a7 = m0[jj], m1[jj], m2[jj], m3[jj], m4[jj], m5[jj], m6[jj], m7[jj]
+        s0 = y[jj] + (((x0 * a0 + x1 * a1) + (x2 * a2 + x3 * a3)) + ((x4 * a4 + x5 * a5) + (x6 * a6 + x7 * a7)))
+        s1 = r[jj] + (((z0 * a0 + z1 * a1) + (z2 * a2 + z3 * a3)) + ((z4 * a4 + z5 * a5) + (z6 * a6 + z7 * a7)))
+        y[jj] = s0
+        r[jj] = s1
+        best0 = max(best0, _key(s0))
+        best1 = max(best1, _key(s1))
+    return best0, best1
+
+
+@numba.njit(**NUMBA_OPTS)
 def _exp_dot8_2(p, r, kn, mx0, mx1, zero, m0, m1, m2, m3, m4, m5, m6, m7):
-    """_exp_dot8 of two rows p, r (maxima mx0, mx1), each m load serving both."""
+    """p <- exp(p - mx0), r <- exp(r - mx1); returns (sum p, p . m_0, ..., p . m_7) and those of r."""
     sp = zero
     sr = zero
     a0 = zero
@@ -370,16 +239,95 @@ def _exp_dot8_2(p, r, kn, mx0, mx1, zero, m0, m1, m2, m3, m4, m5, m6, m7):
     return (sp, a0, a1, a2, a3, a4, a5, a6, a7), (sr, b0, b1, b2, b3, b4, b5, b6, b7)
 
 
-# The same passes for d <= 4 (the channels padded to 4, not 8: half the loads and products).
 @numba.njit(**NUMBA_OPTS)
-def _set4_max_2(y, r, kn, X, i, best0, best1, m0, m1, m2, m3):
-    """_set8_max_2 with 4 channels."""
-    x0, x1, x2, x3 = X[i, 0], X[i, 1], X[i, 2], X[i, 3]
-    z0, z1, z2, z3 = X[i + 1, 0], X[i + 1, 1], X[i + 1, 2], X[i + 1, 3]
+def _dot8_2(p, r, kn, zero, m0, m1, m2, m3, m4, m5, m6, m7):
+    """(p . m_0, ..., p . m_7) and (r . m_0, ...): two rows, each m load serving both (reads only)."""
+    a0 = zero
+    b0 = zero
+    a1 = zero
+    b1 = zero
+    a2 = zero
+    b2 = zero
+    a3 = zero
+    b3 = zero
+    a4 = zero
+    b4 = zero
+    a5 = zero
+    b5 = zero
+    a6 = zero
+    b6 = zero
+    a7 = zero
+    b7 = zero
+    for jj in range(kn):
+        u = p[jj]
+        w = r[jj]
+        a0 += u * m0[jj]
+        b0 += w * m0[jj]
+        a1 += u * m1[jj]
+        b1 += w * m1[jj]
+        a2 += u * m2[jj]
+        b2 += w * m2[jj]
+        a3 += u * m3[jj]
+        b3 += w * m3[jj]
+        a4 += u * m4[jj]
+        b4 += w * m4[jj]
+        a5 += u * m5[jj]
+        b5 += w * m5[jj]
+        a6 += u * m6[jj]
+        b6 += w * m6[jj]
+        a7 += u * m7[jj]
+        b7 += w * m7[jj]
+    return (a0, a1, a2, a3, a4, a5, a6, a7), (b0, b1, b2, b3, b4, b5, b6, b7)
+
+
+@numba.njit(**NUMBA_OPTS)
+def _p_ds8_2(p0, ds0, p1, ds1, kn, L0, D0, L1, D1, X, G, i,
+             k0, k1, k2, k3, k4, k5, k6, k7, v0, v1, v2, v3, v4, v5, v6, v7):
+    """d = 8, rows i and i + 1 in one pass: S = X[i] . k_jj, P = exp(S - L), dP = G[i] . v_jj,
+    dS = P (dP - D) into p, ds (each k, v load serving both rows)."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = X[i, 0], X[i, 1], X[i, 2], X[i, 3], X[i, 4], X[i, 5], X[i, 6], X[i, 7]
+    z0, z1, z2, z3, z4, z5, z6, z7 = (X[i + 1, 0], X[i + 1, 1], X[i + 1, 2], X[i + 1, 3], X[i + 1, 4],
+                                      X[i + 1, 5], X[i + 1, 6], X[i + 1, 7])
+    g0, g1, g2, g3, g4, g5, g6, g7 = G[i, 0], G[i, 1], G[i, 2], G[i, 3], G[i, 4], G[i, 5], G[i, 6], G[i, 7]
+    h0, h1, h2, h3, h4, h5, h6, h7 = (G[i + 1, 0], G[i + 1, 1], G[i + 1, 2], G[i + 1, 3], G[i + 1, 4],
+                                      G[i + 1, 5], G[i + 1, 6], G[i + 1, 7])
+    for jj in range(kn):
+        a0, a1, a2, a3, a4, a5, a6, a7 = k0[jj], k1[jj], k2[jj], k3[jj], k4[jj], k5[jj], k6[jj], k7[jj]
+        b0, b1, b2, b3, b4, b5, b6, b7 = v0[jj], v1[jj], v2[jj], v3[jj], v4[jj], v5[jj], v6[jj], v7[jj]
+        s0 = ((x0 * a0 + x1 * a1) + (x2 * a2 + x3 * a3)) + ((x4 * a4 + x5 * a5) + (x6 * a6 + x7 * a7))
+        s1 = ((z0 * a0 + z1 * a1) + (z2 * a2 + z3 * a3)) + ((z4 * a4 + z5 * a5) + (z6 * a6 + z7 * a7))
+        e0 = ((g0 * b0 + g1 * b1) + (g2 * b2 + g3 * b3)) + ((g4 * b4 + g5 * b5) + (g6 * b6 + g7 * b7))
+        e1 = ((h0 * b0 + h1 * b1) + (h2 * b2 + h3 * b3)) + ((h4 * b4 + h5 * b5) + (h6 * b6 + h7 * b7))
+        q0 = softmax_exp(s0 - L0)
+        q1 = softmax_exp(s1 - L1)
+        p0[jj] = q0
+        p1[jj] = q1
+        ds0[jj] = q0 * (e0 - D0)
+        ds1[jj] = q1 * (e1 - D1)
+
+
+@numba.njit(**NUMBA_OPTS)
+def _set4_2(y, r, kn, X, i, c, m0, m1, m2, m3):
+    """y[jj] = X[i, c:c+4] . m[jj],  r[jj] = X[i+1, c:c+4] . m[jj]  (m_t: rows of k or v)."""
+    x0, x1, x2, x3 = X[i, c], X[i, c + 1], X[i, c + 2], X[i, c + 3]
+    z0, z1, z2, z3 = X[i + 1, c], X[i + 1, c + 1], X[i + 1, c + 2], X[i + 1, c + 3]
     for jj in range(kn):
         a0, a1, a2, a3 = m0[jj], m1[jj], m2[jj], m3[jj]
-        s0 = (x0 * a0 + x1 * a1) + (x2 * a2 + x3 * a3)
-        s1 = (z0 * a0 + z1 * a1) + (z2 * a2 + z3 * a3)
+        s0 = ((x0 * a0 + x1 * a1) + (x2 * a2 + x3 * a3))
+        s1 = ((z0 * a0 + z1 * a1) + (z2 * a2 + z3 * a3))
+        y[jj] = s0
+        r[jj] = s1
+
+
+@numba.njit(**NUMBA_OPTS)
+def _set4_2_max(y, r, kn, X, i, c, best0, best1, m0, m1, m2, m3):
+    """as _set4_2, returning max(best, the keys of the values written) per row."""
+    x0, x1, x2, x3 = X[i, c], X[i, c + 1], X[i, c + 2], X[i, c + 3]
+    z0, z1, z2, z3 = X[i + 1, c], X[i + 1, c + 1], X[i + 1, c + 2], X[i + 1, c + 3]
+    for jj in range(kn):
+        a0, a1, a2, a3 = m0[jj], m1[jj], m2[jj], m3[jj]
+        s0 = ((x0 * a0 + x1 * a1) + (x2 * a2 + x3 * a3))
+        s1 = ((z0 * a0 + z1 * a1) + (z2 * a2 + z3 * a3))
         y[jj] = s0
         r[jj] = s1
         best0 = max(best0, _key(s0))
@@ -389,7 +337,7 @@ def _set4_max_2(y, r, kn, X, i, best0, best1, m0, m1, m2, m3):
 
 @numba.njit(**NUMBA_OPTS)
 def _exp_dot4_2(p, r, kn, mx0, mx1, zero, m0, m1, m2, m3):
-    """_exp_dot8_2 with 4 channels."""
+    """p <- exp(p - mx0), r <- exp(r - mx1); returns (sum p, p . m_0, ..., p . m_3) and those of r."""
     sp = zero
     sr = zero
     a0 = zero
@@ -419,30 +367,8 @@ def _exp_dot4_2(p, r, kn, mx0, mx1, zero, m0, m1, m2, m3):
 
 
 @numba.njit(**NUMBA_OPTS)
-def _p_ds4_2(p0, ds0, p1, ds1, kn, L0, D0, L1, D1, X, G, i, k0, k1, k2, k3, v0, v1, v2, v3):
-    """_p_ds8_2 with 4 channels."""
-    x0, x1, x2, x3 = X[i, 0], X[i, 1], X[i, 2], X[i, 3]
-    z0, z1, z2, z3 = X[i + 1, 0], X[i + 1, 1], X[i + 1, 2], X[i + 1, 3]
-    g0, g1, g2, g3 = G[i, 0], G[i, 1], G[i, 2], G[i, 3]
-    h0, h1, h2, h3 = G[i + 1, 0], G[i + 1, 1], G[i + 1, 2], G[i + 1, 3]
-    for jj in range(kn):
-        a0, a1, a2, a3 = k0[jj], k1[jj], k2[jj], k3[jj]
-        b0, b1, b2, b3 = v0[jj], v1[jj], v2[jj], v3[jj]
-        s0 = (x0 * a0 + x1 * a1) + (x2 * a2 + x3 * a3)
-        s1 = (z0 * a0 + z1 * a1) + (z2 * a2 + z3 * a3)
-        e0 = (g0 * b0 + g1 * b1) + (g2 * b2 + g3 * b3)
-        e1 = (h0 * b0 + h1 * b1) + (h2 * b2 + h3 * b3)
-        q0 = softmax_exp(s0 - L0)
-        q1 = softmax_exp(s1 - L1)
-        p0[jj] = q0
-        p1[jj] = q1
-        ds0[jj] = q0 * (e0 - D0)
-        ds1[jj] = q1 * (e1 - D1)
-
-
-@numba.njit(**NUMBA_OPTS)
 def _dot4_2(p, r, kn, zero, m0, m1, m2, m3):
-    """_dot8_2 with 4 channels."""
+    """(p . m_0, ..., p . m_3) and (r . m_0, ...): two rows, each m load serving both (reads only)."""
     a0 = zero
     b0 = zero
     a1 = zero
@@ -463,6 +389,57 @@ def _dot4_2(p, r, kn, zero, m0, m1, m2, m3):
         a3 += u * m3[jj]
         b3 += w * m3[jj]
     return (a0, a1, a2, a3), (b0, b1, b2, b3)
+
+
+@numba.njit(**NUMBA_OPTS)
+def _p_ds4_2(p0, ds0, p1, ds1, kn, L0, D0, L1, D1, X, G, i,
+             k0, k1, k2, k3, v0, v1, v2, v3):
+    """d = 4, rows i and i + 1 in one pass: S = X[i] . k_jj, P = exp(S - L), dP = G[i] . v_jj,
+    dS = P (dP - D) into p, ds (each k, v load serving both rows)."""
+    x0, x1, x2, x3 = X[i, 0], X[i, 1], X[i, 2], X[i, 3]
+    z0, z1, z2, z3 = X[i + 1, 0], X[i + 1, 1], X[i + 1, 2], X[i + 1, 3]
+    g0, g1, g2, g3 = G[i, 0], G[i, 1], G[i, 2], G[i, 3]
+    h0, h1, h2, h3 = G[i + 1, 0], G[i + 1, 1], G[i + 1, 2], G[i + 1, 3]
+    for jj in range(kn):
+        a0, a1, a2, a3 = k0[jj], k1[jj], k2[jj], k3[jj]
+        b0, b1, b2, b3 = v0[jj], v1[jj], v2[jj], v3[jj]
+        s0 = ((x0 * a0 + x1 * a1) + (x2 * a2 + x3 * a3))
+        s1 = ((z0 * a0 + z1 * a1) + (z2 * a2 + z3 * a3))
+        e0 = ((g0 * b0 + g1 * b1) + (g2 * b2 + g3 * b3))
+        e1 = ((h0 * b0 + h1 * b1) + (h2 * b2 + h3 * b3))
+        q0 = softmax_exp(s0 - L0)
+        q1 = softmax_exp(s1 - L1)
+        p0[jj] = q0
+        p1[jj] = q1
+        ds0[jj] = q0 * (e0 - D0)
+        ds1[jj] = q1 * (e1 - D1)
+
+
+@numba.njit(**NUMBA_OPTS)
+def _p_ds(p, ds, kn, L, D):
+    """p[jj] <- P = exp(S - L) (p holds S);  ds[jj] <- dS = P (dP - D) (ds holds dP)."""
+    for jj in range(kn):
+        pj = softmax_exp(p[jj] - L)
+        p[jj] = pj
+        ds[jj] = pj * (ds[jj] - D)
+
+
+@numba.njit(**NUMBA_OPTS)
+def _axpy8x4(y0, y1, y2, y3, kn, X, c, r0, r1, r2, r3, r4, r5, r6, r7):
+    """y_t[jj] += sum_i X[i, c + t] r_i[jj] (i < 8, t < 4): the 8 rows r read once for 4 outputs."""
+    a0, a1, a2, a3, a4, a5, a6, a7 = X[0, c], X[1, c], X[2, c], X[3, c], X[4, c], X[5, c], X[6, c], X[7, c]
+    b0, b1, b2, b3, b4, b5, b6, b7 = (X[0, c + 1], X[1, c + 1], X[2, c + 1], X[3, c + 1], X[4, c + 1],
+                                      X[5, c + 1], X[6, c + 1], X[7, c + 1])
+    e0, e1, e2, e3, e4, e5, e6, e7 = (X[0, c + 2], X[1, c + 2], X[2, c + 2], X[3, c + 2], X[4, c + 2],
+                                      X[5, c + 2], X[6, c + 2], X[7, c + 2])
+    f0, f1, f2, f3, f4, f5, f6, f7 = (X[0, c + 3], X[1, c + 3], X[2, c + 3], X[3, c + 3], X[4, c + 3],
+                                      X[5, c + 3], X[6, c + 3], X[7, c + 3])
+    for jj in range(kn):
+        v0, v1, v2, v3, v4, v5, v6, v7 = r0[jj], r1[jj], r2[jj], r3[jj], r4[jj], r5[jj], r6[jj], r7[jj]
+        y0[jj] += ((a0 * v0 + a1 * v1) + (a2 * v2 + a3 * v3)) + ((a4 * v4 + a5 * v5) + (a6 * v6 + a7 * v7))
+        y1[jj] += ((b0 * v0 + b1 * v1) + (b2 * v2 + b3 * v3)) + ((b4 * v4 + b5 * v5) + (b6 * v6 + b7 * v7))
+        y2[jj] += ((e0 * v0 + e1 * v1) + (e2 * v2 + e3 * v3)) + ((e4 * v4 + e5 * v5) + (e6 * v6 + e7 * v7))
+        y3[jj] += ((f0 * v0 + f1 * v1) + (f2 * v2 + f3 * v3)) + ((f4 * v4 + f5 * v5) + (f6 * v6 + f7 * v7))
 
 
 _F32_MASK, _F64_MASK = np.int32(0x7FFFFFFF), np.int64(0x7FFFFFFFFFFFFFFF)
@@ -521,56 +498,48 @@ def _unkey_overload(k, like):
 
 # ---------------------------------------------------------------- tiles
 @numba.njit(**NUMBA_OPTS)
-def _rows_dot(y, kn, x, m, j0):
-    """y[jj] = sum_c x[c] m[c, j0 + jj] for jj < kn (m [dp, T], dp a multiple of 8)."""
-    for c in range(0, m.shape[0], 8):
-        r0, r1, r2, r3 = m[c, j0:j0 + kn], m[c + 1, j0:j0 + kn], m[c + 2, j0:j0 + kn], m[c + 3, j0:j0 + kn]
-        r4, r5, r6, r7 = m[c + 4, j0:j0 + kn], m[c + 5, j0:j0 + kn], m[c + 6, j0:j0 + kn], m[c + 7, j0:j0 + kn]
-        if c == 0:
-            _set8(y, kn, x[c], x[c + 1], x[c + 2], x[c + 3], x[c + 4], x[c + 5], x[c + 6], x[c + 7],
-                  r0, r1, r2, r3, r4, r5, r6, r7)
-        else:
-            _add8(y, kn, x[c], x[c + 1], x[c + 2], x[c + 3], x[c + 4], x[c + 5], x[c + 6], x[c + 7],
-                  r0, r1, r2, r3, r4, r5, r6, r7)
-
-
-@numba.njit(**NUMBA_OPTS)
-def _rows_dot_max(y, kn, x, m, j0, mx):
-    """_rows_dot, returning max(mx, y[0], ..., y[kn-1])."""
+def _rows_2(y, r, kn, X, i, m, j0):
+    """y[jj] = X[i] . m[:, j0 + jj], r[jj] = X[i + 1] . m[:, j0 + jj] over all channels (m [dp, T])."""
     dp = m.shape[0]
-    best = _key(mx)
+    if dp == 4:
+        _set4_2(y, r, kn, X, i, 0, m[0, j0:j0 + kn], m[1, j0:j0 + kn], m[2, j0:j0 + kn], m[3, j0:j0 + kn])
+        return
     for c in range(0, dp, 8):
         r0, r1, r2, r3 = m[c, j0:j0 + kn], m[c + 1, j0:j0 + kn], m[c + 2, j0:j0 + kn], m[c + 3, j0:j0 + kn]
         r4, r5, r6, r7 = m[c + 4, j0:j0 + kn], m[c + 5, j0:j0 + kn], m[c + 6, j0:j0 + kn], m[c + 7, j0:j0 + kn]
-        if c + 8 < dp:
-            if c == 0:
-                _set8(y, kn, x[c], x[c + 1], x[c + 2], x[c + 3], x[c + 4], x[c + 5], x[c + 6], x[c + 7],
-                      r0, r1, r2, r3, r4, r5, r6, r7)
-            else:
-                _add8(y, kn, x[c], x[c + 1], x[c + 2], x[c + 3], x[c + 4], x[c + 5], x[c + 6], x[c + 7],
-                      r0, r1, r2, r3, r4, r5, r6, r7)
-        elif c == 0:
-            best = _set8_max(y, kn, best, x[c], x[c + 1], x[c + 2], x[c + 3], x[c + 4], x[c + 5], x[c + 6],
-                             x[c + 7], r0, r1, r2, r3, r4, r5, r6, r7)
+        if c == 0:
+            _set8_2(y, r, kn, X, i, c, r0, r1, r2, r3, r4, r5, r6, r7)
         else:
-            best = _add8_max(y, kn, best, x[c], x[c + 1], x[c + 2], x[c + 3], x[c + 4], x[c + 5], x[c + 6],
-                             x[c + 7], r0, r1, r2, r3, r4, r5, r6, r7)
-    return _unkey(best, mx)
+            _add8_2(y, r, kn, X, i, c, r0, r1, r2, r3, r4, r5, r6, r7)
 
 
 @numba.njit(**NUMBA_OPTS)
-def _rows_dot_into(o, p, kn, m, j0, c, alpha, zero):
-    """o[c + t] = alpha o[c + t] + sum_jj p[jj] m[c + t, j0 + jj] for t < 8."""
-    a = _dot8(p, kn, zero, m[c, j0:j0 + kn], m[c + 1, j0:j0 + kn], m[c + 2, j0:j0 + kn], m[c + 3, j0:j0 + kn],
-              m[c + 4, j0:j0 + kn], m[c + 5, j0:j0 + kn], m[c + 6, j0:j0 + kn], m[c + 7, j0:j0 + kn])
-    for t in range(8):
-        o[c + t] = o[c + t] * alpha + a[t]
+def _rows_2_max(y, r, kn, X, i, m, j0, best0, best1):
+    """_rows_2, returning max(best, the keys of y) and max(best1, the keys of r)."""
+    dp = m.shape[0]
+    if dp == 4:
+        return _set4_2_max(y, r, kn, X, i, 0, best0, best1, m[0, j0:j0 + kn], m[1, j0:j0 + kn],
+                           m[2, j0:j0 + kn], m[3, j0:j0 + kn])
+    for c in range(0, dp, 8):
+        r0, r1, r2, r3 = m[c, j0:j0 + kn], m[c + 1, j0:j0 + kn], m[c + 2, j0:j0 + kn], m[c + 3, j0:j0 + kn]
+        r4, r5, r6, r7 = m[c + 4, j0:j0 + kn], m[c + 5, j0:j0 + kn], m[c + 6, j0:j0 + kn], m[c + 7, j0:j0 + kn]
+        last = c + 8 == dp
+        if c == 0 and last:
+            best0, best1 = _set8_2_max(y, r, kn, X, i, c, best0, best1, r0, r1, r2, r3, r4, r5, r6, r7)
+        elif c == 0:
+            _set8_2(y, r, kn, X, i, c, r0, r1, r2, r3, r4, r5, r6, r7)
+        elif last:
+            best0, best1 = _add8_2_max(y, r, kn, X, i, c, best0, best1, r0, r1, r2, r3, r4, r5, r6, r7)
+        else:
+            _add8_2(y, r, kn, X, i, c, r0, r1, r2, r3, r4, r5, r6, r7)
+    return best0, best1
 
 
+# ---------------------------------------------------------------- kernels
 @numba.njit(parallel=True, **NUMBA_OPTS)
 def _forward(q_, kT_, vT_, out, lse, scale, KB, work_):
-    # q [BH, T, d]; kT, vT [BH, dp, T] (d padded with zero channels to dp, a multiple of 8);
-    # work [threads, 2 QB + 1, max(dp, KB)]: each thread's buffers (see _scratch)
+    # q [BH, T, d]; kT, vT [BH, dp, T] (d padded with zero channels to dp: 4 or a multiple of 8);
+    # work [threads, 2 QB + 2, max(dp, KB)]: each thread's buffers
     q, kT, vT, work = borrow(q_), borrow(kT_), borrow(vT_), borrow(work_)
     BH, T, d = q.shape
     dp = kT.shape[1]
@@ -584,11 +553,10 @@ def _forward(q_, kT_, vT_, out, lse, scale, KB, work_):
         qn = min(QB, T - i0)
         kb, vb = kT[bh], vT[bh]                         # [dp, T]
         w = work[numba.get_thread_id()]
-        s = w[0]                                        # one row of scores / weights
-        s2 = w[2 * QB + 1]
-        xs = w[1:1 + QB]                                # c q of the block (zero-padded)
-        o = w[1 + QB:1 + 2 * QB]                        # running outputs
-        m = np.full(QB, -np.inf, dtype=q.dtype)
+        s, s2 = w[0], w[1]                              # two rows of scores, then of weights
+        xs = w[2:2 + QB]                                # c q of the block (rows >= qn and channels >= d: 0)
+        o = w[2 + QB:2 + 2 * QB]                        # running outputs o
+        m = np.full(QB, -np.inf, dtype=q.dtype)         # running maxima m, sums l
         l = np.zeros(QB, dtype=q.dtype)
         for i in range(QB):
             for c in range(dp):
@@ -596,45 +564,38 @@ def _forward(q_, kT_, vT_, out, lse, scale, KB, work_):
                 o[i, c] = zero
         for j0 in range(0, T, KB):
             kn = min(KB, T - j0)
-            if dp == 8:                                           # two query rows per pass
-                for i in range(0, qn, 2):
-                    k0, k1 = _set8_max_2(s, s2, kn, xs, i, _key(m[i]), _key(m[i + 1]), kb[0, j0:j0 + kn], kb[1, j0:j0 + kn], kb[2, j0:j0 + kn], kb[3, j0:j0 + kn], kb[4, j0:j0 + kn], kb[5, j0:j0 + kn], kb[6, j0:j0 + kn], kb[7, j0:j0 + kn])
-                    mx0, mx1 = _unkey(k0, m[i]), _unkey(k1, m[i])
-                    al0, al1 = softmax_exp(m[i] - mx0), softmax_exp(m[i + 1] - mx1)
-                    e0, e1 = _exp_dot8_2(s, s2, kn, mx0, mx1, zero, vb[0, j0:j0 + kn], vb[1, j0:j0 + kn], vb[2, j0:j0 + kn], vb[3, j0:j0 + kn], vb[4, j0:j0 + kn], vb[5, j0:j0 + kn], vb[6, j0:j0 + kn], vb[7, j0:j0 + kn])
+            for i in range(0, qn, 2):                   # rows i, i + 1 (i + 1 may be a padding row)
+                b0, b1 = _rows_2_max(s, s2, kn, xs, i, kb, j0, _key(m[i]), _key(m[i + 1]))   # S_ij = c q_i . k_j
+                mx0, mx1 = _unkey(b0, zero), _unkey(b1, zero)                             # m_t = max(m_{t-1}, max_j S_ij)
+                al0, al1 = softmax_exp(m[i] - mx0), softmax_exp(m[i + 1] - mx1)         # exp(m_{t-1} - m_t)
+                if dp == 4:
+                    f0, f1 = _exp_dot4_2(s, s2, kn, mx0, mx1, zero, vb[0, j0:j0 + kn], vb[1, j0:j0 + kn],
+                                         vb[2, j0:j0 + kn], vb[3, j0:j0 + kn])
+                    l[i] = l[i] * al0 + f0[0]
+                    l[i + 1] = l[i + 1] * al1 + f1[0]
+                    for t in range(4):
+                        o[i, t] = o[i, t] * al0 + f0[1 + t]
+                        o[i + 1, t] = o[i + 1, t] * al1 + f1[1 + t]
+                else:
+                    # s <- exp(S_ij - m_t): l_t = l_{t-1} alpha + sum_j exp(S_ij - m_t),
+                    #                       o_t = o_{t-1} alpha + sum_j exp(S_ij - m_t) v_j
+                    e0, e1 = _exp_dot8_2(s, s2, kn, mx0, mx1, zero, vb[0, j0:j0 + kn], vb[1, j0:j0 + kn],
+                                         vb[2, j0:j0 + kn], vb[3, j0:j0 + kn], vb[4, j0:j0 + kn],
+                                         vb[5, j0:j0 + kn], vb[6, j0:j0 + kn], vb[7, j0:j0 + kn])
                     l[i] = l[i] * al0 + e0[0]
                     l[i + 1] = l[i + 1] * al1 + e1[0]
                     for t in range(8):
                         o[i, t] = o[i, t] * al0 + e0[1 + t]
                         o[i + 1, t] = o[i + 1, t] * al1 + e1[1 + t]
-                    m[i] = mx0
-                    m[i + 1] = mx1
-                continue
-            if dp == 4:                                           # the same with 4 channels
-                for i in range(0, qn, 2):
-                    k0, k1 = _set4_max_2(s, s2, kn, xs, i, _key(m[i]), _key(m[i + 1]), kb[0, j0:j0 + kn], kb[1, j0:j0 + kn], kb[2, j0:j0 + kn], kb[3, j0:j0 + kn])
-                    mx0, mx1 = _unkey(k0, m[i]), _unkey(k1, m[i])
-                    al0, al1 = softmax_exp(m[i] - mx0), softmax_exp(m[i + 1] - mx1)
-                    e0, e1 = _exp_dot4_2(s, s2, kn, mx0, mx1, zero, vb[0, j0:j0 + kn], vb[1, j0:j0 + kn], vb[2, j0:j0 + kn], vb[3, j0:j0 + kn])
-                    l[i] = l[i] * al0 + e0[0]
-                    l[i + 1] = l[i + 1] * al1 + e1[0]
-                    for t in range(4):
-                        o[i, t] = o[i, t] * al0 + e0[1 + t]
-                        o[i + 1, t] = o[i + 1, t] * al1 + e1[1 + t]
-                    m[i] = mx0
-                    m[i + 1] = mx1
-                continue
-            for i in range(qn):
-                mx = _rows_dot_max(s, kn, xs[i], kb, j0, m[i])    # S_ij = c q_i . k_j;
-                #                                                   m_t = max(m_{t-1}, max_j S_ij)
-                alpha = softmax_exp(m[i] - mx)                    # exp(m_{t-1} - m_t) (0 on the first block)
-                e = _exp_dot8(s, kn, mx, zero, vb[0, j0:j0 + kn], vb[1, j0:j0 + kn], vb[2, j0:j0 + kn], vb[3, j0:j0 + kn], vb[4, j0:j0 + kn], vb[5, j0:j0 + kn], vb[6, j0:j0 + kn], vb[7, j0:j0 + kn])              # s <- exp(S_ij - m_t); its sum; . v_j
-                l[i] = l[i] * alpha + e[0]                        # l_t = l_{t-1} alpha + sum_j exp(S_ij - m_t)
-                for t in range(8):                                # o_t = o_{t-1} alpha + sum_j exp(S_ij - m_t) v_j
-                    o[i, t] = o[i, t] * alpha + e[1 + t]
-                for c in range(8, dp, 8):
-                    _rows_dot_into(o[i], s, kn, vb, j0, c, alpha, zero)
-                m[i] = mx
+                    for c in range(8, dp, 8):
+                        u, v = _dot8_2(s, s2, kn, zero, vb[c, j0:j0 + kn], vb[c + 1, j0:j0 + kn],
+                                       vb[c + 2, j0:j0 + kn], vb[c + 3, j0:j0 + kn], vb[c + 4, j0:j0 + kn],
+                                       vb[c + 5, j0:j0 + kn], vb[c + 6, j0:j0 + kn], vb[c + 7, j0:j0 + kn])
+                        for t in range(8):
+                            o[i, c + t] = o[i, c + t] * al0 + u[t]
+                            o[i + 1, c + t] = o[i + 1, c + t] * al1 + v[t]
+                m[i] = mx0
+                m[i + 1] = mx1
         for i in range(qn):
             inv = 1 / l[i]
             for c in range(d):
@@ -661,10 +622,10 @@ def _backward(q_, kT_, vT_, a_, lse_, da_, dq, dk, dv, scale, KB, tiles_, work_)
         w = work[tid]
         dkT = w[0:dp]                                   # dk^T, dv^T [dp, T]: consecutive keys
         dvT = w[dp:2 * dp]
-        xs = w[2 * dp:2 * dp + QB]                      # c q of the query block (rows >= qn stay 0)
+        xs = w[2 * dp:2 * dp + QB]                      # c q of the query block (rows >= qn: 0)
         g = w[2 * dp + QB:2 * dp + 2 * QB]              # dA of the query block
-        dqb = w[2 * dp + 2 * QB:2 * dp + 3 * QB]
-        Dv = np.zeros(QB, dtype=q.dtype)
+        dqb = w[2 * dp + 2 * QB:2 * dp + 3 * QB]        # dq of the query block (before the factor c)
+        Dv = np.zeros(QB, dtype=q.dtype)                # D_i = dA_i . A_i
         for c in range(dp):
             for j in range(T):
                 dkT[c, j] = zero
@@ -677,7 +638,7 @@ def _backward(q_, kT_, vT_, a_, lse_, da_, dq, dk, dv, scale, KB, tiles_, work_)
                     if i < qn and c < d:
                         xs[i, c] = q[bh, i0 + i, c] * scale
                         g[i, c] = da[bh, i0 + i, c]
-                        Di += g[i, c] * a[bh, i0 + i, c]           # D_i = dA_i . A_i
+                        Di += g[i, c] * a[bh, i0 + i, c]
                     else:
                         xs[i, c] = zero
                         g[i, c] = zero
@@ -685,55 +646,53 @@ def _backward(q_, kT_, vT_, a_, lse_, da_, dq, dk, dv, scale, KB, tiles_, work_)
                 Dv[i] = Di
             for j0 in range(0, T, KB):
                 kn = min(KB, T - j0)
-                # P = exp(S - L) and dS = P (dP - D) of the tile: S = c q k^T, dP = dA v^T
-                if dp == 8:                                        # two query rows per pass
-                    for i in range(0, qn, 2):                      # (a padding row i + 1: cleared below)
-                        _p_ds8_2(P[i], DS[i], P[i + 1], DS[i + 1], kn, lse[bh, i0 + i], Dv[i],
-                                 lse[bh, min(i0 + i + 1, T - 1)], Dv[i + 1], xs, g, i,
-                                 kb[0, j0:j0 + kn], kb[1, j0:j0 + kn], kb[2, j0:j0 + kn], kb[3, j0:j0 + kn], kb[4, j0:j0 + kn], kb[5, j0:j0 + kn], kb[6, j0:j0 + kn], kb[7, j0:j0 + kn],
-                                 vb[0, j0:j0 + kn], vb[1, j0:j0 + kn], vb[2, j0:j0 + kn], vb[3, j0:j0 + kn], vb[4, j0:j0 + kn], vb[5, j0:j0 + kn], vb[6, j0:j0 + kn], vb[7, j0:j0 + kn])
-                elif dp == 4:
-                    for i in range(0, qn, 2):
-                        _p_ds4_2(P[i], DS[i], P[i + 1], DS[i + 1], kn, lse[bh, i0 + i], Dv[i],
-                                 lse[bh, min(i0 + i + 1, T - 1)], Dv[i + 1], xs, g, i,
-                                 kb[0, j0:j0 + kn], kb[1, j0:j0 + kn], kb[2, j0:j0 + kn], kb[3, j0:j0 + kn], vb[0, j0:j0 + kn], vb[1, j0:j0 + kn], vb[2, j0:j0 + kn], vb[3, j0:j0 + kn])
-                else:                                              # any multiple of 8: one row per pass
-                    for i in range(qn):
-                        _rows_dot(P[i], kn, xs[i], kb, j0)         # S
-                        _rows_dot(DS[i], kn, g[i], vb, j0)         # dP
-                        _p_ds(P[i], DS[i], kn, lse[bh, i0 + i], Dv[i])
-                for i in range(qn, QB):                            # padding rows: P = dS = 0
+                # P = exp(S - L), dS = P (dP - D) of the tile (S = c q k^T, dP = dA v^T), two rows a pass
+                for i in range(0, qn, 2):
+                    L0, L1 = lse[bh, i0 + i], lse[bh, min(i0 + i + 1, T - 1)]
+                    if dp == 8:
+                        _p_ds8_2(P[i], DS[i], P[i + 1], DS[i + 1], kn, L0, Dv[i], L1, Dv[i + 1], xs, g, i,
+                                 kb[0, j0:j0 + kn], kb[1, j0:j0 + kn], kb[2, j0:j0 + kn], kb[3, j0:j0 + kn],
+                                 kb[4, j0:j0 + kn], kb[5, j0:j0 + kn], kb[6, j0:j0 + kn], kb[7, j0:j0 + kn],
+                                 vb[0, j0:j0 + kn], vb[1, j0:j0 + kn], vb[2, j0:j0 + kn], vb[3, j0:j0 + kn],
+                                 vb[4, j0:j0 + kn], vb[5, j0:j0 + kn], vb[6, j0:j0 + kn], vb[7, j0:j0 + kn])
+                    elif dp == 4:
+                        _p_ds4_2(P[i], DS[i], P[i + 1], DS[i + 1], kn, L0, Dv[i], L1, Dv[i + 1], xs, g, i,
+                                 kb[0, j0:j0 + kn], kb[1, j0:j0 + kn], kb[2, j0:j0 + kn], kb[3, j0:j0 + kn],
+                                 vb[0, j0:j0 + kn], vb[1, j0:j0 + kn], vb[2, j0:j0 + kn], vb[3, j0:j0 + kn])
+                    else:                                                  # S and dP chunk by chunk
+                        _rows_2(P[i], P[i + 1], kn, xs, i, kb, j0)
+                        _rows_2(DS[i], DS[i + 1], kn, g, i, vb, j0)
+                        _p_ds(P[i], DS[i], kn, L0, Dv[i])
+                        _p_ds(P[i + 1], DS[i + 1], kn, L1, Dv[i + 1])
+                for i in range(qn, QB):                                    # padding rows: P = dS = 0
                     for jj in range(kn):
                         P[i, jj] = zero
                         DS[i, jj] = zero
-                # dq += dS k  (c applied at the end)
-                if dp == 8:
-                    for i in range(0, qn, 2):
-                        u, w2 = _dot8_2(DS[i], DS[i + 1], kn, zero,
-                                        kb[0, j0:j0 + kn], kb[1, j0:j0 + kn], kb[2, j0:j0 + kn], kb[3, j0:j0 + kn], kb[4, j0:j0 + kn], kb[5, j0:j0 + kn], kb[6, j0:j0 + kn], kb[7, j0:j0 + kn])
-                        for t in range(8):
-                            dqb[i, t] += u[t]
-                            dqb[i + 1, t] += w2[t]
-                elif dp == 4:
-                    for i in range(0, qn, 2):
-                        u4, w4 = _dot4_2(DS[i], DS[i + 1], kn, zero, kb[0, j0:j0 + kn], kb[1, j0:j0 + kn], kb[2, j0:j0 + kn], kb[3, j0:j0 + kn])
+                for i in range(0, qn, 2):                                  # dq += dS k
+                    if dp == 4:
+                        u4, v4 = _dot4_2(DS[i], DS[i + 1], kn, zero, kb[0, j0:j0 + kn], kb[1, j0:j0 + kn],
+                                         kb[2, j0:j0 + kn], kb[3, j0:j0 + kn])
                         for t in range(4):
                             dqb[i, t] += u4[t]
-                            dqb[i + 1, t] += w4[t]
-                else:
-                    for i in range(qn):
+                            dqb[i + 1, t] += v4[t]
+                    else:
                         for c in range(0, dp, 8):
-                            _rows_dot_into(dqb[i], DS[i], kn, kb, j0, c, zero + 1, zero)
-                for c in range(0, dp, 4):                          # dv += P^T dA,  dk += dS^T (c q)
-                    _axpy8x4(dvT[c, j0:j0 + kn], dvT[c + 1, j0:j0 + kn], dvT[c + 2, j0:j0 + kn], dvT[c + 3, j0:j0 + kn],
-                             kn, g, c, P[0, :kn], P[1, :kn], P[2, :kn], P[3, :kn], P[4, :kn], P[5, :kn],
-                             P[6, :kn], P[7, :kn])
-                    _axpy8x4(dkT[c, j0:j0 + kn], dkT[c + 1, j0:j0 + kn], dkT[c + 2, j0:j0 + kn], dkT[c + 3, j0:j0 + kn],
-                             kn, xs, c, DS[0, :kn], DS[1, :kn], DS[2, :kn], DS[3, :kn], DS[4, :kn], DS[5, :kn],
-                             DS[6, :kn], DS[7, :kn])
+                            u, v = _dot8_2(DS[i], DS[i + 1], kn, zero, kb[c, j0:j0 + kn], kb[c + 1, j0:j0 + kn],
+                                           kb[c + 2, j0:j0 + kn], kb[c + 3, j0:j0 + kn], kb[c + 4, j0:j0 + kn],
+                                           kb[c + 5, j0:j0 + kn], kb[c + 6, j0:j0 + kn], kb[c + 7, j0:j0 + kn])
+                            for t in range(8):
+                                dqb[i, c + t] += u[t]
+                                dqb[i + 1, c + t] += v[t]
+                for c in range(0, dp, 4):                                  # dv += P^T dA,  dk += dS^T (c q)
+                    _axpy8x4(dvT[c, j0:j0 + kn], dvT[c + 1, j0:j0 + kn], dvT[c + 2, j0:j0 + kn],
+                             dvT[c + 3, j0:j0 + kn], kn, g, c, P[0, :kn], P[1, :kn], P[2, :kn], P[3, :kn],
+                             P[4, :kn], P[5, :kn], P[6, :kn], P[7, :kn])
+                    _axpy8x4(dkT[c, j0:j0 + kn], dkT[c + 1, j0:j0 + kn], dkT[c + 2, j0:j0 + kn],
+                             dkT[c + 3, j0:j0 + kn], kn, xs, c, DS[0, :kn], DS[1, :kn], DS[2, :kn], DS[3, :kn],
+                             DS[4, :kn], DS[5, :kn], DS[6, :kn], DS[7, :kn])
             for i in range(qn):
                 for c in range(d):
-                    dq[bh, i0 + i, c] = dqb[i, c] * scale
+                    dq[bh, i0 + i, c] = dqb[i, c] * scale                  # dq = c dS k
         for j in range(T):
             for c in range(d):
                 dk[bh, j, c] = dkT[c, j]
