@@ -37,7 +37,10 @@ def _ref_all(q, k, v, dA):
     return a, lse, attention_backward_ref(q, k, v, w, dA)
 
 
-SHAPES = [(1, 2, 37, 8), (3, 4, 70, 8), (2, 1, 45, 24), (2, 2, 33, 32), (1, 2, 29, 64), (5, 1, 9, 8)]
+# d = 1..4 run with 4 channels, other d padded to a multiple of 8; the kernels take two query rows
+# per pass, so T % 8 odd leaves a padding row in the last pair.
+SHAPES = [(1, 2, 37, 8), (3, 4, 70, 8), (2, 1, 45, 24), (2, 2, 33, 32), (1, 2, 29, 64), (5, 1, 9, 8),
+          (2, 2, 21, 4), (1, 3, 13, 1), (2, 1, 19, 12), (1, 1, 23, 40), (1, 2, 15, 16)]
 
 
 @pytest.mark.parametrize("B,h,T,d", SHAPES)
@@ -55,7 +58,8 @@ def test_numba_fused_matches_reference_float64(B, h, T, d, key_block):
         np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-12, err_msg="d" + name)
 
 
-@pytest.mark.parametrize("B,h,T,d", [(2, 4, 70, 8), (3, 2, 45, 24), (1, 2, 33, 32), (2, 1, 29, 64)])
+@pytest.mark.parametrize("B,h,T,d", [(2, 4, 70, 8), (3, 2, 45, 24), (1, 2, 33, 32), (2, 1, 29, 64), (2, 2, 27, 4),
+                                     (1, 1, 517, 8)])
 def test_numba_fused_float32_within_1e5_of_float64_reference(B, h, T, d):
     rng = np.random.default_rng(T + d)
     q, k, v = _qkv(rng, B, h, T, d, np.float32)
@@ -67,6 +71,48 @@ def test_numba_fused_float32_within_1e5_of_float64_reference(B, h, T, d):
     np.testing.assert_allclose(lse, lse_ref, rtol=1e-5, atol=1e-5)
     for g, r, name in zip(na.attention_backward(q, k, v, a, lse, dA, key_block=32), g_ref, "qkv"):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5, err_msg="d" + name)
+
+
+def test_softmax_exp_is_fastexp_in_range_zero_below_inf_above():
+    """The attention's float32 exp (one power of two) equals fastexp's exp wherever both are normal."""
+    import numba
+    from flowpp_ref.kernels.fastexp import fast_exp
+
+    @numba.njit
+    def both(x, a, b):
+        for i in range(x.size):
+            a[i] = na.softmax_exp(x[i])
+            b[i] = fast_exp(x[i])
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.uniform(-86.5, 88.7, 200_000), np.linspace(-86.5, 0.0, 1001)]).astype(np.float32)
+    a, b = np.empty_like(x), np.empty_like(x)
+    both(x, a, b)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, np.exp(x.astype(np.float64)), rtol=4e-7)
+    edge = np.array([-86.6, -100.0, -np.inf, 88.8, 89.5, np.inf, np.nan], np.float32)
+    a, b = np.empty_like(edge), np.empty_like(edge)
+    both(edge, a, b)
+    assert np.all(a[:3] == 0) and np.all(np.isposinf(a[3:6])) and np.isnan(a[6])
+    x64 = rng.uniform(-700, 700, 1000)
+    a64, b64 = np.empty_like(x64), np.empty_like(x64)
+    both(x64, a64, b64)
+    np.testing.assert_array_equal(a64, b64)                # float64: fastexp's own
+
+
+def test_borrowed_views_share_the_memory():
+    import numba
+    from flowpp_ref.kernels.numba_views import borrow
+
+    @numba.njit
+    def f(a):
+        b = borrow(a)
+        row = b[1]
+        row[2] = 7.0
+        return b[1, 2] + a.shape[0]
+
+    a = np.zeros((3, 4))
+    assert f(a) == 10.0 and a[1, 2] == 7.0
 
 
 def test_numba_fused_large_scores_do_not_overflow():
