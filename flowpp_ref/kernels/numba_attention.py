@@ -34,29 +34,42 @@ the weights. Each (query block, key block) tile of S is recomputed once in the b
 Parallelism and layout. The forward runs one task per (batch, head, query block of
 ``QUERY_BLOCK`` rows) with ``prange``; the backward one task per (batch, head), because dk and
 dv sum over all query blocks (one writer per (batch, head): no race). k and v are passed
-transposed, ``[B, h, d, T]`` C-contiguous, so that every inner loop runs over consecutive keys
-(SIMD lanes over keys; d is only 8 in the paper's models); q ``[B, h, T, d]`` contiguous. The
-exp is the vectorisable one of :mod:`flowpp_ref.kernels.fastexp` (numba's on-disk cache keys a
-kernel on its own file only: a change to fastexp.py must also touch this file). The row maximum
-is an integer maximum over the floats' bit patterns (:func:`_row_max`): a float max reduction does
-not vectorise without fastmath's ``nnan``, which the project does not use.
+transposed, ``[B h, dp, T]`` C-contiguous, so that every inner loop runs over consecutive keys
+(SIMD lanes over keys). The channels are handled 8 at a time (4 when d <= 4): the wrappers pad
+d with zero channels to dp (d = 12 -> 16); a zero channel adds 0 to every score and product.
+
+Each inner loop (one small function per pass over a tile's keys: see "inner loops" below)
+takes *two* query rows, so that each load of a key row serves both: the passes are bound by
+loads (8 rows of k and 8 of v for 512 keys are 32 KB, the L1 cache's size), not by arithmetic.
+The backward builds the tiles P and dS [8, KB] (S and dP fused with the exp for d = 8 and 4),
+then dq += dS k two rows at a time and dk^T += (c q)^T dS, dv^T += dA^T P four channels at a
+time over the 8 rows. Other choices, measured (one thread, T = 512, d = 8): key tiles of 128 or
+256 instead of 512 were 1.3-2x slower (each pass has a fixed cost of about 80 ns: the loop set-up
+and the 8-16 horizontal sums); one row per pass, 1.3x slower in the backward; dk/dv one channel
+per pass, 1.25x slower; views counted by numba's reference count (an atomic increment and
+decrement per row view, 8-16 per pass), about 40 ns per pass more: the kernels take uncounted
+views of their arguments (:func:`flowpp_ref.kernels.numba_views.borrow`) and their scratch
+buffers come from the caller.
+
+The exp is :func:`softmax_exp`: fastexp's float32 polynomial with one power of two instead of two
+(its arguments are <= 0; results below 2.7e-38 are returned as 0). float64 uses
+:func:`flowpp_ref.kernels.fastexp.fast_exp` (numba's on-disk cache keys a kernel on its own file
+only: a change to fastexp.py must also touch this file). The row maximum is an integer maximum
+over the floats' bit patterns (:func:`_key`): a float max reduction does not vectorise without
+fastmath's ``nnan``, which the project does not use.
 
 Outputs may be strided views (the layer passes views of its merged ``[B, T, h, d]`` / qkv
-gradient buffers, so no extra transposes are needed). float32 and float64; sums accumulate in the
-input dtype (tests: float32 within 1e-5 of the float64 reference for T <= 70; at T = 512 the
-largest difference seen was 2e-6).
+gradient buffers). float32 and float64; sums accumulate in the input dtype (tests: float32
+within 1e-5 of the float64 reference for T up to 517).
 
-Measured (benchmarks/attention_kernels.py, B = 16, 4 heads, T = 512, d = 8, float32, a 2-core
-machine shared with other jobs, min over interleaved repeats), explicit path -> fused:
-
-    1 thread each (OpenBLAS, numba), load ~1.6:  forward 43.9 -> 24.7 ms (1.8x), forward + backward 101.5 -> 66.0 ms (1.5x)
-    2 threads each, load ~1.6:                   forward 41.0 -> 20.4 ms (2.0x), forward + backward  95.8 -> 63.0 ms (1.5x)
-    2 threads each, load ~5-7 (other jobs):      forward 227 -> 34 ms (6.7x),    forward + backward 515 -> 80 ms (6.4x)
-
-At d = 8 both paths do O(T^2 d) arithmetic (the fused backward recomputes the scores); the fused
-forward is bound by instruction throughput (about 1.5 ns per score and thread: scores 0.35, exp
-0.4, the P v reductions 0.2-0.6, the row max 0.1), so a 5x gain over the explicit path with one
-thread would need about 90 GFLOP/s per core.
+Measured (benchmarks/attention_kernels.py, B = 16, 4 heads, T = 512, float32, min over
+interleaved repeats; the 2-core machine of benchmarks/RESULTS.md), explicit path -> fused:
+see benchmarks/RESULTS.md ("Fused attention kernels"). Roofline: per score, the forward does
+2 d multiply-adds and one exp (about 14 vector instructions), the backward 5 d multiply-adds, one
+exp and 3 more; at d = 8 that is about 90 vector instructions per 16 scores, so fused forward +
+backward of one T = 512 layer (16.7 M scores, 94 M instructions) cannot take less than 13-18 ms
+on one core of this machine (2 vector instructions per cycle at 3.7-2.6 GHz); the explicit path's BLAS products do
+the same multiply-adds (and no second exp) but write and read the [B, h, T, T] weights.
 """
 from __future__ import annotations
 
@@ -75,9 +88,9 @@ from .numba_views import borrow
 
 prefer_workqueue_threading()
 
-QUERY_BLOCK = 8      # queries per forward task / backward tile (dk, dv updates take 4 rows per pass)
-KEY_BLOCK = 512      # default keys per tile (the score tile [8, 512] stays in L1; 512 was faster
-                     # than 128 or 256 at T = 512, d = 8: longer SIMD loops)
+QUERY_BLOCK = 8      # queries per forward task / backward tile (two per pass; dk, dv take all 8 per pass)
+KEY_BLOCK = 512      # default keys per tile: 512 was 1.3-2x faster than 128 or 256 at T = 512, d = 8
+                     # (each pass has a fixed cost; see the module docstring)
 
 
 # ---------------------------------------------------------------- exp of the softmax
