@@ -24,6 +24,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import flowpp_ref  # noqa: E402,F401  (first, as the CLI: its OPENBLAS_THREAD_TIMEOUT default applies before
+#                                   OpenBLAS loads; else the explicit path's spinning BLAS threads slow
+#                                   the fused kernels run next to them)
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
