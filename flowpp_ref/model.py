@@ -206,7 +206,7 @@ class FlowPP(Module):
         """
         t0 = time.perf_counter()
         z = rng.standard_normal((n, *self.cfg._check_layout()), dtype=self.dtype) * self.dtype.type(temperature)
-        y, _ = self.flow.inverse(z, None)
+        y = self.flow.sample_inverse(z, None)                 # the inverse flow, no log-dets
         xp = array_module(y)
         x = xp.clip(xp.floor(y), 0, self.levels - 1)
         img = (x * (256 // self.levels)).astype(np.uint8)

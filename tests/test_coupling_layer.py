@@ -210,6 +210,9 @@ def test_invertibility_coupling_layer_mixlogistic(dtype, method, with_affine):
     assert c2 is y[0] or np.array_equal(c2, c)
     np.testing.assert_allclose(e2, e, atol=tol["roundtrip"])
     np.testing.assert_allclose(logdet_inv, -logdet, rtol=tol["logdet"], atol=tol["logdet"])
+    c3, e3 = layer.sample_inverse(y, ctx)              # sampling's inverse: the same e, no log-det
+    assert c3 is c2 or np.array_equal(c3, c2)
+    np.testing.assert_array_equal(e3, e2)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

@@ -7,6 +7,7 @@ split, a 2-tuple of arrays (``(condition, effect)``). Every bijection offers::
     x, logdet_inv   = b.inverse(y, context=None)
     dx, dcontext, grads = b.backward(dy, dlogdet, cache)
     y = b.data_init(x, context=None)          # data-dependent init, then forward
+    x = b.sample_inverse(y, context=None)     # the inverse map alone, no log-det (sampling)
 
 * ``logdet`` is log|det dy/dx| per sample, shape ``(B,)``; ``logdet_inv`` is that
   of the inverse map (``-logdet`` at the corresponding point).
@@ -14,6 +15,8 @@ split, a 2-tuple of arrays (``(condition, effect)``). Every bijection offers::
   and ``dlogdet = dL/dlogdet`` (shape ``(B,)``) and returns ``dL/dx`` (same
   structure as x), ``dL/dcontext`` (``None`` when the bijection ignores the
   context) and the parameter gradients (flat dict, keys of ``parameters()``).
+* ``sample_inverse`` is ``inverse(y)[0]`` (the default); a bijection whose inverse log-det costs
+  extra work (the mixture-of-logistics coupling: one more mixture evaluation) skips it there.
 * ``cache`` holds what backward needs; each class documents it.
 * ``train``/``rng`` only matter for bijections with dropout inside; randomness is
   drawn from the ``rng`` passed in and its draws are kept in the cache.
@@ -79,6 +82,10 @@ class Bijection(Module):
     def data_init(self, x, context=None):
         return self.forward(x, context)[0]
 
+    def sample_inverse(self, y, context=None):
+        """x = inverse(y) without log|det| (what sampling needs)."""
+        return self.inverse(y, context)[0]
+
     def __repr__(self):
         return f"{type(self).__name__}()"
 
@@ -112,6 +119,11 @@ class Compose(Bijection):
             y, ld = f.inverse(y, context)
             logdet = logdet + ld
         return y, logdet
+
+    def sample_inverse(self, y, context=None):
+        for f in reversed(self.flows):
+            y = f.sample_inverse(y, context)
+        return y
 
     def backward(self, dy, dlogdet, caches):
         # logdet = sum_i logdet_i, so every layer receives the same dL/dlogdet.

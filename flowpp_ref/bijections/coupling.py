@@ -190,6 +190,12 @@ class MixLogisticAttnCoupling(_AttnCoupling):
     # ------------------------------------------------------------- protocol
 
     def inverse(self, y, context=None):
+        return self._inverse(y, context, logdet=True)
+
+    def sample_inverse(self, y, context=None):
+        return self._inverse(y, context, logdet=False)[0]      # no mixture evaluation for the log-det
+
+    def _inverse(self, y, context, logdet):
         c, y_e = self._split_input(y, "inverse")
         raw, _ = self.net.forward(c, context)
         a, b, logits, means, logscales, _ = self._heads(self._raw(c, raw))
@@ -197,9 +203,11 @@ class MixLogisticAttnCoupling(_AttnCoupling):
         md = self._mix(y_e.dtype)
         if md is not None:
             args = tuple(v.astype(md) for v in args)
-        e, logdet_inv = mixlogistic_coupling_inverse(*args, with_affine=self.with_affine, method=self.inverse_method)
+        e, logdet_inv = mixlogistic_coupling_inverse(*args, with_affine=self.with_affine, method=self.inverse_method,
+                                                     logdet=logdet)
         if md is not None:
-            e, logdet_inv = e.astype(y_e.dtype), logdet_inv.astype(y_e.dtype)
+            e = e.astype(y_e.dtype)
+            logdet_inv = None if logdet_inv is None else logdet_inv.astype(y_e.dtype)
         return (c, e), logdet_inv
 
     def __repr__(self):

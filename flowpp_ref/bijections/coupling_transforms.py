@@ -170,8 +170,12 @@ def mixlogistic_coupling_backward(dy, dlogdet, cache):
 
 
 def mixlogistic_coupling_inverse(y, a, b, logits, means, logscales, with_affine=True,
-                                 method="bisection", tol=None, max_iters=None, return_info=False):
+                                 method="bisection", tol=None, max_iters=None, return_info=False,
+                                 logdet=True):
     """e = F^{-1}(clip(sigmoid((y - b) exp(-a)), 1e-5, 1 - 1e-5)); returns ``(e, logdet_inv)``.
+
+    ``logdet=False``: ``logdet_inv`` is None (it costs one more mixture evaluation at e; sampling
+    does not need it).
 
     ``method``: ``"bisection"`` (the release's) or ``"hybrid"`` (safeguarded
     Newton); ``tol``/``max_iters`` default per dtype
@@ -189,6 +193,8 @@ def mixlogistic_coupling_inverse(y, a, b, logits, means, logscales, with_affine=
     v = (y - b) * xp.exp(-a) if with_affine else y
     u = xp.clip(_sigmoid(v, xp), CLIP_EPS, 1 - CLIP_EPS)      # the release's clip
     e, info = mixlogistic_invcdf(u, logits, means, logscales, method=method, tol=tol, max_iters=max_iters)
+    if not logdet:
+        return (e, None, info) if return_info else (e, None)
     logF, log1mF, logpdf = mixlogistic_cdf_pdf(e, logits, means, logscales)
     ld = logpdf - logF - log1mF
     if with_affine:

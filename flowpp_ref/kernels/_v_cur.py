@@ -1,0 +1,804 @@
+"""Fused self-attention for NumPy arrays (numba): online softmax, never the T x T weights.
+
+Reference (plain ``xp`` code): :func:`flowpp_ref.nn.attention.attention_ref` and
+:func:`flowpp_ref.nn.attention.attention_backward_ref` (explicit weights ``W [B, h, T, T]``).
+Tests: ``tests/test_fused_attention.py`` (parity in float64 / float32, finite differences).
+
+Notation (one batch element and head; T positions, head dimension d, c = 1 / sqrt(d))::
+
+    S = c q k^T      [T, T]     W = softmax_rows(S)     A = W v   [T, d]
+    L_i = log sum_j exp(S_ij)   (the row log-sum-exp: W_ij = exp(S_ij - L_i))
+
+Forward: online softmax (FlashAttention, Dao et al. 2022). The keys are visited in blocks
+J_1, J_2, ... of ``KEY_BLOCK``; for a query row i the running maximum m, sum l and
+unnormalised output o after block t are::
+
+    m_t = max(m_{t-1}, max_{j in J_t} S_ij)
+    l_t = l_{t-1} exp(m_{t-1} - m_t) + sum_{j in J_t} exp(S_ij - m_t)
+    o_t = o_{t-1} exp(m_{t-1} - m_t) + sum_{j in J_t} exp(S_ij - m_t) v_j       (m_0 = -inf, l_0 = 0, o_0 = 0)
+
+By induction l_t = sum_{j seen} exp(S_ij - m_t) and o_t = sum_{j seen} exp(S_ij - m_t) v_j, so
+after the last block A_i = o / l and L_i = m + log l: exactly softmax(S) v, with every exp
+argument <= 0 (no overflow). Only A [T, d] and L [T] are kept for the backward (not W).
+
+Backward (upstream dA [T, d]); with P = W recomputed block by block as P_ij = exp(S_ij - L_i)::
+
+    dv = P^T dA                             (A = P v)
+    dP = dA v^T                             (dL/dP_ij = dA_i . v_j)
+    dS = P * (dP - D),  D_i = sum_j P_ij dP_ij = sum_j P_ij dA_i . v_j = dA_i . A_i
+    dq = c dS k,  dk = c dS^T q             (S = c q k^T)
+
+D = rowsum(dA * A) is the softmax backward's row sum, computed from the saved output without
+the weights. Each (query block, key block) tile of S is recomputed once in the backward.
+
+Parallelism and layout. The forward runs one task per (batch, head, query block of
+``QUERY_BLOCK`` rows) with ``prange``; the backward one task per (batch, head), because dk and
+dv sum over all query blocks (one writer per (batch, head): no race). k and v are passed
+transposed, ``[B h, dp, T]`` C-contiguous, so that every inner loop runs over consecutive keys
+(SIMD lanes over keys). The channels are handled 8 at a time (4 when d <= 4): the wrappers pad
+d with zero channels to dp (d = 12 -> 16); a zero channel adds 0 to every score and product.
+
+Each inner loop (one small function per pass over a tile's keys: see "inner loops" below)
+takes *two* query rows, so that each load of a key row serves both: the passes are bound by
+loads (8 rows of k and 8 of v for 512 keys are 32 KB, the L1 cache's size), not by arithmetic.
+The backward builds the tiles P and dS [8, KB] (S and dP fused with the exp for d = 8 and 4),
+then dq += dS k two rows at a time and dk^T += (c q)^T dS, dv^T += dA^T P four channels at a
+time over the 8 rows. Other choices, measured (one thread, T = 512, d = 8): key tiles of 128 or
+256 instead of 512 were 1.3-2x slower (each pass has a fixed cost of about 80 ns: the loop set-up
+and the 8-16 horizontal sums); one row per pass, 1.3x slower in the backward; dk/dv one channel
+per pass, 1.25x slower; views counted by numba's reference count (an atomic increment and
+decrement per row view, 8-16 per pass), about 40 ns per pass more: the kernels take uncounted
+views of their arguments (:func:`flowpp_ref.kernels.numba_views.borrow`) and their scratch
+buffers come from the caller.
+
+The exp is :func:`softmax_exp`: fastexp's float32 polynomial with one power of two instead of two
+(its arguments are <= 0; results below 2.7e-38 are returned as 0). float64 uses
+:func:`flowpp_ref.kernels.fastexp.fast_exp` (numba's on-disk cache keys a kernel on its own file
+only: a change to fastexp.py must also touch this file). The row maximum is an integer maximum
+over the floats' bit patterns (:func:`_key`): a float max reduction does not vectorise without
+fastmath's ``nnan``, which the project does not use.
+
+Outputs may be strided views (the layer passes views of its merged ``[B, T, h, d]`` / qkv
+gradient buffers). float32 and float64; sums accumulate in the input dtype (tests: float32
+within 1e-5 of the float64 reference for T up to 517).
+
+Measured (benchmarks/attention_kernels.py, B = 16, 4 heads, T = 512, float32, min over
+interleaved repeats; the 2-core machine of benchmarks/RESULTS.md), explicit path -> fused:
+see benchmarks/RESULTS.md ("Fused attention kernels"). Roofline: per score, the forward does
+2 d multiply-adds and one exp (about 14 vector instructions), the backward 5 d multiply-adds, one
+exp and 3 more; at d = 8 that is about 90 vector instructions per 16 scores, so fused forward +
+backward of one T = 512 layer (16.7 M scores, 94 M instructions) cannot take less than 13-18 ms
+on one core of this machine (2 vector instructions per cycle at 3.7-2.6 GHz); the explicit path's BLAS products do
+the same multiply-adds (and no second exp) but write and read the [B, h, T, T] weights.
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba.core import types
+from llvmlite import ir
+from numba.extending import intrinsic, overload
+
+from . import NUMBA_OPTS, prefer_workqueue_threading
+from . import fastexp
+from .fastexp import EXACT_OPTS, fast_exp
+from .numba_views import borrow
+
+prefer_workqueue_threading()
+
+QUERY_BLOCK = 8      # queries per forward task / backward tile (two per pass; dk, dv take all 8 per pass)
+KEY_BLOCK = 512      # default keys per tile: 512 was 1.3-2x faster than 128 or 256 at T = 512, d = 8
+                     # (each pass has a fixed cost; see the module docstring)
+
+
+# ---------------------------------------------------------------- exp of the softmax
+_SM_LO_32, _SM_HI_32, _I126 = np.float32(-86.5), np.float32(89.0), np.int32(126)
+_F32_ZERO = np.float32(0.0)
+
+
+def softmax_exp(x):
+    """exp(x) for the softmax's arguments x = S - m <= 0 (inside numba kernels; see the overload)."""
+    return math.exp(x)
+
+
+def _softmax_exp32_impl(x):
+    # fastexp's float32 exp (the same reduction x = n ln2 + r and polynomial, hence the same value
+    # for -86.5 <= x <= 89) with one power of two instead of two: exp(x) = (2 exp(r)) 2^(n-1),
+    # 2^(n-1) normal for -125 <= n <= 128. Results below exp(-86.5) = 2.7e-38 (where 2^(n-1) would
+    # be subnormal) are returned as 0: in a softmax such terms are lost against the row maximum's 1
+    # anyway. Above, x is clamped at 89 (as in fastexp), where 2 exp(r) 2^127 overflows to inf.
+    # nan stays nan (the comparison below is false for nan). About 6 vector instructions fewer.
+    xc = min(x, _SM_HI_32)
+    n = (xc * fastexp._LOG2E_32 + fastexp._ROUND_32) - fastexp._ROUND_32
+    r = (xc - n * fastexp._LN2_HI_32) - n * fastexp._LN2_LO_32
+    p = fastexp._C32_7
+    p = p * r + fastexp._C32_6
+    p = p * r + fastexp._C32_5
+    p = p * r + fastexp._C32_4
+    p = p * r + fastexp._C32_3
+    p = p * r + fastexp._C32_2
+    p = p * r + fastexp._C32_1
+    p = p * r + fastexp._C32_0
+    e = (p + p) * fastexp._i32_bits_as_f32((np.int32(n) + _I126) << fastexp._I23)
+    return _F32_ZERO if xc < _SM_LO_32 else e
+
+
+@overload(softmax_exp, jit_options=EXACT_OPTS)
+def _softmax_exp_overload(x):
+    if x == types.float32:
+        return _softmax_exp32_impl
+    return lambda x: fast_exp(x)                 # float64: fastexp's (exact down to the subnormals)
+
+
+# ---------------------------------------------------------------- inner loops (SIMD over keys)
+# Each loop over the keys jj is its own small function taking 1-d views (rows of a [dp, T] array,
+# passed one by one): LLVM then vectorises it. Two query rows share each pass, so that every load
+# of a key row serves both (the passes are bound by loads from L2: 16 rows of 512 keys are 32 KB).
+# The channels run 8 at a time (4 when d <= 4; the wrappers pad d with zero channels). One index
+# expression over a flattened [dp * T] row did not vectorise (18x slower); an offset added to the
+# loop index did not either. Hand-unrolled over the channels: numba does not unroll loops.
+@numba.njit(**NUMBA_OPTS)
+def _set8_2(y, r, kn, X, i, c, m0, m1, m2, m3, m4, m5, m6, m7):
+    """y[jj] = X[i, c:c+8] . m[jj],  r[jj] = X[i+1, c:c+8] . m[jj]  (m_t: rows of k or v)."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = (X[i, c], X[i, c + 1], X[i, c + 2], X[i, c + 3], X[i, c + 4], X[i, c + 5],
+                                      X[i, c + 6], X[i, c + 7])
+    z0, z1, z2, z3, z4, z5, z6, z7 = (X[i + 1, c], X[i + 1, c + 1], X[i + 1, c + 2], X[i + 1, c + 3],
+                                      X[i + 1, c + 4], X[i + 1, c + 5], X[i + 1, c + 6], X[i + 1, c + 7])
+    for jj in range(kn):
+        a0, a1, a2, a3, a4, a5, a6, a7 = m0[jj], m1[jj], m2[jj], m3[jj], m4[jj], m5[jj], m6[jj], m7[jj]
+        s0 = ((x0 * a0 + x1 * a1) + (x2 * a2 + x3 * a3)) + ((x4 * a4 + x5 * a5) + (x6 * a6 + x7 * a7))
+        s1 = ((z0 * a0 + z1 * a1) + (z2 * a2 + z3 * a3)) + ((z4 * a4 + z5 * a5) + (z6 * a6 + z7 * a7))
+        y[jj] = s0
+        r[jj] = s1
+
+
+@numba.njit(**NUMBA_OPTS)
+def _set8_2_max(y, r, kn, X, i, c, best0, best1, m0, m1, m2, m3, m4, m5, m6, m7):
+    """as _set8_2, returning max(best, the keys of the values written) per row."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = (X[i, c], X[i, c + 1], X[i, c + 2], X[i, c + 3], X[i, c + 4], X[i, c + 5],
+                                      X[i, c + 6], X[i, c + 7])
+    z0, z1, z2, z3, z4, z5, z6, z7 = (X[i + 1, c], X[i + 1, c + 1], X[i + 1, c + 2], X[i + 1, c + 3],
+                                      X[i + 1, c + 4], X[i + 1, c + 5], X[i + 1, c + 6], X[i + 1, c + 7])
+    for jj in range(kn):
+        a0, a1, a2, a3, a4, a5, a6, a7 = m0[jj], m1[jj], m2[jj], m3[jj], m4[jj], m5[jj], m6[jj], m7[jj]
+        s0 = ((x0 * a0 + x1 * a1) + (x2 * a2 + x3 * a3)) + ((x4 * a4 + x5 * a5) + (x6 * a6 + x7 * a7))
+        s1 = ((z0 * a0 + z1 * a1) + (z2 * a2 + z3 * a3)) + ((z4 * a4 + z5 * a5) + (z6 * a6 + z7 * a7))
+        y[jj] = s0
+        r[jj] = s1
+        best0 = max(best0, _key(s0))
+        best1 = max(best1, _key(s1))
+    return best0, best1
+
+
+@numba.njit(**NUMBA_OPTS)
+def _add8_2(y, r, kn, X, i, c, m0, m1, m2, m3, m4, m5, m6, m7):
+    """y[jj] += X[i, c:c+8] . m[jj],  r[jj] += X[i+1, c:c+8] . m[jj]."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = (X[i, c], X[i, c + 1], X[i, c + 2], X[i, c + 3], X[i, c + 4], X[i, c + 5],
+                                      X[i, c + 6], X[i, c + 7])
+    z0, z1, z2, z3, z4, z5, z6, z7 = (X[i + 1, c], X[i + 1, c + 1], X[i + 1, c + 2], X[i + 1, c + 3],
+                                      X[i + 1, c + 4], X[i + 1, c + 5], X[i + 1, c + 6], X[i + 1, c + 7])
+    for jj in range(kn):
+        a0, a1, a2, a3, a4, a5, a6, a7 = m0[jj], m1[jj], m2[jj], m3[jj], m4[jj], m5[jj], m6[jj], m7[jj]
+        s0 = y[jj] + (((x0 * a0 + x1 * a1) + (x2 * a2 + x3 * a3)) + ((x4 * a4 + x5 * a5) + (x6 * a6 + x7 * a7)))
+        s1 = r[jj] + (((z0 * a0 + z1 * a1) + (z2 * a2 + z3 * a3)) + ((z4 * a4 + z5 * a5) + (z6 * a6 + z7 * a7)))
+        y[jj] = s0
+        r[jj] = s1
+
+
+@numba.njit(**NUMBA_OPTS)
+def _add8_2_max(y, r, kn, X, i, c, best0, best1, m0, m1, m2, m3, m4, m5, m6, m7):
+    """as _add8_2, returning max(best, the keys of the values written) per row."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = (X[i, c], X[i, c + 1], X[i, c + 2], X[i, c + 3], X[i, c + 4], X[i, c + 5],
+                                      X[i, c + 6], X[i, c + 7])
+    z0, z1, z2, z3, z4, z5, z6, z7 = (X[i + 1, c], X[i + 1, c + 1], X[i + 1, c + 2], X[i + 1, c + 3],
+                                      X[i + 1, c + 4], X[i + 1, c + 5], X[i + 1, c + 6], X[i + 1, c + 7])
+    for jj in range(kn):
+        a0, a1, a2, a3, a4, a5, a6, a7 = m0[jj], m1[jj], m2[jj], m3[jj], m4[jj], m5[jj], m6[jj], m7[jj]
+        s0 = y[jj] + (((x0 * a0 + x1 * a1) + (x2 * a2 + x3 * a3)) + ((x4 * a4 + x5 * a5) + (x6 * a6 + x7 * a7)))
+        s1 = r[jj] + (((z0 * a0 + z1 * a1) + (z2 * a2 + z3 * a3)) + ((z4 * a4 + z5 * a5) + (z6 * a6 + z7 * a7)))
+        y[jj] = s0
+        r[jj] = s1
+        best0 = max(best0, _key(s0))
+        best1 = max(best1, _key(s1))
+    return best0, best1
+
+
+@numba.njit(**NUMBA_OPTS)
+def _exp_dot8_2(p, r, kn, mx0, mx1, zero, m0, m1, m2, m3, m4, m5, m6, m7):
+    """p <- exp(p - mx0), r <- exp(r - mx1); returns (sum p, p . m_0, ..., p . m_7) and those of r."""
+    sp = zero
+    sr = zero
+    a0 = zero
+    b0 = zero
+    a1 = zero
+    b1 = zero
+    a2 = zero
+    b2 = zero
+    a3 = zero
+    b3 = zero
+    a4 = zero
+    b4 = zero
+    a5 = zero
+    b5 = zero
+    a6 = zero
+    b6 = zero
+    a7 = zero
+    b7 = zero
+    for jj in range(kn):
+        u = softmax_exp(p[jj] - mx0)
+        w = softmax_exp(r[jj] - mx1)
+        p[jj] = u
+        r[jj] = w
+        sp += u
+        sr += w
+        a0 += u * m0[jj]
+        b0 += w * m0[jj]
+        a1 += u * m1[jj]
+        b1 += w * m1[jj]
+        a2 += u * m2[jj]
+        b2 += w * m2[jj]
+        a3 += u * m3[jj]
+        b3 += w * m3[jj]
+        a4 += u * m4[jj]
+        b4 += w * m4[jj]
+        a5 += u * m5[jj]
+        b5 += w * m5[jj]
+        a6 += u * m6[jj]
+        b6 += w * m6[jj]
+        a7 += u * m7[jj]
+        b7 += w * m7[jj]
+    return (sp, a0, a1, a2, a3, a4, a5, a6, a7), (sr, b0, b1, b2, b3, b4, b5, b6, b7)
+
+
+@numba.njit(**NUMBA_OPTS)
+def _dot8_2(p, r, kn, zero, m0, m1, m2, m3, m4, m5, m6, m7):
+    """(p . m_0, ..., p . m_7) and (r . m_0, ...): two rows, each m load serving both (reads only)."""
+    a0 = zero
+    b0 = zero
+    a1 = zero
+    b1 = zero
+    a2 = zero
+    b2 = zero
+    a3 = zero
+    b3 = zero
+    a4 = zero
+    b4 = zero
+    a5 = zero
+    b5 = zero
+    a6 = zero
+    b6 = zero
+    a7 = zero
+    b7 = zero
+    for jj in range(kn):
+        u = p[jj]
+        w = r[jj]
+        a0 += u * m0[jj]
+        b0 += w * m0[jj]
+        a1 += u * m1[jj]
+        b1 += w * m1[jj]
+        a2 += u * m2[jj]
+        b2 += w * m2[jj]
+        a3 += u * m3[jj]
+        b3 += w * m3[jj]
+        a4 += u * m4[jj]
+        b4 += w * m4[jj]
+        a5 += u * m5[jj]
+        b5 += w * m5[jj]
+        a6 += u * m6[jj]
+        b6 += w * m6[jj]
+        a7 += u * m7[jj]
+        b7 += w * m7[jj]
+    return (a0, a1, a2, a3, a4, a5, a6, a7), (b0, b1, b2, b3, b4, b5, b6, b7)
+
+
+@numba.njit(**NUMBA_OPTS)
+def _p_ds8_2(p0, ds0, p1, ds1, kn, L0, D0, L1, D1, X, G, i,
+             k0, k1, k2, k3, k4, k5, k6, k7, v0, v1, v2, v3, v4, v5, v6, v7):
+    """d = 8, rows i and i + 1 in one pass: S = X[i] . k_jj, P = exp(S - L), dP = G[i] . v_jj,
+    dS = P (dP - D) into p, ds (each k, v load serving both rows)."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = X[i, 0], X[i, 1], X[i, 2], X[i, 3], X[i, 4], X[i, 5], X[i, 6], X[i, 7]
+    z0, z1, z2, z3, z4, z5, z6, z7 = (X[i + 1, 0], X[i + 1, 1], X[i + 1, 2], X[i + 1, 3], X[i + 1, 4],
+                                      X[i + 1, 5], X[i + 1, 6], X[i + 1, 7])
+    g0, g1, g2, g3, g4, g5, g6, g7 = G[i, 0], G[i, 1], G[i, 2], G[i, 3], G[i, 4], G[i, 5], G[i, 6], G[i, 7]
+    h0, h1, h2, h3, h4, h5, h6, h7 = (G[i + 1, 0], G[i + 1, 1], G[i + 1, 2], G[i + 1, 3], G[i + 1, 4],
+                                      G[i + 1, 5], G[i + 1, 6], G[i + 1, 7])
+    for jj in range(kn):
+        a0, a1, a2, a3, a4, a5, a6, a7 = k0[jj], k1[jj], k2[jj], k3[jj], k4[jj], k5[jj], k6[jj], k7[jj]
+        b0, b1, b2, b3, b4, b5, b6, b7 = v0[jj], v1[jj], v2[jj], v3[jj], v4[jj], v5[jj], v6[jj], v7[jj]
+        s0 = ((x0 * a0 + x1 * a1) + (x2 * a2 + x3 * a3)) + ((x4 * a4 + x5 * a5) + (x6 * a6 + x7 * a7))
+        s1 = ((z0 * a0 + z1 * a1) + (z2 * a2 + z3 * a3)) + ((z4 * a4 + z5 * a5) + (z6 * a6 + z7 * a7))
+        e0 = ((g0 * b0 + g1 * b1) + (g2 * b2 + g3 * b3)) + ((g4 * b4 + g5 * b5) + (g6 * b6 + g7 * b7))
+        e1 = ((h0 * b0 + h1 * b1) + (h2 * b2 + h3 * b3)) + ((h4 * b4 + h5 * b5) + (h6 * b6 + h7 * b7))
+        q0 = softmax_exp(s0 - L0)
+        q1 = softmax_exp(s1 - L1)
+        p0[jj] = q0
+        p1[jj] = q1
+        ds0[jj] = q0 * (e0 - D0)
+        ds1[jj] = q1 * (e1 - D1)
+
+
+@numba.njit(**NUMBA_OPTS)
+def _set4_2(y, r, kn, X, i, c, m0, m1, m2, m3):
+    """y[jj] = X[i, c:c+4] . m[jj],  r[jj] = X[i+1, c:c+4] . m[jj]  (m_t: rows of k or v)."""
+    x0, x1, x2, x3 = X[i, c], X[i, c + 1], X[i, c + 2], X[i, c + 3]
+    z0, z1, z2, z3 = X[i + 1, c], X[i + 1, c + 1], X[i + 1, c + 2], X[i + 1, c + 3]
+    for jj in range(kn):
+        a0, a1, a2, a3 = m0[jj], m1[jj], m2[jj], m3[jj]
+        s0 = ((x0 * a0 + x1 * a1) + (x2 * a2 + x3 * a3))
+        s1 = ((z0 * a0 + z1 * a1) + (z2 * a2 + z3 * a3))
+        y[jj] = s0
+        r[jj] = s1
+
+
+@numba.njit(**NUMBA_OPTS)
+def _set4_2_max(y, r, kn, X, i, c, best0, best1, m0, m1, m2, m3):
+    """as _set4_2, returning max(best, the keys of the values written) per row."""
+    x0, x1, x2, x3 = X[i, c], X[i, c + 1], X[i, c + 2], X[i, c + 3]
+    z0, z1, z2, z3 = X[i + 1, c], X[i + 1, c + 1], X[i + 1, c + 2], X[i + 1, c + 3]
+    for jj in range(kn):
+        a0, a1, a2, a3 = m0[jj], m1[jj], m2[jj], m3[jj]
+        s0 = ((x0 * a0 + x1 * a1) + (x2 * a2 + x3 * a3))
+        s1 = ((z0 * a0 + z1 * a1) + (z2 * a2 + z3 * a3))
+        y[jj] = s0
+        r[jj] = s1
+        best0 = max(best0, _key(s0))
+        best1 = max(best1, _key(s1))
+    return best0, best1
+
+
+@numba.njit(**NUMBA_OPTS)
+def _exp_dot4_2(p, r, kn, mx0, mx1, zero, m0, m1, m2, m3):
+    """p <- exp(p - mx0), r <- exp(r - mx1); returns (sum p, p . m_0, ..., p . m_3) and those of r."""
+    sp = zero
+    sr = zero
+    a0 = zero
+    b0 = zero
+    a1 = zero
+    b1 = zero
+    a2 = zero
+    b2 = zero
+    a3 = zero
+    b3 = zero
+    for jj in range(kn):
+        u = softmax_exp(p[jj] - mx0)
+        w = softmax_exp(r[jj] - mx1)
+        p[jj] = u
+        r[jj] = w
+        sp += u
+        sr += w
+        a0 += u * m0[jj]
+        b0 += w * m0[jj]
+        a1 += u * m1[jj]
+        b1 += w * m1[jj]
+        a2 += u * m2[jj]
+        b2 += w * m2[jj]
+        a3 += u * m3[jj]
+        b3 += w * m3[jj]
+    return (sp, a0, a1, a2, a3), (sr, b0, b1, b2, b3)
+
+
+@numba.njit(**NUMBA_OPTS)
+def _dot4_2(p, r, kn, zero, m0, m1, m2, m3):
+    """(p . m_0, ..., p . m_3) and (r . m_0, ...): two rows, each m load serving both (reads only)."""
+    a0 = zero
+    b0 = zero
+    a1 = zero
+    b1 = zero
+    a2 = zero
+    b2 = zero
+    a3 = zero
+    b3 = zero
+    for jj in range(kn):
+        u = p[jj]
+        w = r[jj]
+        a0 += u * m0[jj]
+        b0 += w * m0[jj]
+        a1 += u * m1[jj]
+        b1 += w * m1[jj]
+        a2 += u * m2[jj]
+        b2 += w * m2[jj]
+        a3 += u * m3[jj]
+        b3 += w * m3[jj]
+    return (a0, a1, a2, a3), (b0, b1, b2, b3)
+
+
+@numba.njit(**NUMBA_OPTS)
+def _p_ds4_2(p0, ds0, p1, ds1, kn, L0, D0, L1, D1, X, G, i,
+             k0, k1, k2, k3, v0, v1, v2, v3):
+    """d = 4, rows i and i + 1 in one pass: S = X[i] . k_jj, P = exp(S - L), dP = G[i] . v_jj,
+    dS = P (dP - D) into p, ds (each k, v load serving both rows)."""
+    x0, x1, x2, x3 = X[i, 0], X[i, 1], X[i, 2], X[i, 3]
+    z0, z1, z2, z3 = X[i + 1, 0], X[i + 1, 1], X[i + 1, 2], X[i + 1, 3]
+    g0, g1, g2, g3 = G[i, 0], G[i, 1], G[i, 2], G[i, 3]
+    h0, h1, h2, h3 = G[i + 1, 0], G[i + 1, 1], G[i + 1, 2], G[i + 1, 3]
+    for jj in range(kn):
+        a0, a1, a2, a3 = k0[jj], k1[jj], k2[jj], k3[jj]
+        b0, b1, b2, b3 = v0[jj], v1[jj], v2[jj], v3[jj]
+        s0 = ((x0 * a0 + x1 * a1) + (x2 * a2 + x3 * a3))
+        s1 = ((z0 * a0 + z1 * a1) + (z2 * a2 + z3 * a3))
+        e0 = ((g0 * b0 + g1 * b1) + (g2 * b2 + g3 * b3))
+        e1 = ((h0 * b0 + h1 * b1) + (h2 * b2 + h3 * b3))
+        q0 = softmax_exp(s0 - L0)
+        q1 = softmax_exp(s1 - L1)
+        p0[jj] = q0
+        p1[jj] = q1
+        ds0[jj] = q0 * (e0 - D0)
+        ds1[jj] = q1 * (e1 - D1)
+
+
+@numba.njit(**NUMBA_OPTS)
+def _p_ds(p, ds, kn, L, D):
+    """p[jj] <- P = exp(S - L) (p holds S);  ds[jj] <- dS = P (dP - D) (ds holds dP)."""
+    for jj in range(kn):
+        pj = softmax_exp(p[jj] - L)
+        p[jj] = pj
+        ds[jj] = pj * (ds[jj] - D)
+
+
+@numba.njit(**NUMBA_OPTS)
+def _axpy8x4(y0, y1, y2, y3, kn, X, c, r0, r1, r2, r3, r4, r5, r6, r7):
+    """y_t[jj] += sum_i X[i, c + t] r_i[jj] (i < 8, t < 4): the 8 rows r read once for 4 outputs."""
+    a0, a1, a2, a3, a4, a5, a6, a7 = X[0, c], X[1, c], X[2, c], X[3, c], X[4, c], X[5, c], X[6, c], X[7, c]
+    b0, b1, b2, b3, b4, b5, b6, b7 = (X[0, c + 1], X[1, c + 1], X[2, c + 1], X[3, c + 1], X[4, c + 1],
+                                      X[5, c + 1], X[6, c + 1], X[7, c + 1])
+    e0, e1, e2, e3, e4, e5, e6, e7 = (X[0, c + 2], X[1, c + 2], X[2, c + 2], X[3, c + 2], X[4, c + 2],
+                                      X[5, c + 2], X[6, c + 2], X[7, c + 2])
+    f0, f1, f2, f3, f4, f5, f6, f7 = (X[0, c + 3], X[1, c + 3], X[2, c + 3], X[3, c + 3], X[4, c + 3],
+                                      X[5, c + 3], X[6, c + 3], X[7, c + 3])
+    for jj in range(kn):
+        v0, v1, v2, v3, v4, v5, v6, v7 = r0[jj], r1[jj], r2[jj], r3[jj], r4[jj], r5[jj], r6[jj], r7[jj]
+        y0[jj] += ((a0 * v0 + a1 * v1) + (a2 * v2 + a3 * v3)) + ((a4 * v4 + a5 * v5) + (a6 * v6 + a7 * v7))
+        y1[jj] += ((b0 * v0 + b1 * v1) + (b2 * v2 + b3 * v3)) + ((b4 * v4 + b5 * v5) + (b6 * v6 + b7 * v7))
+        y2[jj] += ((e0 * v0 + e1 * v1) + (e2 * v2 + e3 * v3)) + ((e4 * v4 + e5 * v5) + (e6 * v6 + e7 * v7))
+        y3[jj] += ((f0 * v0 + f1 * v1) + (f2 * v2 + f3 * v3)) + ((f4 * v4 + f5 * v5) + (f6 * v6 + f7 * v7))
+
+
+_F32_MASK, _F64_MASK = np.int32(0x7FFFFFFF), np.int64(0x7FFFFFFFFFFFFFFF)
+
+
+# A float max reduction does not vectorise without fastmath's nnan (which the project does not
+# use: nan must stay nan). The bits of a float, as a signed integer i, map to the key
+# i ^ ((i >> (w-1)) & mask): a monotone map (negative floats' magnitudes reversed; it is its own
+# inverse), and an integer max vectorises. A nan score (positive nan bits: a key above inf's)
+# becomes the row maximum, so the row is nan, as it should be.
+@intrinsic
+def _bits(typingctx, x):
+    """The bits of a float32 / float64 as an int32 / int64 (an LLVM bitcast)."""
+    ity = types.int32 if x == types.float32 else types.int64
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(ity.bitwidth))
+
+    return ity(x), codegen
+
+
+@intrinsic
+def _from_bits(typingctx, i, like):
+    """The float32 / float64 (the type of ``like``) with the bits of the int32 / int64 ``i``."""
+    fty = ir.FloatType() if like == types.float32 else ir.DoubleType()
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], fty)
+
+    return like(i, like), codegen
+
+
+def _key(x):
+    """The monotone integer key of a float (see above; inside numba kernels)."""
+    return x
+
+
+def _unkey(k, like):
+    """The float of a key (``like``: a float of the type to return)."""
+    return like
+
+
+@overload(_key, jit_options=EXACT_OPTS)
+def _key_overload(x):
+    if x == types.float32:
+        return lambda x: np.int32(_bits(x) ^ ((_bits(x) >> np.int32(31)) & _F32_MASK))   # (numba widens int32 ops)
+    return lambda x: _bits(x) ^ ((_bits(x) >> np.int64(63)) & _F64_MASK)
+
+
+@overload(_unkey, jit_options=EXACT_OPTS)
+def _unkey_overload(k, like):
+    if like == types.float32:
+        return lambda k, like: _from_bits(np.int32(k ^ ((k >> np.int32(31)) & _F32_MASK)), like)
+    return lambda k, like: _from_bits(k ^ ((k >> np.int64(63)) & _F64_MASK), like)
+
+
+# ---------------------------------------------------------------- tiles
+@numba.njit(**NUMBA_OPTS)
+def _rows_2(y, r, kn, X, i, m, j0):
+    """y[jj] = X[i] . m[:, j0 + jj], r[jj] = X[i + 1] . m[:, j0 + jj] over all channels (m [dp, T])."""
+    dp = m.shape[0]
+    if dp == 4:
+        _set4_2(y, r, kn, X, i, 0, m[0, j0:j0 + kn], m[1, j0:j0 + kn], m[2, j0:j0 + kn], m[3, j0:j0 + kn])
+        return
+    for c in range(0, dp, 8):
+        r0, r1, r2, r3 = m[c, j0:j0 + kn], m[c + 1, j0:j0 + kn], m[c + 2, j0:j0 + kn], m[c + 3, j0:j0 + kn]
+        r4, r5, r6, r7 = m[c + 4, j0:j0 + kn], m[c + 5, j0:j0 + kn], m[c + 6, j0:j0 + kn], m[c + 7, j0:j0 + kn]
+        if c == 0:
+            _set8_2(y, r, kn, X, i, c, r0, r1, r2, r3, r4, r5, r6, r7)
+        else:
+            _add8_2(y, r, kn, X, i, c, r0, r1, r2, r3, r4, r5, r6, r7)
+
+
+@numba.njit(**NUMBA_OPTS)
+def _rows_2_max(y, r, kn, X, i, m, j0, best0, best1):
+    """_rows_2, returning max(best, the keys of y) and max(best1, the keys of r)."""
+    dp = m.shape[0]
+    if dp == 4:
+        return _set4_2_max(y, r, kn, X, i, 0, best0, best1, m[0, j0:j0 + kn], m[1, j0:j0 + kn],
+                           m[2, j0:j0 + kn], m[3, j0:j0 + kn])
+    for c in range(0, dp, 8):
+        r0, r1, r2, r3 = m[c, j0:j0 + kn], m[c + 1, j0:j0 + kn], m[c + 2, j0:j0 + kn], m[c + 3, j0:j0 + kn]
+        r4, r5, r6, r7 = m[c + 4, j0:j0 + kn], m[c + 5, j0:j0 + kn], m[c + 6, j0:j0 + kn], m[c + 7, j0:j0 + kn]
+        last = c + 8 == dp
+        if c == 0 and last:
+            best0, best1 = _set8_2_max(y, r, kn, X, i, c, best0, best1, r0, r1, r2, r3, r4, r5, r6, r7)
+        elif c == 0:
+            _set8_2(y, r, kn, X, i, c, r0, r1, r2, r3, r4, r5, r6, r7)
+        elif last:
+            best0, best1 = _add8_2_max(y, r, kn, X, i, c, best0, best1, r0, r1, r2, r3, r4, r5, r6, r7)
+        else:
+            _add8_2(y, r, kn, X, i, c, r0, r1, r2, r3, r4, r5, r6, r7)
+    return best0, best1
+
+
+# ---------------------------------------------------------------- kernels
+@numba.njit(parallel=True, **NUMBA_OPTS)
+def _forward(q_, kT_, vT_, out, lse, scale, KB, work_):
+    # q [BH, T, d]; kT, vT [BH, dp, T] (d padded with zero channels to dp: 4 or a multiple of 8);
+    # work [threads, 2 QB + 2, max(dp, KB)]: each thread's buffers
+    q, kT, vT, work = borrow(q_), borrow(kT_), borrow(vT_), borrow(work_)
+    BH, T, d = q.shape
+    dp = kT.shape[1]
+    QB = QUERY_BLOCK
+    KB = max(1, min(KB, T))
+    nqb = (T + QB - 1) // QB
+    zero = scale - scale                                # 0 in the input dtype
+    for task in numba.prange(BH * nqb):
+        bh = task // nqb
+        i0 = (task % nqb) * QB
+        qn = min(QB, T - i0)
+        kb, vb = kT[bh], vT[bh]                         # [dp, T]
+        w = work[numba.get_thread_id()]
+        s, s2 = w[0], w[1]                              # two rows of scores, then of weights
+        xs = w[2:2 + QB]                                # c q of the block (rows >= qn and channels >= d: 0)
+        o = w[2 + QB:2 + 2 * QB]                        # running outputs o
+        m = np.full(QB, -np.inf, dtype=q.dtype)         # running maxima m, sums l
+        l = np.zeros(QB, dtype=q.dtype)
+        for i in range(QB):
+            for c in range(dp):
+                xs[i, c] = q[bh, i0 + i, c] * scale if (i < qn and c < d) else zero
+                o[i, c] = zero
+        for j0 in range(0, T, KB):
+            kn = min(KB, T - j0)
+            for i in range(0, qn, 2):                   # rows i, i + 1 (i + 1 may be a padding row)
+                b0, b1 = _rows_2_max(s, s2, kn, xs, i, kb, j0, _key(m[i]), _key(m[i + 1]))   # S_ij = c q_i . k_j
+                mx0, mx1 = _unkey(b0, zero), _unkey(b1, zero)                             # m_t = max(m_{t-1}, max_j S_ij)
+                al0, al1 = softmax_exp(m[i] - mx0), softmax_exp(m[i + 1] - mx1)         # exp(m_{t-1} - m_t)
+                if dp == 4:
+                    f0, f1 = _exp_dot4_2(s, s2, kn, mx0, mx1, zero, vb[0, j0:j0 + kn], vb[1, j0:j0 + kn],
+                                         vb[2, j0:j0 + kn], vb[3, j0:j0 + kn])
+                    l[i] = l[i] * al0 + f0[0]
+                    l[i + 1] = l[i + 1] * al1 + f1[0]
+                    for t in range(4):
+                        o[i, t] = o[i, t] * al0 + f0[1 + t]
+                        o[i + 1, t] = o[i + 1, t] * al1 + f1[1 + t]
+                else:
+                    # s <- exp(S_ij - m_t): l_t = l_{t-1} alpha + sum_j exp(S_ij - m_t),
+                    #                       o_t = o_{t-1} alpha + sum_j exp(S_ij - m_t) v_j
+                    e0, e1 = _exp_dot8_2(s, s2, kn, mx0, mx1, zero, vb[0, j0:j0 + kn], vb[1, j0:j0 + kn],
+                                         vb[2, j0:j0 + kn], vb[3, j0:j0 + kn], vb[4, j0:j0 + kn],
+                                         vb[5, j0:j0 + kn], vb[6, j0:j0 + kn], vb[7, j0:j0 + kn])
+                    l[i] = l[i] * al0 + e0[0]
+                    l[i + 1] = l[i + 1] * al1 + e1[0]
+                    for t in range(8):
+                        o[i, t] = o[i, t] * al0 + e0[1 + t]
+                        o[i + 1, t] = o[i + 1, t] * al1 + e1[1 + t]
+                    for c in range(8, dp, 8):
+                        u, v = _dot8_2(s, s2, kn, zero, vb[c, j0:j0 + kn], vb[c + 1, j0:j0 + kn],
+                                       vb[c + 2, j0:j0 + kn], vb[c + 3, j0:j0 + kn], vb[c + 4, j0:j0 + kn],
+                                       vb[c + 5, j0:j0 + kn], vb[c + 6, j0:j0 + kn], vb[c + 7, j0:j0 + kn])
+                        for t in range(8):
+                            o[i, c + t] = o[i, c + t] * al0 + u[t]
+                            o[i + 1, c + t] = o[i + 1, c + t] * al1 + v[t]
+                m[i] = mx0
+                m[i + 1] = mx1
+        for i in range(qn):
+            inv = 1 / l[i]
+            for c in range(d):
+                out[bh, i0 + i, c] = o[i, c] * inv              # A = o / l
+            lse[bh, i0 + i] = m[i] + math.log(l[i])             # L = m + log l
+
+
+@numba.njit(parallel=True, **NUMBA_OPTS)
+def _backward(q_, kT_, vT_, a_, lse_, da_, dq, dk, dv, scale, KB, tiles_, work_):
+    # q, a, da, dq, dk, dv [BH, T, d]; kT, vT [BH, dp, T] (zero-padded channels); lse [BH, T];
+    # tiles [threads, 2 QB, KB], work [threads, 2 dp + 3 QB, max(dp, T)]: each thread's buffers
+    q, kT, vT, a, lse, da = borrow(q_), borrow(kT_), borrow(vT_), borrow(a_), borrow(lse_), borrow(da_)
+    tiles, work = borrow(tiles_), borrow(work_)
+    BH, T, d = q.shape
+    dp = kT.shape[1]
+    QB = QUERY_BLOCK
+    KB = max(1, min(KB, T))
+    zero = scale - scale
+    for bh in numba.prange(BH):
+        kb, vb = kT[bh], vT[bh]                         # [dp, T]
+        tid = numba.get_thread_id()
+        P = tiles[tid, 0:QB]                            # the tile of P [QB, KB]
+        DS = tiles[tid, QB:2 * QB]                      # the tile of dS
+        w = work[tid]
+        dkT = w[0:dp]                                   # dk^T, dv^T [dp, T]: consecutive keys
+        dvT = w[dp:2 * dp]
+        xs = w[2 * dp:2 * dp + QB]                      # c q of the query block (rows >= qn: 0)
+        g = w[2 * dp + QB:2 * dp + 2 * QB]              # dA of the query block
+        dqb = w[2 * dp + 2 * QB:2 * dp + 3 * QB]        # dq of the query block (before the factor c)
+        Dv = np.zeros(QB, dtype=q.dtype)                # D_i = dA_i . A_i
+        for c in range(dp):
+            for j in range(T):
+                dkT[c, j] = zero
+                dvT[c, j] = zero
+        for i0 in range(0, T, QB):
+            qn = min(QB, T - i0)
+            for i in range(QB):
+                Di = zero
+                for c in range(dp):
+                    if i < qn and c < d:
+                        xs[i, c] = q[bh, i0 + i, c] * scale
+                        g[i, c] = da[bh, i0 + i, c]
+                        Di += g[i, c] * a[bh, i0 + i, c]
+                    else:
+                        xs[i, c] = zero
+                        g[i, c] = zero
+                    dqb[i, c] = zero
+                Dv[i] = Di
+            for j0 in range(0, T, KB):
+                kn = min(KB, T - j0)
+                # P = exp(S - L), dS = P (dP - D) of the tile (S = c q k^T, dP = dA v^T), two rows a pass
+                for i in range(0, qn, 2):
+                    L0, L1 = lse[bh, i0 + i], lse[bh, min(i0 + i + 1, T - 1)]
+                    if dp == 8:
+                        _p_ds8_2(P[i], DS[i], P[i + 1], DS[i + 1], kn, L0, Dv[i], L1, Dv[i + 1], xs, g, i,
+                                 kb[0, j0:j0 + kn], kb[1, j0:j0 + kn], kb[2, j0:j0 + kn], kb[3, j0:j0 + kn],
+                                 kb[4, j0:j0 + kn], kb[5, j0:j0 + kn], kb[6, j0:j0 + kn], kb[7, j0:j0 + kn],
+                                 vb[0, j0:j0 + kn], vb[1, j0:j0 + kn], vb[2, j0:j0 + kn], vb[3, j0:j0 + kn],
+                                 vb[4, j0:j0 + kn], vb[5, j0:j0 + kn], vb[6, j0:j0 + kn], vb[7, j0:j0 + kn])
+                    elif dp == 4:
+                        _p_ds4_2(P[i], DS[i], P[i + 1], DS[i + 1], kn, L0, Dv[i], L1, Dv[i + 1], xs, g, i,
+                                 kb[0, j0:j0 + kn], kb[1, j0:j0 + kn], kb[2, j0:j0 + kn], kb[3, j0:j0 + kn],
+                                 vb[0, j0:j0 + kn], vb[1, j0:j0 + kn], vb[2, j0:j0 + kn], vb[3, j0:j0 + kn])
+                    else:                                                  # S and dP chunk by chunk
+                        _rows_2(P[i], P[i + 1], kn, xs, i, kb, j0)
+                        _rows_2(DS[i], DS[i + 1], kn, g, i, vb, j0)
+                        _p_ds(P[i], DS[i], kn, L0, Dv[i])
+                        _p_ds(P[i + 1], DS[i + 1], kn, L1, Dv[i + 1])
+                for i in range(qn, QB):                                    # padding rows: P = dS = 0
+                    for jj in range(kn):
+                        P[i, jj] = zero
+                        DS[i, jj] = zero
+                for i in range(0, qn, 2):                                  # dq += dS k
+                    if dp == 4:
+                        u4, v4 = _dot4_2(DS[i], DS[i + 1], kn, zero, kb[0, j0:j0 + kn], kb[1, j0:j0 + kn],
+                                         kb[2, j0:j0 + kn], kb[3, j0:j0 + kn])
+                        for t in range(4):
+                            dqb[i, t] += u4[t]
+                            dqb[i + 1, t] += v4[t]
+                    else:
+                        for c in range(0, dp, 8):
+                            u, v = _dot8_2(DS[i], DS[i + 1], kn, zero, kb[c, j0:j0 + kn], kb[c + 1, j0:j0 + kn],
+                                           kb[c + 2, j0:j0 + kn], kb[c + 3, j0:j0 + kn], kb[c + 4, j0:j0 + kn],
+                                           kb[c + 5, j0:j0 + kn], kb[c + 6, j0:j0 + kn], kb[c + 7, j0:j0 + kn])
+                            for t in range(8):
+                                dqb[i, c + t] += u[t]
+                                dqb[i + 1, c + t] += v[t]
+                for c in range(0, dp, 4):                                  # dv += P^T dA,  dk += dS^T (c q)
+                    _axpy8x4(dvT[c, j0:j0 + kn], dvT[c + 1, j0:j0 + kn], dvT[c + 2, j0:j0 + kn],
+                             dvT[c + 3, j0:j0 + kn], kn, g, c, P[0, :kn], P[1, :kn], P[2, :kn], P[3, :kn],
+                             P[4, :kn], P[5, :kn], P[6, :kn], P[7, :kn])
+                    _axpy8x4(dkT[c, j0:j0 + kn], dkT[c + 1, j0:j0 + kn], dkT[c + 2, j0:j0 + kn],
+                             dkT[c + 3, j0:j0 + kn], kn, xs, c, DS[0, :kn], DS[1, :kn], DS[2, :kn], DS[3, :kn],
+                             DS[4, :kn], DS[5, :kn], DS[6, :kn], DS[7, :kn])
+            for i in range(qn):
+                for c in range(d):
+                    dq[bh, i0 + i, c] = dqb[i, c] * scale                  # dq = c dS k
+        for j in range(T):
+            for c in range(d):
+                dk[bh, j, c] = dkT[c, j]
+                dv[bh, j, c] = dvT[c, j]
+
+
+def _threads():
+    return int(numba.config.NUMBA_NUM_THREADS)      # the pool's size: every numba.get_thread_id() is below
+
+
+def _check(q, k, v):
+    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"fused attention: q, k, v must have one shape [B, h, T, d]; got "
+                         f"{q.shape}, {k.shape}, {v.shape}")
+    if q.dtype not in (np.float32, np.float64) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"fused attention: float32 or float64 arrays of one dtype, got "
+                        f"{q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _check_block(key_block):
+    if int(key_block) < 1:
+        raise ValueError(f"fused attention: key_block must be >= 1, got {key_block}")
+    return np.int64(key_block)
+
+
+def _place(buf, dst):
+    """buf, or buf copied into the caller's (possibly strided) array dst."""
+    if dst is None:
+        return buf
+    dst[...] = buf
+    return dst
+
+
+def _keys_major(x, dp):
+    """[B, h, T, d] -> C-contiguous [B h, dp, T] (keys consecutive), channels d..dp-1 zero."""
+    B, h, T, d = x.shape
+    out = np.zeros((B * h, dp, T), dtype=x.dtype)
+    out[:, :d, :] = x.reshape(B * h, T, d).swapaxes(1, 2) if x.flags.c_contiguous else \
+        x.swapaxes(-1, -2).reshape(B * h, d, T)
+    return out
+
+
+def _flat(x):
+    B, h, T, d = x.shape
+    return np.ascontiguousarray(x).reshape(B * h, T, d)
+
+
+def _padded_dim(d):
+    """The channels the kernels compute with: 4 for d <= 4, else d rounded up to a multiple of 8."""
+    return 4 if d <= 4 else -(-d // 8) * 8
+
+
+# The kernels always get C-contiguous arrays (copies of strided views cost O(B h T d), against the
+# kernels' O(B h T^2 d)), so each compiles once per dtype: fewer signatures to compile and cache.
+def attention_forward(q, k, v, out=None, key_block=KEY_BLOCK):
+    """(A, L) of softmax(q k^T / sqrt(d)) v for q, k, v ``[B, h, T, d]`` (any strides).
+
+    ``A`` ``[B, h, T, d]`` is written into ``out`` when given (may be a strided view);
+    ``L`` ``[B, h, T]`` is the row log-sum-exp of the scores (what the backward needs).
+    ``key_block``: keys per tile of the online softmax (tests use small ones to run the recurrence
+    over many blocks).
+    """
+    _check(q, k, v)
+    B, h, T, d = q.shape
+    dp = _padded_dim(d)
+    scale = q.dtype.type(1.0 / math.sqrt(d))
+    a = np.empty((B * h, T, d), dtype=q.dtype)
+    lse = np.empty((B * h, T), dtype=q.dtype)
+    kb = int(_check_block(key_block))
+    work = np.empty((_threads(), 2 * QUERY_BLOCK + 2, max(dp, min(kb, T))), dtype=q.dtype)
+    _forward(_flat(q), _keys_major(k, dp), _keys_major(v, dp), a, lse, scale, np.int64(kb), work)
+    return _place(a.reshape(B, h, T, d), out), lse.reshape(B, h, T)
+
+
+def attention_backward(q, k, v, a, lse, da, dq=None, dk=None, dv=None, key_block=KEY_BLOCK):
+    """(dq, dk, dv) ``[B, h, T, d]`` from the forward's inputs, output ``a``, ``lse`` and upstream ``da``.
+
+    The outputs are written into ``dq``, ``dk``, ``dv`` when given (strided views allowed).
+    """
+    _check(q, k, v)
+    B, h, T, d = q.shape
+    if a.shape != q.shape or da.shape != q.shape or lse.shape != (B, h, T):
+        raise ValueError(f"fused attention backward: a and da must have q's shape {q.shape} and lse "
+                         f"{(B, h, T)}; got {a.shape}, {da.shape}, {lse.shape}")
+    dp = _padded_dim(d)
+    scale = q.dtype.type(1.0 / math.sqrt(d))
+    gq, gk, gv = (np.empty((B * h, T, d), q.dtype) for _ in range(3))
+    c = lambda x: _flat(np.asarray(x, dtype=q.dtype))  # noqa: E731
+    kb = int(_check_block(key_block))
+    tiles = np.empty((_threads(), 2 * QUERY_BLOCK, min(kb, T)), dtype=q.dtype)
+    work = np.empty((_threads(), 2 * dp + 3 * QUERY_BLOCK, max(dp, T)), dtype=q.dtype)
+    _backward(c(q), _keys_major(k, dp), _keys_major(v, dp), c(a),
+              np.ascontiguousarray(lse, dtype=q.dtype).reshape(B * h, T), c(da), gq, gk, gv, scale,
+              np.int64(kb), tiles, work)
+    shape = (B, h, T, d)
+    return _place(gq.reshape(shape), dq), _place(gk.reshape(shape), dk), _place(gv.reshape(shape), dv)
