@@ -48,3 +48,20 @@ def time_numpy_steps(model, x, gen, repeats: int) -> dict:
     base = rss_bytes()
     times = [step() for _ in range(repeats + 1)]
     return dict(times=times[1:], warmup=times[0], peak_rss_delta_mb=(maxrss_bytes() - base) / 2**20)
+
+
+def time_twin_steps(twin, x, gen, repeats: int) -> dict:
+    """``repeats + 1`` training steps (loss and autograd backward) of the PyTorch twin, the first a
+    warm-up: ``{"times", "warmup", "peak_rss_delta_mb"}`` (the twin of :func:`time_numpy_steps`)."""
+    import time
+
+    def step():
+        twin.zero_grad()
+        t0 = time.perf_counter()
+        loss = twin.loss(x, rng=gen, train=True)
+        loss.backward()
+        return time.perf_counter() - t0
+
+    base = rss_bytes()
+    times = [step() for _ in range(repeats + 1)]
+    return dict(times=times[1:], warmup=times[0], peak_rss_delta_mb=(maxrss_bytes() - base) / 2**20)

@@ -62,7 +62,7 @@ import sys
 import tempfile
 import time
 
-from _common import maxrss_bytes, median, rss_bytes, thread_env, time_numpy_steps  # benchmarks/ is on sys.path
+from _common import median, thread_env, time_numpy_steps, time_twin_steps  # benchmarks/ is on sys.path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -189,20 +189,10 @@ def worker_twin(a):
     model, x = _load(a)
     twin = TorchFlowPP(model, dtype=torch.float32, attention="sdpa" if a.side == "twin-sdpa" else "explicit")
     gen = np.random.default_rng(1)
-
-    def step():
-        twin.zero_grad()
-        t0 = time.perf_counter()
-        loss = twin.loss(x, rng=gen, train=True)
-        loss.backward()
-        return time.perf_counter() - t0
-
-    base = rss_bytes()
-    times = [step() for _ in range(a.repeats + 1)]
-    peak = (maxrss_bytes() - base) / 2**20
+    timed = time_twin_steps(twin, x, gen, a.repeats)
     with torch.no_grad():
         loss = float(twin.loss(x, rng=np.random.default_rng(7), train=True))
-    return dict(times=times[1:], warmup=times[0], peak_rss_delta_mb=peak, loss=loss, torch_version=torch.__version__,
+    return dict(**timed, loss=loss, torch_version=torch.__version__,
                 torch_threads=torch.get_num_threads(), **_common_info())
 
 

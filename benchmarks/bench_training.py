@@ -51,7 +51,7 @@ import sys
 import tempfile
 import time
 
-from _common import maxrss_bytes, median, rss_bytes, thread_env, time_numpy_steps  # benchmarks/ is on sys.path
+from _common import maxrss_bytes, median, thread_env, time_numpy_steps, time_twin_steps  # benchmarks/ is on sys.path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -177,21 +177,11 @@ def worker_step_torch(a):
     model, x = _load_step(a)
     twin = TorchFlowPP(model, dtype=torch.float32)
     gen = np.random.default_rng(1)
-
-    def step():
-        twin.zero_grad()
-        t0 = time.perf_counter()
-        loss = twin.loss(x, rng=gen, train=True)
-        loss.backward()
-        return time.perf_counter() - t0
-
-    base = rss_bytes()
-    times = [step() for _ in range(a.repeats + 1)]
-    peak = (maxrss_bytes() - base) / 2**20
+    timed = time_twin_steps(twin, x, gen, a.repeats)
     with torch.no_grad():                                           # same loss on the same noise?
         lt = float(twin.loss(x, rng=np.random.default_rng(7), train=True))
     lo = float(model.loss(x, rng=np.random.default_rng(7), train=True)[0])
-    return dict(times=times[1:], warmup=times[0], peak_rss_delta_mb=peak, torch_threads=torch.get_num_threads(),
+    return dict(**timed, torch_threads=torch.get_num_threads(),
                 loss_ours=lo, loss_torch=lt, loss_abs_diff=abs(lo - lt), torch_version=torch.__version__)
 
 

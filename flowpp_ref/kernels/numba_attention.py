@@ -39,8 +39,10 @@ transposed, ``[B h, dp, T]`` C-contiguous, so that every inner loop runs over co
 d with zero channels to dp (d = 12 -> 16); a zero channel adds 0 to every score and product.
 
 Each inner loop (one small function per pass over a tile's keys: see "inner loops" below)
-takes *two* query rows, so that each load of a key row serves both: the passes are bound by
-loads (8 rows of k and 8 of v for 512 keys are 32 KB, the L1 cache's size), not by arithmetic.
+takes *two* query rows, so that each load of a key row serves both: with one row the passes were
+bound by loads (8 rows of k and 8 of v for 512 keys are 32 KB, the L1 cache's size); with two they
+run at about one 512-bit instruction per cycle (the fused backward pass: ~110 instructions per 32
+scores), so further speed needs fewer instructions per score, not fewer loads.
 The backward builds the tiles P and dS [8, KB] (S and dP fused with the exp for d = 8 and 4),
 then dq += dS k two rows at a time and dk^T += (c q)^T dS, dv^T += dA^T P four channels at a
 time over the 8 rows. Other choices, measured (one thread, T = 512, d = 8): key tiles of 128 or
@@ -135,7 +137,7 @@ def _softmax_exp_overload(x):
 # ---------------------------------------------------------------- inner loops (SIMD over keys)
 # Each loop over the keys jj is its own small function taking 1-d views (rows of a [dp, T] array,
 # passed one by one): LLVM then vectorises it. Two query rows share each pass, so that every load
-# of a key row serves both (the passes are bound by loads from L2: 16 rows of 512 keys are 32 KB).
+# of a key row serves both (with one row the passes were bound by loads: 16 rows of 512 keys are 32 KB).
 # The channels run 8 at a time (4 when d <= 4; the wrappers pad d with zero channels). One index
 # expression over a flattened [dp * T] row did not vectorise (18x slower); an offset added to the
 # loop index did not either. Hand-unrolled over the channels: numba does not unroll loops.
@@ -528,7 +530,7 @@ def _rows_2(y, r, kn, X, i, m, j0):
 
 @numba.njit(**NUMBA_OPTS)
 def _rows_2_max(y, r, kn, X, i, m, j0, best0, best1):
-    """_rows_2, returning max(best, the keys of y) and max(best1, the keys of r)."""
+    """_rows_2, returning max(best0, the keys of y) and max(best1, the keys of r)."""
     dp = m.shape[0]
     if dp == 4:
         return _set4_2_max(y, r, kn, X, i, 0, best0, best1, m[0, j0:j0 + kn], m[1, j0:j0 + kn],
