@@ -51,7 +51,7 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     qkv = rng.standard_normal((B, T, 3, h, d)).astype(a.dtype)
     q, k, v = qkv.transpose(2, 0, 3, 1, 4)
-    dA = rng.standard_normal((B, h, T, d)).astype(a.dtype)
+    dA = rng.standard_normal((B, T, h, d)).astype(a.dtype).transpose(0, 2, 1, 3)   # as the layer has it
 
     def explicit_fb():
         w, _ = attention_ref(q, k, v)

@@ -170,6 +170,43 @@ def test_numba_fused_writes_strided_outputs_and_checks_inputs():
         na.attention_forward(q, k, v, key_block=0)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_numba_fused_layer_layouts_are_used_in_place_and_other_layouts_copied(dtype):
+    """The kernels take the layer's layouts (qkv [B, T, 3, h, d], A and dA [B, T, h, d]) without a
+    copy; contiguous [B, h, T, d] arrays (and other strides) go through a copy: same numbers."""
+    rng = np.random.default_rng(8)
+    B, h, T, d = 2, 3, 19, 8
+    q, k, v = _qkv(rng, B, h, T, d, dtype=dtype)
+    base = na._packed_base(q, k, v)
+    assert base is not None and base.shape == (B, T, 3, h, d) and np.shares_memory(base, q)
+    np.testing.assert_array_equal(base[:, :, 1].transpose(0, 2, 1, 3), k)
+    qc, kc, vc = (np.ascontiguousarray(x) for x in (q, k, v))
+    assert na._packed_base(qc, kc, vc) is None and na._packed_base(q, v, k) is None
+    merged = np.full((B, T, h, d), np.nan, dtype=dtype)
+    a, lse = na.attention_forward(q, k, v, out=merged.transpose(0, 2, 1, 3))
+    assert not np.isnan(merged).any()                         # written in place
+    a2, lse2 = na.attention_forward(qc, kc, vc)
+    np.testing.assert_array_equal(a2, merged.transpose(0, 2, 1, 3))
+    np.testing.assert_array_equal(lse2, lse)
+    da_merged = rng.standard_normal((B, T, h, d)).astype(dtype)
+    dA = da_merged.transpose(0, 2, 1, 3)
+    dqkv = np.full((B, T, 3, h, d), np.nan, dtype=dtype)
+    views = dqkv.transpose(2, 0, 3, 1, 4)
+    na.attention_backward(q, k, v, a, lse, dA, dq=views[0], dk=views[1], dv=views[2])
+    assert not np.isnan(dqkv).any()
+    g2 = na.attention_backward(qc, kc, vc, np.ascontiguousarray(a2), lse2, np.ascontiguousarray(dA))
+    for t in range(3):
+        np.testing.assert_array_equal(g2[t], views[t])
+    dq = np.full((B, h, T, d), np.nan, dtype=dtype)           # one output given, of another layout
+    g3 = na.attention_backward(q, k, v, a, lse, dA, dq=dq)
+    assert g3[0] is dq
+    np.testing.assert_array_equal(dq, views[0])
+    _, _, g_ref = _ref_all(*(x.astype(np.float64) for x in (q, k, v, dA)))
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    for t in range(3):
+        np.testing.assert_allclose(views[t], g_ref[t], rtol=tol, atol=tol)
+
+
 # ---------------------------------------------------------------- the layer
 def _layer(F, heads, seed, dtype=np.float64, fused=True):
     rng = np.random.default_rng(seed)

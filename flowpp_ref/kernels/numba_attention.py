@@ -33,10 +33,15 @@ the weights. Each (query block, key block) tile of S is recomputed once in the b
 
 Parallelism and layout. The forward runs one task per (batch, head, query block of
 ``QUERY_BLOCK`` rows) with ``prange``; the backward one task per (batch, head), because dk and
-dv sum over all query blocks (one writer per (batch, head): no race). k and v are passed
-transposed, ``[B h, dp, T]`` C-contiguous, so that every inner loop runs over consecutive keys
-(SIMD lanes over keys). The channels are handled 8 at a time (4 when d <= 4): the wrappers pad
-d with zero channels to dp (d = 12 -> 16); a zero channel adds 0 to every score and product.
+dv sum over all query blocks (one writer per (batch, head): no race). The kernels read q, k, v
+from the layer's packed ``qkv [B, T, 3, h, d]`` and A, dA from ``[B, T, h, d]`` and write A and
+dq, dk, dv there (no copies around the kernels); each first transposes its (batch, head)'s k and v
+to keys-major rows ``[dp, T]`` (the forward in a parallel loop of its own, the backward per task),
+so that every inner loop runs over consecutive keys (SIMD lanes over keys). These transposes and
+the copies they replaced (NumPy's strided copies in the wrappers, on one thread) were about 20%
+of a T = 512 layer's fused forward + backward. The channels are handled 8 at a time (4 when
+d <= 4): k and v get zero channels up to dp (d = 12 -> 16); a zero channel adds 0 to every score
+and product.
 
 Each inner loop (one small function per pass over a tile's keys: see "inner loops" below)
 takes *two* query rows, so that each load of a key row serves both: with one row the passes were
@@ -60,8 +65,7 @@ only: a change to fastexp.py must also touch this file). The row maximum is an i
 over the floats' bit patterns (:func:`_key`): a float max reduction does not vectorise without
 fastmath's ``nnan``, which the project does not use.
 
-Outputs may be strided views (the layer passes views of its merged ``[B, T, h, d]`` / qkv
-gradient buffers). float32 and float64; sums accumulate in the input dtype (tests: float32
+The wrappers take any strides (other layouts than the layer's are copied once). float32 and float64; sums accumulate in the input dtype (tests: float32
 within 1e-5 of the float64 reference for T up to 517).
 
 Measured (benchmarks/attention_kernels.py, B = 16, 4 heads, T = 512, float32, min over
@@ -552,18 +556,24 @@ def _rows_2_max(y, r, kn, X, i, m, j0, best0, best1):
 
 # ---------------------------------------------------------------- kernels
 @numba.njit(parallel=True, **NUMBA_OPTS)
-def _forward(q_, kT_, vT_, out, lse, scale, KB, work_):
-    # q [BH, T, d]; kT, vT [BH, dp, T] (d padded with zero channels to dp: 4 or a multiple of 8);
-    # work [threads, 2 QB + 2, max(dp, KB)]: each thread's buffers
-    q, kT, vT, work = borrow(q_), borrow(kT_), borrow(vT_), borrow(work_)
-    BH, T, d = q.shape
+def _forward(qkv_, out_, lse_, scale, KB, work_, kT_, vT_):
+    # qkv [B, T, 3, h, d] (q, k, v of head hh: qkv[:, :, 0 / 1 / 2, hh]); out [B, T, h, d] (A, heads
+    # merged); lse [B h, T]; kT, vT [B h, dp, T] filled here (keys consecutive, channels d..dp-1 zero:
+    # dp is 4 or a multiple of 8); work [threads, 2 QB + 2, max(dp, KB)]: each thread's buffers
+    qkv, out, lse, work = borrow(qkv_), borrow(out_), borrow(lse_), borrow(work_)
+    kT, vT = borrow(kT_), borrow(vT_)
+    B, T, _, h, d = qkv.shape
+    BH = B * h
     dp = kT.shape[1]
     QB = QUERY_BLOCK
     KB = max(1, min(KB, T))
     nqb = (T + QB - 1) // QB
     zero = scale - scale                                # 0 in the input dtype
+    for bh in numba.prange(BH):                         # k^T, v^T of every (batch, head)
+        _keys_major_into(kT[bh], vT[bh], qkv, bh // h, bh % h, zero)
     for task in numba.prange(BH * nqb):
         bh = task // nqb
+        b, hh = bh // h, bh % h
         i0 = (task % nqb) * QB
         qn = min(QB, T - i0)
         kb, vb = kT[bh], vT[bh]                         # [dp, T]
@@ -571,11 +581,11 @@ def _forward(q_, kT_, vT_, out, lse, scale, KB, work_):
         s, s2 = w[0], w[1]                              # two rows of scores, then of weights
         xs = w[2:2 + QB]                                # c q of the block (rows >= qn and channels >= d: 0)
         o = w[2 + QB:2 + 2 * QB]                        # running outputs o
-        m = np.full(QB, -np.inf, dtype=q.dtype)         # running maxima m, sums l
-        l = np.zeros(QB, dtype=q.dtype)
+        m = np.full(QB, -np.inf, dtype=qkv.dtype)       # running maxima m, sums l
+        l = np.zeros(QB, dtype=qkv.dtype)
         for i in range(QB):
             for c in range(dp):
-                xs[i, c] = q[bh, i0 + i, c] * scale if (i < qn and c < d) else zero
+                xs[i, c] = qkv[b, i0 + i, 0, hh, c] * scale if (i < qn and c < d) else zero
                 o[i, c] = zero
         for j0 in range(0, T, KB):
             kn = min(KB, T - j0)
@@ -614,23 +624,25 @@ def _forward(q_, kT_, vT_, out, lse, scale, KB, work_):
         for i in range(qn):
             inv = 1 / l[i]
             for c in range(d):
-                out[bh, i0 + i, c] = o[i, c] * inv              # A = o / l
+                out[b, i0 + i, hh, c] = o[i, c] * inv           # A = o / l
             lse[bh, i0 + i] = m[i] + math.log(l[i])             # L = m + log l
 
 
 @numba.njit(parallel=True, **NUMBA_OPTS)
-def _backward(q_, kT_, vT_, a_, lse_, da_, dq, dk, dv, scale, KB, tiles_, work_):
-    # q, a, da, dq, dk, dv [BH, T, d]; kT, vT [BH, dp, T] (zero-padded channels); lse [BH, T];
-    # tiles [threads, 2 QB, KB], work [threads, 2 dp + 3 QB, max(dp, T)]: each thread's buffers
-    q, kT, vT, a, lse, da = borrow(q_), borrow(kT_), borrow(vT_), borrow(a_), borrow(lse_), borrow(da_)
+def _backward(qkv_, a_, lse_, da_, dqkv_, scale, KB, tiles_, work_):
+    # qkv, dqkv [B, T, 3, h, d] (q, k, v of head hh and their gradients at [:, :, 0 / 1 / 2, hh]);
+    # a, da [B, T, h, d] (A and dA, heads merged); lse [B h, T];
+    # tiles [threads, 2 QB, KB], work [threads, 4 dp + 3 QB, max(dp, T)]: each thread's buffers
+    qkv, a, lse, da, dqkv = borrow(qkv_), borrow(a_), borrow(lse_), borrow(da_), borrow(dqkv_)
     tiles, work = borrow(tiles_), borrow(work_)
-    BH, T, d = q.shape
-    dp = kT.shape[1]
+    B, T, _, h, d = qkv.shape
+    BH = B * h
+    dp = (work.shape[1] - 3 * QUERY_BLOCK) // 4
     QB = QUERY_BLOCK
     KB = max(1, min(KB, T))
     zero = scale - scale
     for bh in numba.prange(BH):
-        kb, vb = kT[bh], vT[bh]                         # [dp, T]
+        b, hh = bh // h, bh % h
         tid = numba.get_thread_id()
         P = tiles[tid, 0:QB]                            # the tile of P [QB, KB]
         DS = tiles[tid, QB:2 * QB]                      # the tile of dS
@@ -640,7 +652,10 @@ def _backward(q_, kT_, vT_, a_, lse_, da_, dq, dk, dv, scale, KB, tiles_, work_)
         xs = w[2 * dp:2 * dp + QB]                      # c q of the query block (rows >= qn: 0)
         g = w[2 * dp + QB:2 * dp + 2 * QB]              # dA of the query block
         dqb = w[2 * dp + 2 * QB:2 * dp + 3 * QB]        # dq of the query block (before the factor c)
-        Dv = np.zeros(QB, dtype=q.dtype)                # D_i = dA_i . A_i
+        kb = w[2 * dp + 3 * QB:3 * dp + 3 * QB]         # k^T, v^T [dp, T] of this (batch, head)
+        vb = w[3 * dp + 3 * QB:4 * dp + 3 * QB]
+        _keys_major_into(kb, vb, qkv, b, hh, zero)
+        Dv = np.zeros(QB, dtype=qkv.dtype)              # D_i = dA_i . A_i
         for c in range(dp):
             for j in range(T):
                 dkT[c, j] = zero
@@ -651,9 +666,9 @@ def _backward(q_, kT_, vT_, a_, lse_, da_, dq, dk, dv, scale, KB, tiles_, work_)
                 Di = zero
                 for c in range(dp):
                     if i < qn and c < d:
-                        xs[i, c] = q[bh, i0 + i, c] * scale
-                        g[i, c] = da[bh, i0 + i, c]
-                        Di += g[i, c] * a[bh, i0 + i, c]
+                        xs[i, c] = qkv[b, i0 + i, 0, hh, c] * scale
+                        g[i, c] = da[b, i0 + i, hh, c]
+                        Di += g[i, c] * a[b, i0 + i, hh, c]
                     else:
                         xs[i, c] = zero
                         g[i, c] = zero
@@ -707,11 +722,21 @@ def _backward(q_, kT_, vT_, a_, lse_, da_, dq, dk, dv, scale, KB, tiles_, work_)
                              DS[4, :kn], DS[5, :kn], DS[6, :kn], DS[7, :kn])
             for i in range(qn):
                 for c in range(d):
-                    dq[bh, i0 + i, c] = dqb[i, c] * scale                  # dq = c dS k
+                    dqkv[b, i0 + i, 0, hh, c] = dqb[i, c] * scale         # dq = c dS k
         for j in range(T):
             for c in range(d):
-                dk[bh, j, c] = dkT[c, j]
-                dv[bh, j, c] = dvT[c, j]
+                dqkv[b, j, 1, hh, c] = dkT[c, j]
+                dqkv[b, j, 2, hh, c] = dvT[c, j]
+
+
+@numba.njit(**NUMBA_OPTS)
+def _keys_major_into(kT, vT, qkv, b, hh, zero):
+    # kT[c, j] = k[j, c], vT[c, j] = v[j, c] of (batch b, head hh) for c < d; 0 for d <= c < dp
+    T, d, dp = qkv.shape[1], qkv.shape[4], kT.shape[0]
+    for j in range(T):
+        for c in range(dp):
+            kT[c, j] = qkv[b, j, 1, hh, c] if c < d else zero
+            vT[c, j] = qkv[b, j, 2, hh, c] if c < d else zero
 
 
 def _threads():
@@ -733,26 +758,45 @@ def _check_block(key_block):
     return np.int64(key_block)
 
 
-def _place(buf, dst):
-    """buf, or buf copied into the caller's (possibly strided) array dst."""
-    if dst is None:
-        return buf
-    dst[...] = buf
-    return dst
+def _merged_base(x):
+    """The C-contiguous [B, T, h, d] array whose transpose (0, 2, 1, 3) is x [B, h, T, d], when x is
+    such a view (SelfAttention's A, dA); else None."""
+    y = x.transpose(0, 2, 1, 3)
+    return y if y.flags.c_contiguous else None
 
 
-def _keys_major(x, dp):
-    """[B, h, T, d] -> C-contiguous [B h, dp, T] (keys consecutive), channels d..dp-1 zero."""
-    B, h, T, d = x.shape
-    out = np.zeros((B * h, dp, T), dtype=x.dtype)
-    out[:, :d, :] = x.reshape(B * h, T, d).swapaxes(1, 2) if x.flags.c_contiguous else \
-        x.swapaxes(-1, -2).reshape(B * h, d, T)
+def _packed_base(q, k, v):
+    """The C-contiguous [B, T, 3, h, d] array qkv with q, k, v = qkv[:, :, 0 / 1 / 2].transpose(0, 2, 1, 3),
+    when q, k, v are such views of one buffer (SelfAttention's split of its qkv); else None.
+    Every element of that array is an element of q, k or v, so the view covers only their memory."""
+    B, h, T, d = q.shape
+    s = q.itemsize
+    y = q.transpose(0, 2, 1, 3)
+    want = (T * 3 * h * d * s, 3 * h * d * s, d * s, s)
+    if y.strides != want or k.strides != q.strides or v.strides != q.strides:
+        return None
+    if k.ctypes.data != q.ctypes.data + h * d * s or v.ctypes.data != q.ctypes.data + 2 * h * d * s:
+        return None
+    return np.lib.stride_tricks.as_strided(q, shape=(B, T, 3, h, d),
+                                           strides=(T * 3 * h * d * s, 3 * h * d * s, h * d * s, d * s, s))
+
+
+def _packed(q, k, v, dtype):
+    """q, k, v [B, h, T, d] as one C-contiguous [B, T, 3, h, d] array (no copy when they are views of one)."""
+    base = _packed_base(q, k, v) if q.dtype == dtype and k.dtype == dtype and v.dtype == dtype else None
+    if base is not None:
+        return base
+    B, h, T, d = q.shape
+    out = np.empty((B, T, 3, h, d), dtype=dtype)
+    for t, x in enumerate((q, k, v)):
+        out[:, :, t] = x.transpose(0, 2, 1, 3)
     return out
 
 
-def _flat(x):
-    B, h, T, d = x.shape
-    return np.ascontiguousarray(x).reshape(B * h, T, d)
+def _merged(x, dtype):
+    """x [B, h, T, d] as a C-contiguous [B, T, h, d] array (no copy when x is a transpose of one)."""
+    base = _merged_base(x) if x.dtype == dtype else None
+    return base if base is not None else np.ascontiguousarray(x.transpose(0, 2, 1, 3), dtype=dtype)
 
 
 def _padded_dim(d):
@@ -760,47 +804,69 @@ def _padded_dim(d):
     return 4 if d <= 4 else -(-d // 8) * 8
 
 
-# The kernels always get C-contiguous arrays (copies of strided views cost O(B h T d), against the
-# kernels' O(B h T^2 d)), so each compiles once per dtype: fewer signatures to compile and cache.
+# The kernels take the layer's own layouts, C-contiguous: q, k, v packed as qkv [B, T, 3, h, d]
+# (SelfAttention's proj1 output) and A, dA as [B, T, h, d] (heads merged); they transpose k and v
+# to keys-major rows themselves (in parallel, per (batch, head)) and write A and dq, dk, dv in place.
+# Callers with other layouts get one copy here. One signature per dtype to compile and cache.
 def attention_forward(q, k, v, out=None, key_block=KEY_BLOCK):
     """(A, L) of softmax(q k^T / sqrt(d)) v for q, k, v ``[B, h, T, d]`` (any strides).
 
-    ``A`` ``[B, h, T, d]`` is written into ``out`` when given (may be a strided view);
-    ``L`` ``[B, h, T]`` is the row log-sum-exp of the scores (what the backward needs).
+    ``A`` ``[B, h, T, d]`` is written into ``out`` when given (may be a strided view), else returned
+    as the transposed view of a new ``[B, T, h, d]`` array; ``L`` ``[B, h, T]`` is the row
+    log-sum-exp of the scores (what the backward needs).
+    No copies when q, k, v are the views ``qkv[:, :, 0 / 1 / 2].transpose(0, 2, 1, 3)`` of one
+    C-contiguous ``qkv [B, T, 3, h, d]`` and ``out`` the view ``A.transpose(0, 2, 1, 3)`` of a
+    C-contiguous ``[B, T, h, d]`` (as SelfAttention passes them); otherwise one copy each.
     ``key_block``: keys per tile of the online softmax (tests use small ones to run the recurrence
     over many blocks).
     """
     _check(q, k, v)
     B, h, T, d = q.shape
+    dtype = q.dtype
     dp = _padded_dim(d)
-    scale = q.dtype.type(1.0 / math.sqrt(d))
-    a = np.empty((B * h, T, d), dtype=q.dtype)
-    lse = np.empty((B * h, T), dtype=q.dtype)
+    scale = dtype.type(1.0 / math.sqrt(d))
     kb = int(_check_block(key_block))
-    work = np.empty((_threads(), 2 * QUERY_BLOCK + 2, max(dp, min(kb, T))), dtype=q.dtype)
-    _forward(_flat(q), _keys_major(k, dp), _keys_major(v, dp), a, lse, scale, np.int64(kb), work)
-    return _place(a.reshape(B, h, T, d), out), lse.reshape(B, h, T)
+    base = _merged_base(out) if out is not None and out.shape == q.shape and out.dtype == dtype else None
+    a = base if base is not None else np.empty((B, T, h, d), dtype=dtype)
+    lse = np.empty((B * h, T), dtype=dtype)
+    work = np.empty((_threads(), 2 * QUERY_BLOCK + 2, max(dp, min(kb, T))), dtype=dtype)
+    kT, vT = np.empty((B * h, dp, T), dtype=dtype), np.empty((B * h, dp, T), dtype=dtype)
+    _forward(_packed(q, k, v, dtype), a, lse, scale, np.int64(kb), work, kT, vT)
+    A = a.transpose(0, 2, 1, 3)
+    if out is not None and base is None:
+        out[...] = A
+        A = out
+    return (out if out is not None else A), lse.reshape(B, h, T)
 
 
 def attention_backward(q, k, v, a, lse, da, dq=None, dk=None, dv=None, key_block=KEY_BLOCK):
     """(dq, dk, dv) ``[B, h, T, d]`` from the forward's inputs, output ``a``, ``lse`` and upstream ``da``.
 
-    The outputs are written into ``dq``, ``dk``, ``dv`` when given (strided views allowed).
+    The outputs are written into ``dq``, ``dk``, ``dv`` when given (strided views allowed; no copy
+    when they are the three views of one C-contiguous ``[B, T, 3, h, d]``, as for q, k, v in
+    :func:`attention_forward`), else returned as such views of a new array.
     """
     _check(q, k, v)
     B, h, T, d = q.shape
     if a.shape != q.shape or da.shape != q.shape or lse.shape != (B, h, T):
         raise ValueError(f"fused attention backward: a and da must have q's shape {q.shape} and lse "
                          f"{(B, h, T)}; got {a.shape}, {da.shape}, {lse.shape}")
+    dtype = q.dtype
     dp = _padded_dim(d)
-    scale = q.dtype.type(1.0 / math.sqrt(d))
-    gq, gk, gv = (np.empty((B * h, T, d), q.dtype) for _ in range(3))
-    c = lambda x: _flat(np.asarray(x, dtype=q.dtype))  # noqa: E731
+    scale = dtype.type(1.0 / math.sqrt(d))
     kb = int(_check_block(key_block))
-    tiles = np.empty((_threads(), 2 * QUERY_BLOCK, min(kb, T)), dtype=q.dtype)
-    work = np.empty((_threads(), 2 * dp + 3 * QUERY_BLOCK, max(dp, T)), dtype=q.dtype)
-    _backward(c(q), _keys_major(k, dp), _keys_major(v, dp), c(a),
-              np.ascontiguousarray(lse, dtype=q.dtype).reshape(B * h, T), c(da), gq, gk, gv, scale,
-              np.int64(kb), tiles, work)
-    shape = (B, h, T, d)
-    return _place(gq.reshape(shape), dq), _place(gk.reshape(shape), dk), _place(gv.reshape(shape), dv)
+    given = dq is not None and dk is not None and dv is not None
+    base = _packed_base(dq, dk, dv) if given and dq.shape == q.shape and dk.shape == q.shape and \
+        dv.shape == q.shape and dq.dtype == dtype and dk.dtype == dtype and dv.dtype == dtype else None
+    dqkv = base if base is not None else np.empty((B, T, 3, h, d), dtype=dtype)
+    tiles = np.empty((_threads(), 2 * QUERY_BLOCK, min(kb, T)), dtype=dtype)
+    work = np.empty((_threads(), 4 * dp + 3 * QUERY_BLOCK, max(dp, T)), dtype=dtype)
+    _backward(_packed(q, k, v, dtype), _merged(a, dtype), np.ascontiguousarray(lse, dtype=dtype).reshape(B * h, T),
+              _merged(da, dtype), dqkv, scale, np.int64(kb), tiles, work)
+    grads = [dqkv[:, :, t].transpose(0, 2, 1, 3) for t in range(3)]
+    if base is None:
+        for t, dst in enumerate((dq, dk, dv)):
+            if dst is not None:
+                dst[...] = grads[t]
+                grads[t] = dst
+    return tuple(grads)
