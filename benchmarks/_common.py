@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -10,6 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def thread_env(threads: int) -> dict:
     """The environment of a worker: BLAS/OpenMP/numba thread counts, the repository (and tests/) on the path."""
     env = dict(os.environ)
+    for k in getattr(sys.modules.get("flowpp_ref"), "ENV_SET_BY_IMPORT", ()):
+        env.pop(k, None)             # flowpp_ref's defaults, if this process imported it: the worker's own import decides
     for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         env[k] = str(threads)
     env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]

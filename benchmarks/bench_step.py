@@ -68,7 +68,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 OPENBLAS_TUNING = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 ENV_REPORTED = OPENBLAS_TUNING + ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
-                                  "FLOWPP_KERNELS", "NUMBA_THREADING_LAYER")
+                                  "FLOWPP_KERNELS", "NUMBA_THREADING_LAYER", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
 
 # Fields of ModelConfig / TrainConfig present at 1037e47 and now: the cpu-bench preset, written out.
 CPU_BENCH_FIELDS = dict(
@@ -153,7 +153,12 @@ def worker_init(a):
 
 def _common_info():
     import flowpp_ref
-    return dict(flowpp_ref_file=flowpp_ref.__file__, blas=blas_info(),
+    try:
+        import numba
+        layer = numba.threading_layer()             # the layer numba's parallel kernels ran on
+    except (ImportError, ValueError):               # ValueError: no parallel kernel has run
+        layer = None
+    return dict(flowpp_ref_file=flowpp_ref.__file__, blas=blas_info(), numba_threading_layer=layer,
                 env={k: os.environ.get(k) for k in ENV_REPORTED})
 
 

@@ -116,6 +116,33 @@ def test_kernels_special_values_and_strided_input(dtype):
                                        **_tol(dtype))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("parts", [2, 3])
+def test_parallel_drivers_equal_the_serial_loops(dtype, parts):
+    """Big arrays run the rows split over threads: the same numbers, bit for bit, as one serial pass
+    (and as the reference), whatever the number of parts (an uneven split included)."""
+    rng = np.random.default_rng(parts)
+    N, C = 1001, 40
+    x = (3 * rng.standard_normal((N, C))).astype(dtype)
+    x2 = (3 * rng.standard_normal((N, 2 * C))).astype(dtype)
+    d2 = rng.standard_normal((N, 2 * C)).astype(dtype)
+    d1 = rng.standard_normal((N, C)).astype(dtype)
+    cases = [(nk._concat_elu_fwd, nk._concat_elu_fwd_par, (x,), (N, 2 * C), concat_elu_reference(x)),
+             (nk._concat_elu_bwd, nk._concat_elu_bwd_par, (d2, x), (N, C), concat_elu_backward_reference(d2, x)),
+             (nk._gate_fwd, nk._gate_fwd_par, (x2,), (N, C), gate_reference(x2)),
+             (nk._gate_bwd, nk._gate_bwd_par, (d1, x2), (N, 2 * C), gate_backward_reference(d1, x2))]
+    for serial, parallel, args, shape, ref in cases:
+        a, b = np.full(shape, np.nan, dtype), np.full(shape, np.nan, dtype)
+        serial(*args, a, np.int64(0), np.int64(N))
+        parallel(*args, b, np.int64(parts))
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(b, ref, **(_tol(dtype) if dtype == np.float64 else dict(rtol=2e-6, atol=1e-6)))
+    assert x.size >= nk.PARALLEL_MIN_SIZE                     # what concat_elu_numba(x) runs in parallel
+    ser = np.empty((N, 2 * C), dtype)
+    nk._concat_elu_fwd(x, ser, np.int64(0), np.int64(N))
+    np.testing.assert_array_equal(nk.concat_elu_numba(x), ser)
+
+
 def test_dispatch_uses_kernel_only_when_enabled(monkeypatch):
     calls = []
     monkeypatch.setattr(nk, "concat_elu_numba", lambda x: calls.append(1) or concat_elu_reference(x))

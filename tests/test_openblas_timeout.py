@@ -1,4 +1,5 @@
-"""flowpp_ref sets OPENBLAS_THREAD_TIMEOUT only when it can still matter and the user has not."""
+"""flowpp_ref sets OPENBLAS_THREAD_TIMEOUT (and GOMP_SPINCOUNT) only when it can still matter and the user
+has not; its kernels run on numba's OpenMP layer where that loads, unless the user chose a layer."""
 import os
 import subprocess
 import sys
@@ -22,3 +23,44 @@ def test_a_users_value_is_kept():
 
 def test_left_alone_when_numpy_is_already_loaded():
     assert _env_after("import numpy, flowpp_ref", {}) == "None"
+
+
+# ---------------------------------------------------------------- numba's threading layer, libgomp's spin
+_LAYER = ("import flowpp_ref, numba, numpy as np, os\n"
+          "import flowpp_ref.kernels.numba_layernorm  # a kernel module: it picks the layer\n"
+          "@numba.njit(parallel=True)\n"
+          "def f(x):\n"
+          "    for i in numba.prange(x.shape[0]):\n"
+          "        x[i] += 1.0\n"
+          "x = np.zeros(64); f(x); assert x.sum() == 64\n"
+          "print(numba.threading_layer(), os.environ.get('GOMP_SPINCOUNT'), flowpp_ref.ENV_SET_BY_IMPORT)")
+
+
+def _layer_after(extra):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "NUMBA_THREADING_LAYER")}
+    env.update(extra)
+    r = subprocess.run([sys.executable, "-c", _LAYER], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.strip().splitlines()[-1]
+
+
+def _has_gnu_openmp():
+    try:
+        from numba.np.ufunc import omppool
+    except ImportError:
+        return False
+    return omppool.openmp_vendor in ("GNU", "Intel")
+
+
+def test_openmp_layer_with_a_short_spin_by_default():
+    out = _layer_after({})
+    want = "omp" if _has_gnu_openmp() else "workqueue"
+    assert out.startswith(f"{want} 3000 "), out
+    assert "'GOMP_SPINCOUNT'" in out
+
+
+def test_users_spin_policy_and_layer_are_kept():
+    assert _layer_after({"OMP_WAIT_POLICY": "passive"}).split()[1] == "None"
+    assert _layer_after({"GOMP_SPINCOUNT": "77"}).split()[1] == "77"
+    assert _layer_after({"NUMBA_THREADING_LAYER": "workqueue"}).split()[0] == "workqueue"

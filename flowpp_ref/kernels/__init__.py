@@ -40,16 +40,27 @@ def kernels_enabled(flag: bool):
         _state["enabled"] = old
 
 
-def prefer_workqueue_threading() -> None:
-    """Use numba's own "workqueue" threading layer for ``parallel=True`` kernels.
+def choose_threading_layer() -> None:
+    """numba's threading layer for the ``parallel=True`` kernels: OpenMP where it loads, else workqueue.
 
-    Called by the kernel modules that have parallel kernels, before their first launch.
-    With the OpenMP layer, its spinning worker threads and OpenBLAS's (NumPy's matmuls)
-    fight over the cores between every matmul and kernel: a coupling-layer step ran 2.5x
-    slower on 2 cores. Respects a layer chosen by the user (``NUMBA_THREADING_LAYER`` or
-    ``numba.config.THREADING_LAYER``). The workqueue layer must not be entered from two
-    Python threads at once.
+    Called by the kernel modules that have parallel kernels, before their first launch. Respects
+    a layer chosen by the user (``NUMBA_THREADING_LAYER`` or ``numba.config.THREADING_LAYER``).
+    OpenMP (libgomp) starts a parallel loop in about 2 us; numba's workqueue layer took 70-140 us
+    per launch here (its workers sleep and are woken each time), and a cpu-bench step launches
+    about 300 parallel loops. With libgomp's default spin (300,000 iterations) its idle workers and
+    OpenBLAS's fought over the cores between every matmul and kernel (a coupling-layer step 2.5x
+    slower on 2 cores, the cpu-bench step 1.58 s against 1.41 s with workqueue): ``import
+    flowpp_ref`` sets ``GOMP_SPINCOUNT=3000`` unless the user chose a spin or wait policy (see
+    :mod:`flowpp_ref`), and the step then took 0.95 s against workqueue's 1.07 s.
+    GNU OpenMP is not fork-safe: a process forked after the first parallel kernel (not exec'd)
+    must not run parallel kernels; flowpp_ref forks nowhere.
     """
     import numba
-    if numba.config.THREADING_LAYER == "default":
-        numba.config.THREADING_LAYER = "workqueue"
+    if numba.config.THREADING_LAYER != "default":
+        return
+    try:
+        from numba.np.ufunc import omppool
+        ok = omppool.openmp_vendor in ("GNU", "Intel")
+    except ImportError:
+        ok = False
+    numba.config.THREADING_LAYER = "omp" if ok else "workqueue"

@@ -87,12 +87,12 @@ from numba.core import types
 from llvmlite import ir
 from numba.extending import intrinsic, overload
 
-from . import NUMBA_OPTS, prefer_workqueue_threading
+from . import NUMBA_OPTS, choose_threading_layer
 from . import fastexp
 from .fastexp import EXACT_OPTS, fast_exp
 from .numba_views import borrow
 
-prefer_workqueue_threading()
+choose_threading_layer()
 
 QUERY_BLOCK = 8      # queries per forward task / backward tile (two per pass; dk, dv take all 8 per pass)
 KEY_BLOCK = 512      # default keys per tile: 512 was 1.3-2x faster than 128 or 256 at T = 512, d = 8

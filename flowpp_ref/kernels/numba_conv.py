@@ -42,9 +42,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from . import NUMBA_OPTS, prefer_workqueue_threading
+from . import NUMBA_OPTS, choose_threading_layer
 
-prefer_workqueue_threading()
+choose_threading_layer()
 
 
 @numba.njit(parallel=True, **NUMBA_OPTS)

@@ -16,9 +16,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from . import NUMBA_OPTS, prefer_workqueue_threading
+from . import NUMBA_OPTS, choose_threading_layer
 
-prefer_workqueue_threading()
+choose_threading_layer()
 
 PARALLEL_MIN_SIZE = 1 << 16
 
