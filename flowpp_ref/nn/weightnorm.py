@@ -225,6 +225,16 @@ def _conv_backward_thin(dout, x, W):
     return shift_sum(z.reshape(B, H, Wd, T, C), neg), dW
 
 
+def _column_sums(d2):
+    """sum_n d2[n, :] of a [N, C] array (the bias gradient) as the product ones^T d2: one BLAS gemv,
+    3-8x faster than NumPy's ``d2.sum(axis=0)`` at [8192, 32..288] float32 here (the same float
+    sums in another order)."""
+    xp = array_module(d2)
+    if d2.ndim != 2 or d2.dtype.kind != "f":
+        return d2.sum(axis=0)
+    return xp.ones(d2.shape[0], dtype=d2.dtype) @ d2
+
+
 def _use_conv_kernels(*arrays) -> bool:
     return use_kernels() and all(isinstance(a, np.ndarray) for a in arrays)
 
@@ -296,7 +306,7 @@ class Conv2d(Module):
             raise FlowInputError(f"Conv2d.backward: dout has shape {tuple(dout.shape)}, expected {(B, H, Wd, Co)}")
         d2 = dout.reshape(B * H * Wd, Co)
         # dL/db = sum over b,h,w of dout
-        db = d2.sum(axis=0)
+        db = _column_sums(d2)
         if _use_conv_kernels(dout, x, W):
             dx, dW = _conv_backward_thin(dout, x, W)
             dV, dg = weight_norm_backward(dW, self.params["V"], self.params["g"], n)
@@ -364,7 +374,7 @@ class NIN(Module):
             raise FlowInputError(f"NIN.backward: dout has shape {tuple(dout.shape)}, expected {expect}")
         d2 = dout.reshape(-1, self.out_channels)
         x2 = x.reshape(-1, self.in_channels)
-        db = d2.sum(axis=0)                       # dL/db = sum of dout over leading axes
+        db = _column_sums(d2)                     # dL/db = sum of dout over leading axes
         dW = x2.T @ d2                            # dL/dW = x^T dout
         dx = (d2 @ W.T).reshape(x.shape)          # dL/dx = dout W^T
         dV, dg = weight_norm_backward(dW, self.params["V"], self.params["g"], n)
