@@ -629,15 +629,15 @@ def _forward(qkv_, out_, lse_, scale, KB, work_, kT_, vT_):
 
 
 @numba.njit(parallel=True, **NUMBA_OPTS)
-def _backward(qkv_, a_, lse_, da_, dqkv_, scale, KB, tiles_, work_):
+def _backward(qkv_, a_, lse_, da_, dqkv_, scale, KB, dp, tiles_, work_):
     # qkv, dqkv [B, T, 3, h, d] (q, k, v of head hh and their gradients at [:, :, 0 / 1 / 2, hh]);
     # a, da [B, T, h, d] (A and dA, heads merged); lse [B h, T];
+    # dp: the channels computed (4, or d rounded up to a multiple of 8);
     # tiles [threads, 2 QB, KB], work [threads, 4 dp + 3 QB, max(dp, T)]: each thread's buffers
     qkv, a, lse, da, dqkv = borrow(qkv_), borrow(a_), borrow(lse_), borrow(da_), borrow(dqkv_)
     tiles, work = borrow(tiles_), borrow(work_)
     B, T, _, h, d = qkv.shape
     BH = B * h
-    dp = (work.shape[1] - 3 * QUERY_BLOCK) // 4
     QB = QUERY_BLOCK
     KB = max(1, min(KB, T))
     zero = scale - scale
@@ -833,10 +833,11 @@ def attention_forward(q, k, v, out=None, key_block=KEY_BLOCK):
     kT, vT = np.empty((B * h, dp, T), dtype=dtype), np.empty((B * h, dp, T), dtype=dtype)
     _forward(_packed(q, k, v, dtype), a, lse, scale, np.int64(kb), work, kT, vT)
     A = a.transpose(0, 2, 1, 3)
-    if out is not None and base is None:
+    if out is None:
+        return A, lse.reshape(B, h, T)
+    if base is None:
         out[...] = A
-        A = out
-    return (out if out is not None else A), lse.reshape(B, h, T)
+    return out, lse.reshape(B, h, T)
 
 
 def attention_backward(q, k, v, a, lse, da, dq=None, dk=None, dv=None, key_block=KEY_BLOCK):
@@ -862,7 +863,7 @@ def attention_backward(q, k, v, a, lse, da, dq=None, dk=None, dv=None, key_block
     tiles = np.empty((_threads(), 2 * QUERY_BLOCK, min(kb, T)), dtype=dtype)
     work = np.empty((_threads(), 4 * dp + 3 * QUERY_BLOCK, max(dp, T)), dtype=dtype)
     _backward(_packed(q, k, v, dtype), _merged(a, dtype), np.ascontiguousarray(lse, dtype=dtype).reshape(B * h, T),
-              _merged(da, dtype), dqkv, scale, np.int64(kb), tiles, work)
+              _merged(da, dtype), dqkv, scale, np.int64(kb), np.int64(dp), tiles, work)
     grads = [dqkv[:, :, t].transpose(0, 2, 1, 3) for t in range(3)]
     if base is None:
         for t, dst in enumerate((dq, dk, dv)):

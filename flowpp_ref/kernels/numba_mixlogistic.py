@@ -106,7 +106,7 @@ def _run_chunks(range_fn, logits, *args):
         return
     pool = _POOL.get(nthr)
     if pool is None:
-        pool = _POOL[nthr] = concurrent.futures.ThreadPoolExecutor(nthr, thread_name_prefix="flowpp-mixlog")
+        pool = _POOL[nthr] = concurrent.futures.ThreadPoolExecutor(nthr - 1, thread_name_prefix="flowpp-mixlog")
     cuts = [nch * t // nthr for t in range(nthr + 1)]
     # ranges 1.. on the pool, range 0 in this thread (one thread fewer to wake: a wake-up took
     # about 70 us here, the order of a whole call at cpu-bench's sizes)
