@@ -73,6 +73,22 @@ def test_numba_fused_float32_within_1e5_of_float64_reference(B, h, T, d):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5, err_msg="d" + name)
 
 
+def test_row_width_offsets_2kb_rows_and_padded_buffers_give_the_reference():
+    # scratch rows a multiple of 2 KB long are widened by 16 elements (L1 set conflicts); other widths
+    # are only rounded up to 16; T = 512 runs the backward with widened tiles and work rows
+    for n, itemsize, want in [(1, 4, 16), (16, 4, 16), (17, 4, 32), (500, 4, 528), (512, 4, 528), (1030, 4, 1040),
+                              (600, 4, 608), (256, 8, 272), (512, 8, 528), (300, 8, 304)]:
+        assert na._row_width(n, itemsize) == want
+    rng = np.random.default_rng(512)
+    q, k, v = _qkv(rng, 1, 1, 512, 8)
+    dA = rng.standard_normal((1, 1, 512, 8))
+    a_ref, lse_ref, g_ref = _ref_all(q, k, v, dA)
+    a, lse = na.attention_forward(q, k, v)
+    np.testing.assert_allclose(a, a_ref, rtol=1e-12, atol=1e-12)
+    for g, r, name in zip(na.attention_backward(q, k, v, a, lse, dA), g_ref, "qkv"):
+        np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-12, err_msg="d" + name)
+
+
 def test_softmax_exp_is_fastexp_in_range_zero_below_inf_above():
     """The attention's float32 exp (one power of two) equals fastexp's exp wherever both are normal."""
     import numba
