@@ -76,6 +76,18 @@ exp and 3 more; at d = 8 that is about 90 vector instructions per 16 scores, so 
 backward of one T = 512 layer (16.7 M scores, 94 M instructions) cannot take less than 13-18 ms
 on one core of this machine (2 vector instructions per cycle at 3.7-2.6 GHz); the explicit path's BLAS products do
 the same multiply-adds (and no second exp) but write and read the [B, h, T, T] weights.
+
+What bounds the passes (measured on that machine, an AMD Zen 4 at about 3.6 GHz, one thread,
+cycles per 16 keys x 2 query rows): ``_set8_2_max`` 33-48, ``_exp_dot8_2`` 71-88, ``_p_ds8_2``
+89-113, ``_dot8_2`` 25-34 (``_axpy8x4``: 47-68 per 16 keys x 8 rows x 4 channels), against 16,
+36, 56, 16 (32) cycles of 512-bit multiply-adds. A loop that only sums 8 rows of 512 floats ran
+at one 64-byte load per 1.8-2.4 cycles (27-35 bytes a cycle), so every pass is bound by its loads
+of key / value rows and of the registers LLVM spills (a pass holds 16-32 broadcast scalars), not
+by its arithmetic. numba vectorises innermost loops only, so accumulators cannot stay in
+registers across keys (a query-lanes layout would need explicit SIMD). Tried and not kept: a
+one-pass forward with the Cauchy-Schwarz bound c |q_i| max_j |k_j| in place of the running
+maximum (no max pass; one row per pass as fast as today's two passes, two rows slower: spills);
+``_p_ds8_2`` split into a P pass and a dS pass (6% faster alone: not worth a third code path).
 """
 from __future__ import annotations
 
