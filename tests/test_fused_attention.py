@@ -58,14 +58,20 @@ def test_numba_fused_matches_reference_float64(B, h, T, d, key_block):
         np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-12, err_msg="d" + name)
 
 
-@pytest.mark.parametrize("B,h,T,d", [(2, 4, 70, 8), (3, 2, 45, 24), (1, 2, 33, 32), (2, 1, 29, 64), (2, 2, 27, 4),
-                                     (1, 1, 517, 8)])
-def test_numba_fused_float32_within_1e5_of_float64_reference(B, h, T, d):
+_F32_SHAPES = [(2, 4, 70, 8), (3, 2, 45, 24), (1, 2, 33, 32), (2, 1, 29, 64), (2, 2, 27, 4), (1, 1, 517, 8),
+               (3, 1, 9, 8), (1, 2, 512, 8)]
+
+
+# float32 with d = 8 runs the query-lanes forward, unless query_lanes=False (the key-block kernel,
+# which every other d runs)
+@pytest.mark.parametrize("B,h,T,d,query_lanes", [s + (True,) for s in _F32_SHAPES] +
+                         [s + (False,) for s in _F32_SHAPES if s[3] == 8])
+def test_numba_fused_float32_within_1e5_of_float64_reference(B, h, T, d, query_lanes):
     rng = np.random.default_rng(T + d)
     q, k, v = _qkv(rng, B, h, T, d, np.float32)
     dA = rng.standard_normal((B, h, T, d)).astype(np.float32)
     a_ref, lse_ref, g_ref = _ref_all(*(x.astype(np.float64) for x in (q, k, v, dA)))
-    a, lse = na.attention_forward(q, k, v, key_block=32)
+    a, lse = na.attention_forward(q, k, v, key_block=32, query_lanes=query_lanes)
     assert a.dtype == np.float32 and lse.dtype == np.float32
     np.testing.assert_allclose(a, a_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(lse, lse_ref, rtol=1e-5, atol=1e-5)
@@ -87,6 +93,87 @@ def test_row_width_offsets_2kb_rows_and_padded_buffers_give_the_reference():
     np.testing.assert_allclose(a, a_ref, rtol=1e-12, atol=1e-12)
     for g, r, name in zip(na.attention_backward(q, k, v, a, lse, dA), g_ref, "qkv"):
         np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-12, err_msg="d" + name)
+
+
+def test_simd_lane_operations_match_numpy_and_exp16_is_softmax_exp():
+    import numba
+    from flowpp_ref.kernels import simd
+
+    @numba.njit
+    def ops(a, b, c, out):
+        x, y, z = simd.load16(a, 0), simd.load16(b, 0), simd.load16(c, 0)
+        simd.store16(out[0], 0, simd.add16(x, y))
+        simd.store16(out[1], 0, simd.sub16(x, y))
+        simd.store16(out[2], 0, simd.mul16(x, y))
+        simd.store16(out[3], 0, simd.fma16(x, y, z))
+        simd.store16(out[4], 0, simd.max16(x, y))
+        simd.store16(out[5], 0, simd.exp16(x))
+        simd.store16(out[6], 0, simd.splat16(a[3]))
+        simd.store16(out[7, 16:], 0, x)                       # a row offset: out[7, 16:32]
+        return simd.lane(x, 5)
+
+    @numba.njit
+    def scalar_exp(x, out):
+        for i in range(x.size):
+            out[i] = na.softmax_exp(x[i])
+
+    rng = np.random.default_rng(16)
+    x = (30 * rng.standard_normal(16 * 40)).astype(np.float32)
+    x[:8] = [0.0, -86.4, -86.6, np.nan, -np.inf, 100.0, 89.0, -1e-30]
+    ref = np.empty_like(x)
+    scalar_exp(x, ref)
+    for blk in range(40):
+        a = x[16 * blk:16 * blk + 16].copy()
+        b = rng.standard_normal(16).astype(np.float32)
+        c = rng.standard_normal(16).astype(np.float32)
+        out = np.zeros((8, 32), np.float32)
+        assert ops(a, b, c, out) == a[5] or np.isnan(a[5])
+        np.testing.assert_array_equal(out[0, :16], a + b)
+        np.testing.assert_array_equal(out[1, :16], a - b)
+        np.testing.assert_array_equal(out[2, :16], a * b)
+        np.testing.assert_allclose(out[3, :16], a.astype(np.float64) * b + c, rtol=1e-6, atol=1e-30)
+        np.testing.assert_array_equal(out[4, :16], np.where(a > b, a, b))
+        np.testing.assert_array_equal(out[5, :16], ref[16 * blk:16 * blk + 16])    # bit for bit, nan included
+        np.testing.assert_array_equal(out[6, :16], np.full(16, a[3]))
+        np.testing.assert_array_equal(out[7, 16:], a)
+
+
+def test_lanes_forward_loose_bound_falls_back_to_the_running_maximum():
+    """Queries anti-aligned with every key: the Cauchy-Schwarz bound is above the true row maximum by
+    2 c a^2 (70 for a = 10: the fast path's sums fall below T e^-60; 102 for a = 12: every term of
+    the fast path underflows to 0), so those rows take the running-maximum path: same as the reference."""
+    rng = np.random.default_rng(5)
+    T = 64
+    for a in (10.0, 12.0):
+        u = rng.standard_normal(8)
+        u /= np.linalg.norm(u)
+        qkv = np.zeros((1, T, 3, 1, 8), np.float32)
+        qkv[0, :, 0, 0] = a * u + 0.1 * rng.standard_normal((T, 8))
+        qkv[0, :, 1, 0] = -a * u + 0.1 * rng.standard_normal((T, 8))
+        qkv[0, :, 2, 0] = rng.standard_normal((T, 8))
+        q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+        q64, k64, v64 = (x.astype(np.float64) for x in (q, k, v))
+        s = q64[0, 0] @ k64[0, 0].T / np.sqrt(8)
+        bound = np.linalg.norm(q64[0, 0], axis=1) / np.sqrt(8) * np.linalg.norm(k64[0, 0], axis=1).max()
+        gap = bound - s.max(axis=1)
+        assert gap.min() > 60 and (a < 11 or gap.min() > 87)    # the fast path is not exact here
+        a_ref, lse_ref, _ = _ref_all(q64, k64, v64, np.zeros(q.shape))
+        A, lse = na.attention_forward(q, k, v)
+        np.testing.assert_allclose(A, a_ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(lse, lse_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_lanes_forward_non_finite_rows_stay_non_finite():
+    rng = np.random.default_rng(6)
+    q, k, v = _qkv(rng, 1, 1, 40, 8, np.float32)
+    q = q.copy()
+    q[0, 0, 3, 2] = np.nan
+    A, lse = na.attention_forward(q, k, v)
+    assert np.isnan(A[0, 0, 3]).all() and np.isnan(lse[0, 0, 3])
+    others = np.delete(np.arange(40), 3)
+    assert np.isfinite(A[0, 0, others]).all()
+    A0, _ = na.attention_forward(q, k, v, query_lanes=False)
+    np.testing.assert_allclose(A[0, 0, others], A0[0, 0, others], rtol=1e-5, atol=1e-5)
 
 
 def test_softmax_exp_is_fastexp_in_range_zero_below_inf_above():
