@@ -59,11 +59,11 @@ def test_numba_fused_matches_reference_float64(B, h, T, d, key_block):
 
 
 _F32_SHAPES = [(2, 4, 70, 8), (3, 2, 45, 24), (1, 2, 33, 32), (2, 1, 29, 64), (2, 2, 27, 4), (1, 1, 517, 8),
-               (3, 1, 9, 8), (1, 2, 512, 8)]
+               (3, 1, 9, 8), (1, 2, 512, 8), (1, 1, 16, 8), (2, 1, 17, 8), (1, 1, 1, 8)]
 
 
-# float32 with d = 8 runs the query-lanes forward, unless query_lanes=False (the key-block kernel,
-# which every other d runs)
+# float32 with d = 8 runs the query-lanes forward and the tiled backward, unless query_lanes=False
+# (the key-block kernels, which every other d runs)
 @pytest.mark.parametrize("B,h,T,d,query_lanes", [s + (True,) for s in _F32_SHAPES] +
                          [s + (False,) for s in _F32_SHAPES if s[3] == 8])
 def test_numba_fused_float32_within_1e5_of_float64_reference(B, h, T, d, query_lanes):
@@ -75,7 +75,8 @@ def test_numba_fused_float32_within_1e5_of_float64_reference(B, h, T, d, query_l
     assert a.dtype == np.float32 and lse.dtype == np.float32
     np.testing.assert_allclose(a, a_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(lse, lse_ref, rtol=1e-5, atol=1e-5)
-    for g, r, name in zip(na.attention_backward(q, k, v, a, lse, dA, key_block=32), g_ref, "qkv"):
+    grads = na.attention_backward(q, k, v, a, lse, dA, key_block=32, query_lanes=query_lanes)
+    for g, r, name in zip(grads, g_ref, "qkv"):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5, err_msg="d" + name)
 
 
@@ -113,6 +114,10 @@ def test_simd_lane_operations_match_numpy_and_exp16_is_softmax_exp():
         return simd.lane(x, 5)
 
     @numba.njit
+    def transpose(src, s0, dst, d0):
+        simd.transpose16x16(src, s0, dst, d0)
+
+    @numba.njit
     def scalar_exp(x, out):
         for i in range(x.size):
             out[i] = na.softmax_exp(x[i])
@@ -136,6 +141,11 @@ def test_simd_lane_operations_match_numpy_and_exp16_is_softmax_exp():
         np.testing.assert_array_equal(out[5, :16], ref[16 * blk:16 * blk + 16])    # bit for bit, nan included
         np.testing.assert_array_equal(out[6, :16], np.full(16, a[3]))
         np.testing.assert_array_equal(out[7, 16:], a)
+    src = rng.standard_normal(300).astype(np.float32)
+    dst = np.zeros(280, np.float32)
+    transpose(src, 7, dst, 20)                                # offsets: src[7:263] -> dst[20:276]
+    np.testing.assert_array_equal(dst[20:276].reshape(16, 16), src[7:263].reshape(16, 16).T)
+    assert not dst[:20].any() and not dst[276:].any()
 
 
 def test_lanes_forward_loose_bound_falls_back_to_the_running_maximum():

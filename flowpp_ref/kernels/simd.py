@@ -4,7 +4,7 @@ numba vectorises innermost loops only: a sum over keys kept per query (16 querie
 would live in memory, loaded and stored for every key. A value of type :data:`f32x16` is an LLVM
 vector held in a register across any loop, and the functions below are single LLVM operations
 on it (``fma16`` is ``llvm.fma.v16f32``), so a kernel written with them says exactly which
-vector instructions run. Used by the query-lanes forward of
+vector instructions run. Used by the query-lanes forward and the tiled backward of
 :mod:`flowpp_ref.kernels.numba_attention`; each function's plain meaning is in its docstring and
 ``tests/test_fused_attention.py`` checks every one against NumPy.
 
@@ -16,7 +16,12 @@ vector instructions run. Used by the query-lanes forward of
 * ``exp16(x)``: the softmax's exp, lane by lane the same reduction and polynomial as
   :func:`flowpp_ref.kernels.numba_attention.softmax_exp` for float32 (arguments <= 0; 0 below -86.5,
   clamped at 89 above, nan stays nan);
-* ``lane(v, t)``: lane ``t`` as a float32.
+* ``lane(v, t)``: lane ``t`` as a float32;
+* ``transpose16x16(src, s0, dst, d0)``: ``dst[d0 + 16 c + r] = src[s0 + 16 r + c]`` (r, c < 16), by
+  4 stages of 16 two-input shuffles (stage t swaps bit t of the row and of the column index).
+
+These kernels have run on one CPU (AMD Zen 4, AVX-512); on AVX2, LLVM splits each 16-lane value
+into two 8-lane halves (correct, not measured).
 """
 from __future__ import annotations
 
@@ -168,3 +173,45 @@ def exp16(typingctx, x):
         e = builder.fmul(builder.fadd(p, p), scale)
         return builder.select(builder.fcmp_ordered("<", xc, _vconst(_SM_LO)), _vconst(0.0), e)
     return f32x16(x), codegen
+
+
+def _transpose_masks():
+    # stage t swaps bit t of the row index with bit t of the column index: for the row pair
+    # (r0, r1 = r0 + 2^t), out_r0[c] = in_r0[c] if bit t of c is 0 else in_r1[c - 2^t] and
+    # out_r1[c] = in_r0[c + 2^t] if bit t of c is 0 else in_r1[c] (indices >= 16 pick from in_r1)
+    stages = []
+    for t in range(4):
+        h = 1 << t
+        m0 = [c if not c & h else 16 + c - h for c in range(16)]
+        m1 = [c + h if not c & h else 16 + c for c in range(16)]
+        stages.append((h, ir.Constant(_IT, m0), ir.Constant(_IT, m1)))
+    return stages
+
+
+@intrinsic
+def transpose16x16(typingctx, src, s0, dst, d0):
+    """dst[d0 + 16 c + r] = src[s0 + 16 r + c] for r, c < 16 (a 16 x 16 block, rows of 16 floats):
+    16 loads, 4 stages of 16 two-input shuffles, 16 stores."""
+    if not (_is_f32_vector_array(src) and _is_f32_vector_array(dst) and isinstance(s0, types.Integer)
+            and isinstance(d0, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        sty, _, dty, _ = sig.args
+        base_s, base_d = args[1], args[3]
+        rows = [builder.load(_ptr(context, builder, sty, args[0],
+                                  builder.add(base_s, ir.Constant(base_s.type, 16 * r))), align=4) for r in range(16)]
+        for h, m0, m1 in _transpose_masks():
+            out = list(rows)
+            for r0 in range(16):
+                if r0 & h:
+                    continue
+                r1 = r0 + h
+                out[r0] = builder.shuffle_vector(rows[r0], rows[r1], m0)
+                out[r1] = builder.shuffle_vector(rows[r0], rows[r1], m1)
+            rows = out
+        for r in range(16):
+            builder.store(rows[r], _ptr(context, builder, dty, args[2],
+                                        builder.add(base_d, ir.Constant(base_d.type, 16 * r))), align=4)
+        return context.get_dummy_value()
+    return types.none(src, s0, dst, d0), codegen
