@@ -789,6 +789,27 @@ def _score16(qkv, b, j, hh, x0, x1, x2, x3, x4, x5, x6, x7):
 
 
 @numba.njit(**NUMBA_OPTS)
+def _load8(a, off, stride):
+    """The 8 vectors a[off + c stride : off + c stride + 16], c < 8 (a channel-major block of 16 lanes)."""
+    return (load16(a, off), load16(a, off + stride), load16(a, off + 2 * stride), load16(a, off + 3 * stride),
+            load16(a, off + 4 * stride), load16(a, off + 5 * stride), load16(a, off + 6 * stride),
+            load16(a, off + 7 * stride))
+
+
+@numba.njit(**NUMBA_OPTS)
+def _store8(a, off, stride, v0, v1, v2, v3, v4, v5, v6, v7):
+    """a[off + c stride : off + c stride + 16] = v_c, c < 8."""
+    store16(a, off, v0)
+    store16(a, off + stride, v1)
+    store16(a, off + 2 * stride, v2)
+    store16(a, off + 3 * stride, v3)
+    store16(a, off + 4 * stride, v4)
+    store16(a, off + 5 * stride, v5)
+    store16(a, off + 6 * stride, v6)
+    store16(a, off + 7 * stride, v7)
+
+
+@numba.njit(**NUMBA_OPTS)
 def _add_rows(w, l, o0, o1, o2, o3, o4, o5, o6, o7):
     """w[9] += l, w[10 + c] += o_c (the query-lanes forward's totals, one row of 16 lanes each)."""
     store16(w[9], 0, add16(load16(w[9], 0), l))
@@ -918,8 +939,9 @@ def _backward_tiles(qkv_, a_, lse_, da_, dqkv_, scale, Tp, work_):
     # tiles P, dS [16 keys, 16 queries] and their transposes, dkT, dvT [8, Tp] (Tp: the row stride, >= T
     # rounded up to 16; see _row_width).
     # Per tile of 16 queries (lanes) x 16 keys: P = exp(S - L), dP = dA v^T, dS = P (dP - D) built
-    # key by key in query lanes, dq += dS k accumulated in registers; then P and dS transposed
-    # (16 x 16 shuffles) and dv += P^T dA, dk += dS^T (c q) accumulated in key lanes.
+    # key by key in query lanes and stored as tiles; dq += dS k over the tile's keys (from the stored
+    # dS, added to the dq scratch); then P and dS transposed (16 x 16 shuffles) and dv += P^T dA,
+    # dk += dS^T (c q) accumulated in key lanes.
     qkv, a, lse, da, dqkv, work = borrow(qkv_), borrow(a_), borrow(lse_), borrow(da_), borrow(dqkv_), borrow(work_)
     B, T, _, h, d = qkv.shape
     BH = B * h
@@ -947,10 +969,8 @@ def _backward_tiles(qkv_, a_, lse_, da_, dqkv_, scale, Tp, work_):
                         gs[16 * c + t] = zero
                 ld[t] = lse[bh, i0 + t] if t < qn else inf                      # padding rows: P = 0
                 ld[16 + t] = Dt
-            x0, x1, x2, x3 = load16(xs, 0), load16(xs, 16), load16(xs, 32), load16(xs, 48)
-            x4, x5, x6, x7 = load16(xs, 64), load16(xs, 80), load16(xs, 96), load16(xs, 112)
-            g0, g1, g2, g3 = load16(gs, 0), load16(gs, 16), load16(gs, 32), load16(gs, 48)
-            g4, g5, g6, g7 = load16(gs, 64), load16(gs, 80), load16(gs, 96), load16(gs, 112)
+            x0, x1, x2, x3, x4, x5, x6, x7 = _load8(xs, 0, 16)
+            g0, g1, g2, g3, g4, g5, g6, g7 = _load8(gs, 0, 16)
             Lv, Dv = load16(ld, 0), load16(ld, 16)
             z = splat16(zero)
             for r in range(0, 128, 16):
@@ -975,8 +995,7 @@ def _backward_tiles(qkv_, a_, lse_, da_, dqkv_, scale, Tp, work_):
                 for jj in range(kn, LANES):                                    # keys beyond T: 0
                     store16(pt, 16 * jj, z)
                     store16(dst, 16 * jj, z)
-                q0, q1, q2, q3 = load16(dqs, 0), load16(dqs, 16), load16(dqs, 32), load16(dqs, 48)
-                q4, q5, q6, q7 = load16(dqs, 64), load16(dqs, 80), load16(dqs, 96), load16(dqs, 112)
+                q0, q1, q2, q3, q4, q5, q6, q7 = _load8(dqs, 0, 16)
                 for jj in range(kn):                                           # dq += dS k (this tile's keys)
                     j = j0 + jj
                     ds = load16(dst, 16 * jj)
@@ -988,22 +1007,11 @@ def _backward_tiles(qkv_, a_, lse_, da_, dqkv_, scale, Tp, work_):
                     q5 = fma16(ds, splat16(qkv[b, j, 1, hh, 5]), q5)
                     q6 = fma16(ds, splat16(qkv[b, j, 1, hh, 6]), q6)
                     q7 = fma16(ds, splat16(qkv[b, j, 1, hh, 7]), q7)
-                store16(dqs, 0, q0)
-                store16(dqs, 16, q1)
-                store16(dqs, 32, q2)
-                store16(dqs, 48, q3)
-                store16(dqs, 64, q4)
-                store16(dqs, 80, q5)
-                store16(dqs, 96, q6)
-                store16(dqs, 112, q7)
+                _store8(dqs, 0, 16, q0, q1, q2, q3, q4, q5, q6, q7)
                 transpose16x16(pt, 0, ptt, 0)                                  # rows: queries, lanes: keys
                 transpose16x16(dst, 0, dstt, 0)
-                v0, v1, v2, v3 = load16(dvT, j0), load16(dvT, Tp + j0), load16(dvT, 2 * Tp + j0), load16(dvT, 3 * Tp + j0)
-                v4, v5, v6, v7 = (load16(dvT, 4 * Tp + j0), load16(dvT, 5 * Tp + j0), load16(dvT, 6 * Tp + j0),
-                                  load16(dvT, 7 * Tp + j0))
-                e0, e1, e2, e3 = load16(dkT, j0), load16(dkT, Tp + j0), load16(dkT, 2 * Tp + j0), load16(dkT, 3 * Tp + j0)
-                e4, e5, e6, e7 = (load16(dkT, 4 * Tp + j0), load16(dkT, 5 * Tp + j0), load16(dkT, 6 * Tp + j0),
-                                  load16(dkT, 7 * Tp + j0))
+                v0, v1, v2, v3, v4, v5, v6, v7 = _load8(dvT, j0, Tp)            # dv^T, dk^T of the 16 keys
+                e0, e1, e2, e3, e4, e5, e6, e7 = _load8(dkT, j0, Tp)
                 for t in range(qn):
                     pr, sr = load16(ptt, 16 * t), load16(dstt, 16 * t)
                     v0 = fma16(pr, splat16(gs[t]), v0)                         # dv_j += P_ij dA_i
@@ -1022,22 +1030,8 @@ def _backward_tiles(qkv_, a_, lse_, da_, dqkv_, scale, Tp, work_):
                     e5 = fma16(sr, splat16(xs[80 + t]), e5)
                     e6 = fma16(sr, splat16(xs[96 + t]), e6)
                     e7 = fma16(sr, splat16(xs[112 + t]), e7)
-                store16(dvT, j0, v0)
-                store16(dvT, Tp + j0, v1)
-                store16(dvT, 2 * Tp + j0, v2)
-                store16(dvT, 3 * Tp + j0, v3)
-                store16(dvT, 4 * Tp + j0, v4)
-                store16(dvT, 5 * Tp + j0, v5)
-                store16(dvT, 6 * Tp + j0, v6)
-                store16(dvT, 7 * Tp + j0, v7)
-                store16(dkT, j0, e0)
-                store16(dkT, Tp + j0, e1)
-                store16(dkT, 2 * Tp + j0, e2)
-                store16(dkT, 3 * Tp + j0, e3)
-                store16(dkT, 4 * Tp + j0, e4)
-                store16(dkT, 5 * Tp + j0, e5)
-                store16(dkT, 6 * Tp + j0, e6)
-                store16(dkT, 7 * Tp + j0, e7)
+                _store8(dvT, j0, Tp, v0, v1, v2, v3, v4, v5, v6, v7)
+                _store8(dkT, j0, Tp, e0, e1, e2, e3, e4, e5, e6, e7)
             for t in range(qn):
                 for c in range(8):
                     dqkv[b, i0 + t, 0, hh, c] = dqs[16 * c + t] * scale         # dq = c dS k
@@ -1194,23 +1188,15 @@ def attention_backward(q, k, v, a, lse, da, dq=None, dk=None, dv=None, key_block
     base = _packed_base(dq, dk, dv) if given and dq.shape == q.shape and dk.shape == q.shape and \
         dv.shape == q.shape and dq.dtype == dtype and dk.dtype == dtype and dv.dtype == dtype else None
     dqkv = base if base is not None else np.empty((B, T, 3, h, d), dtype=dtype)
+    args = (_packed(q, k, v, dtype), _merged(a, dtype), np.ascontiguousarray(lse, dtype=dtype).reshape(B * h, T),
+            _merged(da, dtype), dqkv, scale)
     if query_lanes and dtype == np.float32 and d == 8:
         Tp = _row_width(T, dtype.itemsize)
-        work = np.empty((_threads(), 1440 + 16 * Tp), dtype=dtype)
-        _backward_tiles(_packed(q, k, v, dtype), _merged(a, dtype),
-                        np.ascontiguousarray(lse, dtype=dtype).reshape(B * h, T), _merged(da, dtype), dqkv,
-                        scale, np.int64(Tp), work)
-        grads = [dqkv[:, :, t].transpose(0, 2, 1, 3) for t in range(3)]
-        if base is None:
-            for t, dst in enumerate((dq, dk, dv)):
-                if dst is not None:
-                    dst[...] = grads[t]
-                    grads[t] = dst
-        return tuple(grads)
-    tiles = np.empty((_threads(), 2 * QUERY_BLOCK, _row_width(min(kb, T), dtype.itemsize)), dtype=dtype)
-    work = np.empty((_threads(), 4 * dp + 3 * QUERY_BLOCK, _row_width(max(dp, T), dtype.itemsize)), dtype=dtype)
-    _backward(_packed(q, k, v, dtype), _merged(a, dtype), np.ascontiguousarray(lse, dtype=dtype).reshape(B * h, T),
-              _merged(da, dtype), dqkv, scale, np.int64(kb), np.int64(dp), tiles, work)
+        _backward_tiles(*args, np.int64(Tp), np.empty((_threads(), 1440 + 16 * Tp), dtype=dtype))
+    else:
+        tiles = np.empty((_threads(), 2 * QUERY_BLOCK, _row_width(min(kb, T), dtype.itemsize)), dtype=dtype)
+        work = np.empty((_threads(), 4 * dp + 3 * QUERY_BLOCK, _row_width(max(dp, T), dtype.itemsize)), dtype=dtype)
+        _backward(*args, np.int64(kb), np.int64(dp), tiles, work)
     grads = [dqkv[:, :, t].transpose(0, 2, 1, 3) for t in range(3)]
     if base is None:
         for t, dst in enumerate((dq, dk, dv)):
