@@ -28,7 +28,9 @@ What is measured, per model configuration (``--configs``, default ``cpu-bench,sm
 * **attention micro-benchmark** (ours and baseline): one ``SelfAttention`` layer's own
   forward + backward at B = 16, T = 32 x 16 = 512 positions, 32 filters = 4 heads of d = 8
   (``--attn-*`` to change), min over repeats, and the tracemalloc peak of one forward+backward.
-  It measures whatever ``flowpp_ref/nn/attention.py`` of each source does.
+  It measures whatever ``flowpp_ref/nn/attention.py`` of each source does. Beside it, alternating
+  with it, the **attention core** alone (q, k, v -> A forward and dA -> dq, dk, dv backward, without
+  the projections, gate and residual; see ``_attention_core``).
 
 Configurations are built from explicit ``ModelConfig`` / ``TrainConfig`` fields that exist in
 both versions (1037e47 has no ``cpu-bench`` preset): ``cpu-bench`` is ``small`` overridden with
@@ -224,14 +226,62 @@ def worker_attn(a):
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1
 
+    core, core_kind = _attention_core(layer, x, pos, rng)
     fb()                                                            # warm-up
-    ts = [fb() for _ in range(a.repeats_attn)]
+    core()
+    ts, cs = [], []
+    for _ in range(a.repeats_attn):                                 # layer and core alternate
+        ts.append(fb())
+        cs.append(core())
     tracemalloc.start()
     fb()
     tm = tracemalloc.get_traced_memory()[1] / 2**20
     tracemalloc.stop()
     return dict(forward_s=[t[0] for t in ts], backward_s=[t[1] for t in ts], total_s=[t[0] + t[1] for t in ts],
+                core_forward_s=[t[0] for t in cs], core_backward_s=[t[1] for t in cs],
+                core_total_s=[t[0] + t[1] for t in cs], core_kind=core_kind,
                 tracemalloc_peak_mb=tm, shape=[B, H, W, F], heads=a.attn_heads, **_common_info())
+
+
+def _attention_core(layer, x, pos, rng):
+    """The attention proper, without the layer's projections, gate and residual: forward
+    q, k, v (views of proj1's output qkv) -> the merged A [B, H, W, F], and backward dA -> dqkv
+    [B, T, 3, h, d], as each source's SelfAttention runs them. This checkout: ``_attend_fused``
+    and ``fused_attention_backward``; a source without them (1037e47): ``_attend`` and the lines of
+    its ``SelfAttention.backward`` from dA to dqkv (dW = dA v^T, dv = W^T dA, its
+    ``softmax_backward_inplace``, dq = dS k / sqrt(d), dk = dS^T q / sqrt(d), written into dqkv)."""
+    import numpy as np
+
+    import flowpp_ref.nn.attention as att
+    qkv = layer.proj1.forward(x + pos[None])[0]
+    B, H, W, _ = qkv.shape
+    T, h, d = H * W, layer.heads, layer.dim
+    dA = rng.standard_normal((B, T, h, d)).astype(np.float32).transpose(0, 2, 1, 3)   # the layer's dA view
+    fused = hasattr(att, "fused_attention_backward") and layer._use_fused(qkv)
+
+    def run():
+        t0 = time.perf_counter()
+        if fused:
+            a, lse = layer._attend_fused(qkv)
+        else:
+            w, a = layer._attend(qkv)
+        t1 = time.perf_counter()
+        q, k, v = layer._split(qkv)
+        dqkv = np.empty((B, T, 3, h, d), dtype=qkv.dtype)
+        dview = dqkv.transpose(2, 0, 3, 1, 4)
+        if fused:
+            A = a.reshape(B, T, h, d).transpose(0, 2, 1, 3)
+            att.fused_attention_backward(q, k, v, A, lse, dA, dq=dview[0], dk=dview[1], dv=dview[2])
+        else:
+            scale = qkv.dtype.type(1.0 / np.sqrt(d))
+            dw = np.matmul(dA, v.swapaxes(-1, -2))
+            dview[2] = np.matmul(w.swapaxes(-1, -2), dA)
+            ds = att.softmax_backward_inplace(w, dw)
+            dview[0] = np.matmul(ds, k) * scale
+            dview[1] = np.matmul(ds.swapaxes(-1, -2), q) * scale
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1
+    return run, "fused" if fused else "explicit"
 
 
 WORKERS = {"init": worker_init, "ours": worker_numpy, "baseline": worker_numpy, "twin": worker_twin,
@@ -250,7 +300,7 @@ def _worker_env(a, side):
 
 
 def _run(a, worker, side, extra=()):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--side", side, "--config", a.config,
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--side", side, "--config", a.config or "small",
            "--threads", str(a.threads), "--seed", str(a.seed), "--repeats", str(a.repeats),
            "--sample-repeats", str(a.sample_repeats), "--repeats-attn", str(a.repeats_attn),
            "--attn-batch", str(a.attn_batch), "--attn-hw", f"{a.attn_hw[0]}x{a.attn_hw[1]}",
@@ -311,12 +361,18 @@ def run_attention(a, sides):
             res.setdefault(s, []).append(_run(a, "attn", s))
     out = {}
     for s, rs in res.items():
-        out[s] = {k: min(t for r in rs for t in r[k]) for k in ("forward_s", "backward_s", "total_s")}
+        keys = ("forward_s", "backward_s", "total_s", "core_forward_s", "core_backward_s", "core_total_s")
+        out[s] = {k: min(t for r in rs for t in r[k]) for k in keys}
         out[s].update(total_median_s=median([t for r in rs for t in r["total_s"]]),
+                      core_total_median_s=median([t for r in rs for t in r["core_total_s"]]),
+                      core_kind=rs[0]["core_kind"],
                       tracemalloc_peak_mb=max(r["tracemalloc_peak_mb"] for r in rs),
                       flowpp_ref_file=rs[0]["flowpp_ref_file"], shape=rs[0]["shape"], heads=rs[0]["heads"])
     if "ours" in out and "baseline" in out:
         out["speedup_baseline_over_ours"] = out["baseline"]["total_s"] / out["ours"]["total_s"]
+        out["core_speedup_baseline_over_ours"] = out["baseline"]["core_total_s"] / out["ours"]["core_total_s"]
+        out["speedup_of_medians"] = out["baseline"]["total_median_s"] / out["ours"]["total_median_s"]
+        out["core_speedup_of_medians"] = out["baseline"]["core_total_median_s"] / out["ours"]["core_total_median_s"]
     return out
 
 
@@ -353,8 +409,17 @@ def print_tables(res):
                 print(f"  {s:<10s} forward {d['forward_s']:.4f}  backward {d['backward_s']:.4f}  total "
                       f"{d['total_s']:.4f} (median {d['total_median_s']:.4f})  tracemalloc peak "
                       f"{d['tracemalloc_peak_mb']:.0f} MB")
+                if "core_total_s" in d:
+                    print(f"  {'':<10s} core ({d['core_kind']}): forward {d['core_forward_s']:.4f}  backward "
+                          f"{d['core_backward_s']:.4f}  total {d['core_total_s']:.4f} (median "
+                          f"{d['core_total_median_s']:.4f})")
         if "speedup_baseline_over_ours" in at:
-            print(f"  speed-up over the baseline: {at['speedup_baseline_over_ours']:.2f}x")
+            print(f"  speed-up over the baseline: layer {at['speedup_baseline_over_ours']:.2f}x (medians "
+                  f"{at.get('speedup_of_medians', float('nan')):.2f}x)", end="")
+            if "core_speedup_baseline_over_ours" in at:
+                print(f", attention core {at['core_speedup_baseline_over_ours']:.2f}x (medians "
+                      f"{at['core_speedup_of_medians']:.2f}x)", end="")
+            print()
 
 
 def main(argv=None):
