@@ -119,6 +119,18 @@ shuffles per tile and matrix) replace both. Keeping dq out of the key loop's reg
 multiply-adds with reloaded dS, per tile) made it 1.2x faster (LLVM spilled 10 vectors per key
 otherwise). Measured (T = 512, B = 16, 4 heads, interleaved with the key-block backward, min of
 15): one thread 25.05-29.65 -> 20.82-21.46 ms, two threads 14.73-15.42 -> 11.15-11.22 ms.
+
+Both query-lanes kernels work in log2 units (issue 10, fifth pass): the queries are scaled by
+c log2 e, so the scores are S' = S log2 e and exp(S - M) = 2^(S' - M') is ``simd.exp2_16``: n = round(y),
+r = y - n exactly, a degree-6 polynomial for 2^r (< 1 ulp), the power of two from n's bits: 7
+multiply-class operations where the fourth pass's 16-lane copy of :func:`softmax_exp` (natural
+units: y log2 e, a two-part ln 2 reduction, degree 7; removed) had 11, out of about 27 per key in the forward and 60 in the backward. The forward stores
+L = M' ln 2 + log l (natural units, as the other kernels); the backward multiplies it by log2 e (one
+more float32 rounding of L: float32 errors at T = 517 with scores of standard deviation 9 went from
+9.3e-6 to 1.3e-5 in L, 1.9e-5 to 2.7e-5 in A, 4.7e-6 to 6.6e-6 in dq, relative to max |dq|). Both are
+compiled without reassoc (see LANE_OPTS). Measured against the fourth pass's kernels (1 thread,
+T = 512, B = 16, 4 heads, 40 alternating runs): forward min 11.23 -> 9.25 ms, backward 20.27 ->
+18.44 ms.
 """
 from __future__ import annotations
 
@@ -134,7 +146,7 @@ from . import NUMBA_OPTS, choose_threading_layer
 from . import fastexp
 from .fastexp import EXACT_OPTS, fast_exp
 from .numba_views import borrow
-from .simd import add16, exp16, fma16, load16, max16, mul16, splat16, store16, sub16, transpose16x16
+from .simd import add16, exp2_16, fma16, load16, max16, mul16, splat16, store16, sub16, transpose16x16
 
 choose_threading_layer()
 
@@ -837,16 +849,22 @@ def _add_rows(w, l, o0, o1, o2, o3, o4, o5, o6, o7):
     store16(w[16], 0, add16(load16(w[16], 0), o6))
     store16(w[17], 0, add16(load16(w[17], 0), o7))
 _LOOSE_32 = np.float32(math.exp(-60.0))
+_L2E_32 = np.float32(1.0 / math.log(2.0))       # log2 e: the query-lanes kernels' scores are in log2 units
+_LN2 = math.log(2.0)
+_L2E = 1.0 / math.log(2.0)
 
 
 @numba.njit(parallel=True, **LANE_OPTS)
 def _forward_lanes(qkv_, out_, lse_, scale, work_, kmax_):
     # float32, d = 8. qkv [B, T, 3, h, 8]; out [B, T, h, 8] (A); lse [B h, T]; kmax [B h] (filled here:
-    # max_j |k_j|); work [threads, 18, 16]: rows 0-7 c q^T of the 16 queries, 8 the bound M (then the
-    # maximum m), 9 the sums l, 10-17 the outputs o (channel-major: one row of 16 lanes per channel).
+    # max_j |k_j|); work [threads, 18, 16]: rows 0-7 (c log2 e) q^T of the 16 queries, 8 the bound M (then
+    # the maximum m), 9 the sums l, 10-17 the outputs o (channel-major: one row of 16 lanes per channel).
+    # Scores, M and m are in log2 units (S' = S log2 e, exp(S - M) = 2^(S' - M'): simd.exp2_16); the
+    # formulas below are written in natural units.
     # Forward of 16 queries i (lanes) at once, keys j one by one, every per-query value an f32x16:
     #   fast path:  M_i = |c q_i| max_j |k_j| >= S_ij (Cauchy-Schwarz), so with no running maximum
-    #               l_i = sum_j exp(S_ij - M_i),  o_i = sum_j exp(S_ij - M_i) v_j,  A = o / l,  L = M + log l;
+    #               l_i = sum_j exp(S_ij - M_i),  o_i = sum_j exp(S_ij - M_i) v_j,  A = o / l,  L = M + log l
+    #               (stored as L = M' ln 2 + log l);
     #   exact when no term that matters underflows: l_i <= T exp(max_j S_ij - M_i), so l_i > T e^-60
     #   gives max_j S_ij - M_i > -60 and the terms lost below exp(-86.5) are < e^-26 of the largest.
     #   Otherwise (or for non-finite input) the 16 queries are redone with the running maximum
@@ -876,7 +894,7 @@ def _forward_lanes(qkv_, out_, lse_, scale, work_, kmax_):
         for t in range(LANES):
             n2 = zero
             for c in range(8):
-                x = qkv[b, i0 + t, 0, hh, c] * scale if t < qn else zero
+                x = (qkv[b, i0 + t, 0, hh, c] * scale) * _L2E_32 if t < qn else zero   # log2 units
                 w[c, t] = x
                 n2 += x * x
             w[8, t] = math.sqrt(n2) * kmax[bh]
@@ -891,8 +909,8 @@ def _forward_lanes(qkv_, out_, lse_, scale, work_, kmax_):
             l, o0, o1, o2, o3, o4, o5, o6, o7 = z, z, z, z, z, z, z, z, z   # rounding ~ (64 + T / 64) eps
             j1 = min(j0 + LANE_KEYS, T)
             for j in range(j0, j1 - 1, 2):                          # two keys a step (independent chains)
-                u = exp16(_score16_minus(qkv, b, j, hh, x0, x1, x2, x3, x4, x5, x6, x7, nM))   # exp(S_ij - M_i)
-                e = exp16(_score16_minus(qkv, b, j + 1, hh, x0, x1, x2, x3, x4, x5, x6, x7, nM))
+                u = exp2_16(_score16_minus(qkv, b, j, hh, x0, x1, x2, x3, x4, x5, x6, x7, nM))   # exp(S_ij - M_i)
+                e = exp2_16(_score16_minus(qkv, b, j + 1, hh, x0, x1, x2, x3, x4, x5, x6, x7, nM))
                 l = add16(add16(l, u), e)
                 o0 = fma16(e, splat16(qkv[b, j + 1, 2, hh, 0]), fma16(u, splat16(qkv[b, j, 2, hh, 0]), o0))
                 o1 = fma16(e, splat16(qkv[b, j + 1, 2, hh, 1]), fma16(u, splat16(qkv[b, j, 2, hh, 1]), o1))
@@ -904,7 +922,7 @@ def _forward_lanes(qkv_, out_, lse_, scale, work_, kmax_):
                 o7 = fma16(e, splat16(qkv[b, j + 1, 2, hh, 7]), fma16(u, splat16(qkv[b, j, 2, hh, 7]), o7))
             if (j1 - j0) % 2 == 1:                                  # the odd key
                 j = j1 - 1
-                u = exp16(_score16_minus(qkv, b, j, hh, x0, x1, x2, x3, x4, x5, x6, x7, nM))
+                u = exp2_16(_score16_minus(qkv, b, j, hh, x0, x1, x2, x3, x4, x5, x6, x7, nM))
                 l = add16(l, u)
                 o0 = fma16(u, splat16(qkv[b, j, 2, hh, 0]), o0)
                 o1 = fma16(u, splat16(qkv[b, j, 2, hh, 1]), o1)
@@ -925,8 +943,8 @@ def _forward_lanes(qkv_, out_, lse_, scale, work_, kmax_):
             for j in range(T):
                 s = _score16(qkv, b, j, hh, x0, x1, x2, x3, x4, x5, x6, x7)
                 mn = max16(s, m)                                    # m' = max(m, S_ij)
-                al = exp16(sub16(m, mn))                            # e^(m - m')
-                u = exp16(sub16(s, mn))                             # e^(S_ij - m')
+                al = exp2_16(sub16(m, mn))                            # e^(m - m')
+                u = exp2_16(sub16(s, mn))                             # e^(S_ij - m')
                 l = fma16(l, al, u)
                 o0 = fma16(o0, al, mul16(u, splat16(qkv[b, j, 2, hh, 0])))
                 o1 = fma16(o1, al, mul16(u, splat16(qkv[b, j, 2, hh, 1])))
@@ -945,16 +963,17 @@ def _forward_lanes(qkv_, out_, lse_, scale, work_, kmax_):
             inv = 1 / w[9, t]
             for c in range(8):
                 out[b, i0 + t, hh, c] = w[10 + c, t] * inv                  # A = o / l
-            lse[bh, i0 + t] = w[8, t] + math.log(w[9, t])                   # L = M + log l (or m + log l)
+            lse[bh, i0 + t] = w[8, t] * _LN2 + math.log(w[9, t])            # L = M ln 2 + log l (or m ln 2 + log l)
 
 
 @numba.njit(parallel=True, **LANE_OPTS)
 def _backward_tiles(qkv_, a_, lse_, da_, dqkv_, scale, Tp, work_):
     # float32, d = 8; one task per (batch, head) (the only writer of its dk, dv). work [threads, W]:
-    # xs, gs [8, 16] (c q^T, dA^T of a block of 16 queries), ld [2, 16] (L, D), dq [8, 16],
+    # xs, gs [8, 16] (c q^T, dA^T of a block of 16 queries), ld [2, 16] (L log2 e, D), dq [8, 16],
     # tiles P, dS [16 keys, 16 queries] and their transposes, dkT, dvT [8, Tp] (Tp: the row stride, >= T
     # rounded up to 16; see _row_width).
-    # Per tile of 16 queries (lanes) x 16 keys: P = exp(S - L), dP = dA v^T, dS = P (dP - D) built
+    # Per tile of 16 queries (lanes) x 16 keys: P = exp(S - L) = 2^(S log2 e - L log2 e) (scores in log2
+    # units as in the forward: the registers x hold (c log2 e) q^T), dP = dA v^T, dS = P (dP - D) built
     # key by key in query lanes and stored as tiles; dq += dS k over the tile's keys (from the stored
     # dS, added to the dq scratch); then P and dS transposed (16 x 16 shuffles) and dv += P^T dA,
     # dk += dS^T (c q) accumulated in key lanes.
@@ -983,9 +1002,12 @@ def _backward_tiles(qkv_, a_, lse_, da_, dqkv_, scale, Tp, work_):
                     else:
                         xs[16 * c + t] = zero
                         gs[16 * c + t] = zero
-                ld[t] = lse[bh, i0 + t] if t < qn else inf                      # padding rows: P = 0
+                ld[t] = lse[bh, i0 + t] * _L2E if t < qn else inf               # L log2 e; padding rows: P = 0
                 ld[16 + t] = Dt
-            x0, x1, x2, x3, x4, x5, x6, x7 = _load8(xs, 0, 16)
+            x0, x1, x2, x3, x4, x5, x6, x7 = _load8(xs, 0, 16)                 # c q^T, then in log2 units
+            l2e = splat16(_L2E_32)                                             # (the forward's x, bit for bit)
+            x0, x1, x2, x3 = mul16(x0, l2e), mul16(x1, l2e), mul16(x2, l2e), mul16(x3, l2e)
+            x4, x5, x6, x7 = mul16(x4, l2e), mul16(x5, l2e), mul16(x6, l2e), mul16(x7, l2e)
             g0, g1, g2, g3, g4, g5, g6, g7 = _load8(gs, 0, 16)
             z = splat16(zero)
             nL, nD = sub16(z, load16(ld, 0)), sub16(z, load16(ld, 16))
@@ -995,7 +1017,7 @@ def _backward_tiles(qkv_, a_, lse_, da_, dqkv_, scale, Tp, work_):
                 kn = min(LANES, T - j0)
                 for jj in range(kn):
                     j = j0 + jj
-                    p = exp16(_score16_minus(qkv, b, j, hh, x0, x1, x2, x3, x4, x5, x6, x7, nL))   # P_ij = exp(S_ij - L_i)
+                    p = exp2_16(_score16_minus(qkv, b, j, hh, x0, x1, x2, x3, x4, x5, x6, x7, nL))   # P_ij = 2^(S_ij - L_i) (log2 units)
                     dp = add16(fma16(g3, splat16(qkv[b, j, 2, hh, 3]), fma16(g2, splat16(qkv[b, j, 2, hh, 2]),
                                fma16(g1, splat16(qkv[b, j, 2, hh, 1]), fma16(g0, splat16(qkv[b, j, 2, hh, 0]), nD)))),
                                fma16(g7, splat16(qkv[b, j, 2, hh, 7]), fma16(g6, splat16(qkv[b, j, 2, hh, 6]),

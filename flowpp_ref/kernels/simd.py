@@ -13,9 +13,11 @@ vector instructions run. Used by the query-lanes forward and the tiled backward 
   the caller keeps ``i + 16 <= a.size``);
 * ``add16``, ``sub16``, ``mul16``, ``fma16(a, b, c) = a * b + c`` (one rounding), ``max16`` (``a`` where
   ``a > b`` else ``b``: a nan in ``b`` is kept);
-* ``exp16(x)``: the softmax's exp, lane by lane the same reduction and polynomial as
-  :func:`flowpp_ref.kernels.numba_attention.softmax_exp` for float32 (arguments <= 0; 0 below -86.5,
-  clamped at 89 above, nan stays nan);
+* ``exp2_16(y)``: 2^y lane by lane for the query-lanes kernels, whose scores are in log2 units (the
+  queries scaled by log2 e): 7 multiply-class operations where the natural-unit exp of
+  :func:`flowpp_ref.kernels.numba_attention.softmax_exp` takes 11 (it replaced a 16-lane copy of
+  that exp, issue 10's fifth pass); within 1 ulp of 2^y (0 below -124.8, the softmax exp's -86.5;
+  inf from 128; nan stays nan);
 * ``lane(v, t)``: lane ``t`` as a float32;
 * ``transpose16x16(src, s0, dst, d0)``: ``dst[d0 + 16 c + r] = src[s0 + 16 r + c]`` (r, c < 16), by
   4 stages of 16 two-input shuffles (stage t swaps bit t of the row and of the column index).
@@ -146,33 +148,38 @@ def lane(typingctx, v, t):
 _SM_LO, _SM_HI = -86.5, 89.0              # as numba_attention's float32 softmax_exp
 
 
+# 2^y on the softmax's range, for the query-lanes kernels (scores in log2 units): 2 2^r ~ sum_k C2_k r^k
+# on |r| <= 1/2, the degree-6 near-minimax fit of 2 2^r (Lawson-weighted least squares, relative error
+# 1.9e-9 in float64, 7.9e-8 with float32 coefficients and float32 Horner steps: < 1 ulp)
+EXP2_C32 = tuple(np.float32(c) for c in (2.0, 1.3862944, 0.48045292, 0.11100657, 0.019236978, 0.0026799862,
+                                         0.00030691622))
+EXP2_LO, EXP2_HI = np.float32(-86.5 * 1.4426950408889634), np.float32(129.0)   # -124.79..: -86.5 in natural units
+
+
 @intrinsic
-def exp16(typingctx, x):
-    if x != f32x16:
+def exp2_16(typingctx, y):
+    if y != f32x16:
         return None
 
     def codegen(context, builder, sig, args):
-        # exp(x) = (2 exp(r)) 2^(n-1), n = round(x log2 e), r = x - n ln 2 (two parts), exp(r) by the
-        # degree-7 Taylor polynomial of fastexp; 0 where x < -86.5, x clamped at 89 (nan: kept)
-        x = args[0]
-        xc = builder.select(builder.fcmp_ordered(">", x, _vconst(_SM_HI)), _vconst(_SM_HI), x)
-        t = _call(builder, "llvm.fma.v16f32", [xc, _vconst(fastexp._LOG2E_32), _vconst(fastexp._ROUND_32)])
-        n = builder.fsub(t, _vconst(fastexp._ROUND_32))       # n = round(x log2 e) (1.5 2^23: round to integer)
-        neg = builder.fneg(n)
-        r = _call(builder, "llvm.fma.v16f32", [neg, _vconst(fastexp._LN2_HI_32), xc])
-        r = _call(builder, "llvm.fma.v16f32", [neg, _vconst(fastexp._LN2_LO_32), r])
-        p = _vconst(fastexp._C32_7)
-        for c in (fastexp._C32_6, fastexp._C32_5, fastexp._C32_4, fastexp._C32_3, fastexp._C32_2,
-                  fastexp._C32_1, fastexp._C32_0):
-            p = _call(builder, "llvm.fma.v16f32", [p, r, _vconst(c)])
-        # the integer n from t's bits (t = 1.5 2^23 + n exactly: n sits in the low mantissa bits); no
-        # float-to-int conversion, which LLVM leaves undefined for nan
+        # 2^y = (2 2^r) 2^(n-1), n = round(y), r = y - n (exact: |r| <= 1/2), 2 2^r by EXP2_C32 (Horner);
+        # 0 where y < EXP2_LO, y clamped at 129 (2^y = inf above 128; nan: kept). Against the softmax's
+        # natural-unit exp (softmax_exp): no multiply by log2 e and no two-part ln 2 reduction (3
+        # multiply-adds fewer), and a degree-6 polynomial in place of degree 7.
+        y = args[0]
+        yc = builder.select(builder.fcmp_ordered(">", y, _vconst(EXP2_HI)), _vconst(EXP2_HI), y)
+        t = builder.fadd(yc, _vconst(fastexp._ROUND_32))             # 1.5 2^23 + round(y), exactly
         ni = builder.sub(builder.bitcast(t, _IT), ir.Constant(_IT, [int(np.float32(fastexp._ROUND_32).view(np.int32))] * 16))
+        n = builder.sitofp(ni, _VT)                                  # from the bits: no (t - R) that reassoc could fold
+        r = builder.fsub(yc, n)
+        p = _vconst(EXP2_C32[6])
+        for c in EXP2_C32[5::-1]:
+            p = _call(builder, "llvm.fma.v16f32", [p, r, _vconst(c)])
         scale = builder.bitcast(builder.shl(builder.add(ni, ir.Constant(_IT, [126] * 16)),
                                             ir.Constant(_IT, [23] * 16)), _VT)
-        e = builder.fmul(builder.fadd(p, p), scale)
-        return builder.select(builder.fcmp_ordered("<", xc, _vconst(_SM_LO)), _vconst(0.0), e)
-    return f32x16(x), codegen
+        e = builder.fmul(p, scale)
+        return builder.select(builder.fcmp_ordered("<", yc, _vconst(EXP2_LO)), _vconst(0.0), e)
+    return f32x16(y), codegen
 
 
 def _transpose_masks():
