@@ -799,7 +799,7 @@ LANE_KEYS = 64             # keys summed in registers before they are added to t
 
 @numba.njit(**LANE_OPTS)
 def _score16(qkv, b, j, hh, x0, x1, x2, x3, x4, x5, x6, x7):
-    """S_ij = (c q_i) . k_j for the 16 queries of x_c = c q^T[c] (lanes) and key j of head hh."""
+    """x_i . k_j for the 16 queries of the lanes of x_c (x = (c log2 e) q^T: S_ij log2 e) and key j of head hh."""
     return add16(fma16(x3, splat16(qkv[b, j, 1, hh, 3]), fma16(x2, splat16(qkv[b, j, 1, hh, 2]),
                  fma16(x1, splat16(qkv[b, j, 1, hh, 1]), mul16(x0, splat16(qkv[b, j, 1, hh, 0]))))),
                  fma16(x7, splat16(qkv[b, j, 1, hh, 7]), fma16(x6, splat16(qkv[b, j, 1, hh, 6]),
@@ -807,8 +807,17 @@ def _score16(qkv, b, j, hh, x0, x1, x2, x3, x4, x5, x6, x7):
 
 
 @numba.njit(**LANE_OPTS)
+def _fma_row8(u, qkv, b, j, s, hh, a0, a1, a2, a3, a4, a5, a6, a7):
+    """a_c + u qkv[b, j, s, hh, c] for c < 8 (s = 1: k_j, s = 2: v_j), one multiply-add each."""
+    return (fma16(u, splat16(qkv[b, j, s, hh, 0]), a0), fma16(u, splat16(qkv[b, j, s, hh, 1]), a1),
+            fma16(u, splat16(qkv[b, j, s, hh, 2]), a2), fma16(u, splat16(qkv[b, j, s, hh, 3]), a3),
+            fma16(u, splat16(qkv[b, j, s, hh, 4]), a4), fma16(u, splat16(qkv[b, j, s, hh, 5]), a5),
+            fma16(u, splat16(qkv[b, j, s, hh, 6]), a6), fma16(u, splat16(qkv[b, j, s, hh, 7]), a7))
+
+
+@numba.njit(**LANE_OPTS)
 def _score16_minus(qkv, b, j, hh, x0, x1, x2, x3, x4, x5, x6, x7, nm):
-    """S_ij + nm_i (nm = -M or -L): _score16 with the offset as the first multiply-add's addend."""
+    """_score16 + nm (nm = -M or -L, log2 units) with the offset as the first multiply-add's addend."""
     return add16(fma16(x3, splat16(qkv[b, j, 1, hh, 3]), fma16(x2, splat16(qkv[b, j, 1, hh, 2]),
                  fma16(x1, splat16(qkv[b, j, 1, hh, 1]), fma16(x0, splat16(qkv[b, j, 1, hh, 0]), nm)))),
                  fma16(x7, splat16(qkv[b, j, 1, hh, 7]), fma16(x6, splat16(qkv[b, j, 1, hh, 6]),
@@ -912,26 +921,13 @@ def _forward_lanes(qkv_, out_, lse_, scale, work_, kmax_):
                 u = exp2_16(_score16_minus(qkv, b, j, hh, x0, x1, x2, x3, x4, x5, x6, x7, nM))   # exp(S_ij - M_i)
                 e = exp2_16(_score16_minus(qkv, b, j + 1, hh, x0, x1, x2, x3, x4, x5, x6, x7, nM))
                 l = add16(add16(l, u), e)
-                o0 = fma16(e, splat16(qkv[b, j + 1, 2, hh, 0]), fma16(u, splat16(qkv[b, j, 2, hh, 0]), o0))
-                o1 = fma16(e, splat16(qkv[b, j + 1, 2, hh, 1]), fma16(u, splat16(qkv[b, j, 2, hh, 1]), o1))
-                o2 = fma16(e, splat16(qkv[b, j + 1, 2, hh, 2]), fma16(u, splat16(qkv[b, j, 2, hh, 2]), o2))
-                o3 = fma16(e, splat16(qkv[b, j + 1, 2, hh, 3]), fma16(u, splat16(qkv[b, j, 2, hh, 3]), o3))
-                o4 = fma16(e, splat16(qkv[b, j + 1, 2, hh, 4]), fma16(u, splat16(qkv[b, j, 2, hh, 4]), o4))
-                o5 = fma16(e, splat16(qkv[b, j + 1, 2, hh, 5]), fma16(u, splat16(qkv[b, j, 2, hh, 5]), o5))
-                o6 = fma16(e, splat16(qkv[b, j + 1, 2, hh, 6]), fma16(u, splat16(qkv[b, j, 2, hh, 6]), o6))
-                o7 = fma16(e, splat16(qkv[b, j + 1, 2, hh, 7]), fma16(u, splat16(qkv[b, j, 2, hh, 7]), o7))
+                o0, o1, o2, o3, o4, o5, o6, o7 = _fma_row8(u, qkv, b, j, 2, hh, o0, o1, o2, o3, o4, o5, o6, o7)
+                o0, o1, o2, o3, o4, o5, o6, o7 = _fma_row8(e, qkv, b, j + 1, 2, hh, o0, o1, o2, o3, o4, o5, o6, o7)
             if (j1 - j0) % 2 == 1:                                  # the odd key
                 j = j1 - 1
                 u = exp2_16(_score16_minus(qkv, b, j, hh, x0, x1, x2, x3, x4, x5, x6, x7, nM))
                 l = add16(l, u)
-                o0 = fma16(u, splat16(qkv[b, j, 2, hh, 0]), o0)
-                o1 = fma16(u, splat16(qkv[b, j, 2, hh, 1]), o1)
-                o2 = fma16(u, splat16(qkv[b, j, 2, hh, 2]), o2)
-                o3 = fma16(u, splat16(qkv[b, j, 2, hh, 3]), o3)
-                o4 = fma16(u, splat16(qkv[b, j, 2, hh, 4]), o4)
-                o5 = fma16(u, splat16(qkv[b, j, 2, hh, 5]), o5)
-                o6 = fma16(u, splat16(qkv[b, j, 2, hh, 6]), o6)
-                o7 = fma16(u, splat16(qkv[b, j, 2, hh, 7]), o7)
+                o0, o1, o2, o3, o4, o5, o6, o7 = _fma_row8(u, qkv, b, j, 2, hh, o0, o1, o2, o3, o4, o5, o6, o7)
             _add_rows(w, l, o0, o1, o2, o3, o4, o5, o6, o7)
         exact = True
         for t in range(qn):
@@ -1030,15 +1026,8 @@ def _backward_tiles(qkv_, a_, lse_, da_, dqkv_, scale, Tp, work_):
                 q0, q1, q2, q3, q4, q5, q6, q7 = _load8(dqs, 0, 16)
                 for jj in range(kn):                                           # dq += dS k (this tile's keys)
                     j = j0 + jj
-                    ds = load16(dst, 16 * jj)
-                    q0 = fma16(ds, splat16(qkv[b, j, 1, hh, 0]), q0)
-                    q1 = fma16(ds, splat16(qkv[b, j, 1, hh, 1]), q1)
-                    q2 = fma16(ds, splat16(qkv[b, j, 1, hh, 2]), q2)
-                    q3 = fma16(ds, splat16(qkv[b, j, 1, hh, 3]), q3)
-                    q4 = fma16(ds, splat16(qkv[b, j, 1, hh, 4]), q4)
-                    q5 = fma16(ds, splat16(qkv[b, j, 1, hh, 5]), q5)
-                    q6 = fma16(ds, splat16(qkv[b, j, 1, hh, 6]), q6)
-                    q7 = fma16(ds, splat16(qkv[b, j, 1, hh, 7]), q7)
+                    q0, q1, q2, q3, q4, q5, q6, q7 = _fma_row8(load16(dst, 16 * jj), qkv, b, j, 1, hh,
+                                                               q0, q1, q2, q3, q4, q5, q6, q7)
                 _store8(dqs, 0, 16, q0, q1, q2, q3, q4, q5, q6, q7)
                 transpose16x16(pt, 0, ptt, 0)                                  # rows: queries, lanes: keys
                 transpose16x16(dst, 0, dstt, 0)
