@@ -5,14 +5,15 @@ import os
 import statistics
 import sys
 
+TUNED = ("OPENBLAS_THREAD_TIMEOUT", "GOMP_SPINCOUNT") if os.environ.get("FLOWPP_KEEP_THREAD_ENV") is None else ()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def thread_env(threads: int) -> dict:
     """The environment of a worker: BLAS/OpenMP/numba thread counts, the repository (and tests/) on the path."""
     env = dict(os.environ)
-    for k in getattr(sys.modules.get("flowpp_ref"), "ENV_SET_BY_IMPORT", ()):
-        env.pop(k, None)             # flowpp_ref's defaults, if this process imported it: the worker's own import decides
+    for k in TUNED:
+        env.pop(k, None)             # tune_threads()'s settings, if this process made them: the worker's own call decides
     for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         env[k] = str(threads)
     env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]

@@ -2,7 +2,7 @@
 
 Explicit = today's path before the fused kernels (``attention_ref`` / ``attention_backward_ref``:
 BLAS matrix products, the numba row softmax, the ``[B, h, T, T]`` weights kept for the backward);
-fused = :mod:`flowpp_ref.kernels.numba_attention` (online softmax, weights recomputed).
+fused = :mod:`flowpp_ref.kernels.numba.attention` (online softmax, weights recomputed).
 Shapes default to the ``cpu-bench`` attention: B = 16, 4 heads, d = 8, T = 512, float32.
 Both paths get the same strided q, k, v views of one qkv array, as in the layer.
 
@@ -24,13 +24,15 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import flowpp_ref  # noqa: E402,F401  (first, as the CLI: its OPENBLAS_THREAD_TIMEOUT default applies before
+import flowpp_ref  # noqa: E402
+
+flowpp_ref.tune_threads()  # first, as the CLI does: before NumPy loads OpenBLAS
 #                                   OpenBLAS loads; else the explicit path's spinning BLAS threads slow
 #                                   the fused kernels run next to them)
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
-from flowpp_ref.kernels import numba_attention  # noqa: E402
+from flowpp_ref.kernels.numba import attention as numba_attention  # noqa: E402
 from flowpp_ref.nn.attention import attention_backward_ref, attention_ref  # noqa: E402
 
 

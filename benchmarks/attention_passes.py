@@ -1,6 +1,6 @@
 """Benchmark: what bounds the fused attention's inner passes on this CPU (one thread, float32).
 
-Times each inner loop of :mod:`flowpp_ref.kernels.numba_attention` on its own (key rows of 512
+Times each inner loop of :mod:`flowpp_ref.kernels.numba.attention` on its own (key rows of 512
 floats in L1, the pass called ``--calls`` times from a compiled loop, minimum of ``--repeats``),
 and two references measured the same way: the clock (a chain of dependent float adds, 3 cycles
 each on AMD Zen 4 and Intel since Skylake: pass ``--add-latency`` for another CPU) and the rate of
@@ -22,12 +22,14 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import flowpp_ref  # noqa: E402,F401
+import flowpp_ref  # noqa: E402
+
+flowpp_ref.tune_threads()  # first, as the CLI does: before NumPy loads OpenBLAS
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
 from flowpp_ref.kernels import NUMBA_OPTS  # noqa: E402
-from flowpp_ref.kernels import numba_attention as na  # noqa: E402
+from flowpp_ref.kernels.numba import attention as na  # noqa: E402
 
 F32 = np.float32
 OPTS = dict(NUMBA_OPTS, cache=False)

@@ -3,9 +3,9 @@
 For every preset (``--presets``, default ``small`` and ``cpu-bench`` where that preset
 exists) and every layout (``--layouts``, default ``1x2,2x1``: ranks x threads per rank),
 one run of ``--steps`` timed training steps (after ``--warmup`` untimed ones) on the
-embedded CIFAR-10 subset (``flowpp_ref/data/default_images.npz``; no data directory
+embedded CIFAR-10 subset (``flowpp_ref/datasets/default_images.npz``; no data directory
 needed), with the training loop's own functions
-(:func:`flowpp_ref.train.shard_loss_and_grads`, :class:`flowpp_ref.distributed.FlatBuffer`,
+(:func:`flowpp_ref.training.loop.shard_loss_and_grads`, :class:`flowpp_ref.runtime.distributed.FlatBuffer`,
 Adam, EMA). A layout with one rank runs as a plain process (no MPI, as a user runs it);
 more ranks run under ``mpiexec -n N``. Every worker sets ``OPENBLAS/OMP/MKL/NUMBA_NUM_THREADS``
 to its thread count. Per step, on every rank:
@@ -49,10 +49,10 @@ from _common import median, thread_env  # noqa: E402
 def worker(a):
     sys.path.insert(0, ROOT)
     import numpy as np
-    from flowpp_ref import distributed as dist
-    from flowpp_ref import train as T
-    from flowpp_ref.data import load_default_dataset
-    from flowpp_ref.optim import EMA, Adam, clip_scale, global_grad_norm_array, warmup_lr
+    from flowpp_ref.runtime import distributed as dist
+    from flowpp_ref.training import loop as T
+    from flowpp_ref.datasets import load_default_dataset
+    from flowpp_ref.training.optim import EMA, Adam, clip_scale, global_grad_norm_array, warmup_lr
 
     comm = dist.get_comm()
     ov = {"batch_size": a.batch_size} if a.batch_size else {}
@@ -186,7 +186,7 @@ def main(argv=None):
         with open(a.show) as f:
             return show(json.load(f))
     sys.path.insert(0, ROOT)
-    from flowpp_ref.presets import PRESETS
+    from flowpp_ref.model.presets import PRESETS
     if a.quick:
         a.steps, a.warmup, a.batch_size, a.init_batch, a.reduce_repeats = 2, 1, a.batch_size or 8, 16, 3
         presets = (a.presets or "small").split(",")

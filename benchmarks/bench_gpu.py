@@ -85,18 +85,18 @@ def _images(n, shape, data_dir, seed):
 
 
 def _xp(a):
-    from flowpp_ref.backend import get_xp
+    from flowpp_ref.core.backend import get_xp
     return get_xp(a.backend)
 
 
 def _sync(xp):
-    from flowpp_ref.backend import synchronize
+    from flowpp_ref.core.backend import synchronize
     synchronize(xp)
 
 
 def _peak_memory_mb(xp):
     """CuPy: the memory pool's size (it keeps freed blocks, so its size is its peak); NumPy: peak RSS."""
-    from flowpp_ref.backend import is_cupy
+    from flowpp_ref.core.backend import is_cupy
     if is_cupy(xp):
         return xp.get_default_memory_pool().total_bytes() / 2 ** 20
     import resource
@@ -129,9 +129,9 @@ TorchCudaRNG = TorchDeviceRNG
 def worker_init(a):
     import numpy as np
 
-    from flowpp_ref.backend import make_rng, to_numpy
+    from flowpp_ref.core.backend import make_rng, to_numpy
     from flowpp_ref.model import FlowPP
-    from flowpp_ref.presets import get_preset
+    from flowpp_ref.model.presets import get_preset
     xp = _xp(a)
     p = get_preset(a.preset)
     model = FlowPP(p.model, seed=0, xp=xp, dtype=np.float32)
@@ -153,9 +153,9 @@ def _load(path):
 def worker_ours(a):
     import numpy as np
 
-    from flowpp_ref.backend import asarray, make_rng, to_numpy
+    from flowpp_ref.core.backend import asarray, make_rng, to_numpy
     from flowpp_ref.model import FlowPP
-    from flowpp_ref.presets import get_preset
+    from flowpp_ref.model.presets import get_preset
     xp = _xp(a)
     p = get_preset(a.preset)
     batch, params = _load(a.path)
@@ -192,7 +192,7 @@ def worker_torch(a):
     from torch_twin import TorchFlowPP
 
     from flowpp_ref.model import FlowPP
-    from flowpp_ref.presets import get_preset
+    from flowpp_ref.model.presets import get_preset
     p = get_preset(a.preset)
     batch, params = _load(a.path)
     host_model = FlowPP(p.model, seed=0, dtype=np.float32)
@@ -235,7 +235,7 @@ def worker_coupling_init(a):
 def worker_coupling_ours(a):
     import numpy as np
 
-    from flowpp_ref.backend import asarray
+    from flowpp_ref.core.backend import asarray
     from flowpp_ref.bijections.coupling import MixLogisticAttnCoupling
     bc, cfg = _coupling_cfg(a.setting)
     xp = _xp(a)
@@ -244,7 +244,7 @@ def worker_coupling_ours(a):
                                     dropout_p=bc.DROPOUT, rng=np.random.default_rng(0), xp=xp, dtype=np.float32)
     layer.load_parameters({k: asarray(v, xp) for k, v in params.items()})
     c, e, dy_c, dy_e, dl = (asarray(v, xp) for v in (c, e, dy_c, dy_e, dl))
-    from flowpp_ref.backend import make_rng
+    from flowpp_ref.core.backend import make_rng
     rng = make_rng(1, xp)
     times = []
     for i in range(a.warmup + a.repeats):

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
-from flowpp_ref import mixlogistic as ml  # noqa: E402
+from flowpp_ref.bijections import mixlogistic as ml  # noqa: E402
 from flowpp_ref.kernels import kernels_enabled  # noqa: E402
 
 

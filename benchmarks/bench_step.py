@@ -111,7 +111,7 @@ def blas_info():
 
 
 def _preset(a):
-    from flowpp_ref.presets import get_preset
+    from flowpp_ref.model.presets import get_preset
     p = get_preset("small", **CONFIGS[a.config])
     if a.config == "cpu-bench":                 # this checkout: the explicit fields are the preset
         try:
@@ -126,7 +126,7 @@ def _preset(a):
 def _load(a):
     import numpy as np
 
-    from flowpp_ref.train import build_model
+    from flowpp_ref.training.loop import build_model
     z = np.load(a.path)
     model = build_model(_preset(a))
     model.load_parameters({k[2:]: z[k] for k in z.files if k.startswith("p:")})
@@ -136,9 +136,9 @@ def _load(a):
 def worker_init(a):
     import numpy as np
 
-    from flowpp_ref.backend import make_rng
-    from flowpp_ref.data import load_default_dataset
-    from flowpp_ref.train import build_model
+    from flowpp_ref.core.backend import make_rng
+    from flowpp_ref.datasets import load_default_dataset
+    from flowpp_ref.training.loop import build_model
     p = _preset(a)
     imgs = load_default_dataset("train")[0]
     if tuple(imgs.shape[1:]) != tuple(p.model.image_shape):
@@ -170,7 +170,7 @@ def worker_numpy(a):
 
     import numpy as np
 
-    from flowpp_ref.backend import make_rng
+    from flowpp_ref.core.backend import make_rng
     model, x = _load(a)
     gen = np.random.default_rng(1)
     timed = time_numpy_steps(model, x, gen, a.repeats)
@@ -462,9 +462,9 @@ def main(argv=None):
     if a.worker:
         a.samples = [int(v) for v in a.samples.split(",") if v]
         if a.worker != "twin" and a.worker != "twin-sdpa":
-            # flowpp_ref before NumPy, as the CLI imports it: its OPENBLAS_THREAD_TIMEOUT default
-            # only applies if it is set before OpenBLAS loads (a checkout without it sets nothing)
-            import flowpp_ref  # noqa: F401
+            # the CLI's thread settings before NumPy loads OpenBLAS (older checkouts set them at import)
+            import flowpp_ref
+            getattr(flowpp_ref, "tune_threads", lambda: None)()
         print(json.dumps(WORKERS[a.worker](a)))
         return
 

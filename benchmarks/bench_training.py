@@ -4,7 +4,7 @@ whole-model training step of flowpp_ref vs its PyTorch autograd twin.
 Part 1, one run per dequantization (``--dequant uniform,variational``), each in its own
 worker process (so that its peak memory is its own), from the same seed and data:
 
-* train the preset (default ``small``) with ``flowpp_ref.train.train`` (the preset's recipe:
+* train the preset (default ``small``) with ``flowpp_ref.training.loop.train`` (the preset's recipe:
   Adam, warm-up, clipping, EMA, data-dependent init) for ``--minutes`` of wall-clock time;
 * test bits/dim with the EMA parameters on the first ``--eval-batches`` batches of
   ``--eval-batch-size`` test images (fixed images, fixed noise seed: the same for every run);
@@ -68,7 +68,8 @@ ROOT = os.path.dirname(HERE)
 
 def load_cifar(data_dir):
     """(train uint8 [N,32,32,3], test uint8 [10000,32,32,3], names of the train batches used)."""
-    from flowpp_ref.data import CIFAR10_DIR, CIFAR10_TRAIN_BATCHES, DataError, _read_cifar_batch, load_cifar10
+    from flowpp_ref.datasets import DataError
+    from flowpp_ref.datasets.cifar import CIFAR10_DIR, CIFAR10_TRAIN_BATCHES, _read_cifar_batch, load_cifar10
     try:
         train, _ = load_cifar10(data_dir, "train")
         used = list(CIFAR10_TRAIN_BATCHES)
@@ -89,9 +90,9 @@ def worker_train(a):
 
     import numpy as np
 
-    from flowpp_ref.backend import make_rng
-    from flowpp_ref.presets import get_preset
-    from flowpp_ref.train import evaluate, train, use_ema
+    from flowpp_ref.core.backend import make_rng
+    from flowpp_ref.model.presets import get_preset
+    from flowpp_ref.training.loop import evaluate, train, use_ema
 
     tr, te, used = load_cifar(a.data_dir)
     overrides = {"dequantization": a.dequant, "seed": a.seed}
@@ -133,15 +134,15 @@ def worker_train(a):
 
 # ----------------------------------------------------------------- part 2: step time, ours vs torch
 def _step_preset(a):
-    from flowpp_ref.presets import get_preset
+    from flowpp_ref.model.presets import get_preset
     return get_preset(a.preset, dequantization=a.step_dequant, seed=a.seed)
 
 
 def worker_step_init(a):
     import numpy as np
 
-    from flowpp_ref.backend import make_rng
-    from flowpp_ref.train import build_model
+    from flowpp_ref.core.backend import make_rng
+    from flowpp_ref.training.loop import build_model
     tr, _, _ = load_cifar(a.data_dir)
     p = _step_preset(a)
     perm = np.random.default_rng([a.seed, 99]).permutation(len(tr))
@@ -155,7 +156,7 @@ def worker_step_init(a):
 def _load_step(a):
     import numpy as np
 
-    from flowpp_ref.train import build_model
+    from flowpp_ref.training.loop import build_model
     z = np.load(a.path)
     model = build_model(_step_preset(a))
     model.load_parameters({k[2:]: z[k] for k in z.files if k.startswith("p:")})

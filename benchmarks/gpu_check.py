@@ -85,7 +85,7 @@ def _batch_file(data_dir, name):
 
 def read_cifar_batch(data_dir, name):
     """(uint8 [N, 32, 32, 3], int64 [N]) of one official CIFAR-10 batch file, raw, .xz or .gz."""
-    from flowpp_ref.data import _read_cifar_batch
+    from flowpp_ref.datasets.cifar import _read_cifar_batch
     path = _batch_file(data_dir, name)
     if path.endswith((".xz", ".gz")):
         import gzip
@@ -164,7 +164,7 @@ def stage_env(ctx):
     attempt("scipy", lambda: __import__("scipy").__version__)
     attempt("nvcc", lambda: run(["nvcc", "--version"]))
     attempt("nvidia_smi", lambda: run(["nvidia-smi", "-L"]))
-    attempt("flowpp_ref_gpu_available", lambda: __import__("flowpp_ref.backend").backend.gpu_available())
+    attempt("flowpp_ref_gpu_available", lambda: __import__("flowpp_ref.core.backend").backend.gpu_available())
     attempt("git_commit", lambda: subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                                  cwd=ROOT, timeout=10).stdout.strip() or None)
     dev = info["cupy"].get("name") if isinstance(info["cupy"], dict) else None
@@ -218,9 +218,9 @@ def stage_train(ctx):
     """Train, plot the curve, evaluate, sample; each finished part is saved as a partial result first."""
     import numpy as np
 
-    from flowpp_ref.backend import make_rng
-    from flowpp_ref.plotting import plot_training_curve, save_sample_grid
-    from flowpp_ref.train import train, use_ema
+    from flowpp_ref.core.backend import make_rng
+    from flowpp_ref.cli.plotting import plot_training_curve, save_sample_grid
+    from flowpp_ref.training.loop import train, use_ema
     dry = ctx["dry_run"]
     res = {"preset": "small"}
 

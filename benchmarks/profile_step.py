@@ -37,15 +37,17 @@ def main(argv=None):
     import pstats
     import time
 
-    import flowpp_ref                   # first, as the CLI does: it sets OPENBLAS_THREAD_TIMEOUT before NumPy loads
+    import flowpp_ref  # noqa: E402
+
+    flowpp_ref.tune_threads()  # first, as the CLI does: before NumPy loads OpenBLAS
     import numpy as np
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_step import CONFIGS
-    from flowpp_ref.backend import make_rng
-    from flowpp_ref.data import load_default_dataset
-    from flowpp_ref.presets import get_preset
-    from flowpp_ref.train import build_model
+    from flowpp_ref.core.backend import make_rng
+    from flowpp_ref.datasets import load_default_dataset
+    from flowpp_ref.model.presets import get_preset
+    from flowpp_ref.training.loop import build_model
 
     p = get_preset("small", **CONFIGS[a.config])
     imgs = load_default_dataset("train")[0]

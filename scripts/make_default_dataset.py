@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Build the embedded default data set, flowpp_ref/data/default_images.npz.
+"""Build the embedded default data set, flowpp_ref/datasets/default_images.npz.
 
     python scripts/make_default_dataset.py DATA_DIR OUT.npz [--train-per-class 400] [--test-per-class 100]
 
@@ -38,7 +38,7 @@ def select(path, per_class):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("data_dir", help="directory with data_batch_1.npz and test_batch.npz (JPEG batches)")
-    ap.add_argument("out", help="output .npz, e.g. flowpp_ref/data/default_images.npz")
+    ap.add_argument("out", help="output .npz, e.g. flowpp_ref/datasets/default_images.npz")
     ap.add_argument("--train-per-class", type=int, default=400)
     ap.add_argument("--test-per-class", type=int, default=100)
     a = ap.parse_args()

@@ -2,16 +2,16 @@
 
     PYTHONPATH=. python scripts/release_table.py [--tflops 10]
 
-Counts come from shapes (flowpp_ref.paramcount, flowpp_ref.release); costs are FLOP
+Counts come from shapes (flowpp_ref.model.paramcount, flowpp_ref.model.release); costs are FLOP
 estimates (2 x multiply-adds of convs, dense layers and attention products; a training
 step = 3 x forward), converted to time at an assumed sustained throughput -- estimates,
 not measurements.
 """
 import argparse
 
-from flowpp_ref.paramcount import count_parameters, describe
-from flowpp_ref.presets import PRESETS, RELEASE_OF
-from flowpp_ref.release import RELEASE, forward_flops, run_steps
+from flowpp_ref.model.paramcount import count_parameters, describe
+from flowpp_ref.model.presets import PRESETS, RELEASE_OF
+from flowpp_ref.model.release import RELEASE, forward_flops, run_steps
 
 
 def _t(seconds):

@@ -29,7 +29,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 def _have_gpu():
     try:
-        from flowpp_ref.backend import gpu_available
+        from flowpp_ref.core.backend import gpu_available
         return gpu_available()
     except Exception:
         return False
@@ -43,7 +43,7 @@ def xp(request):
     """Array module; the cupy case skips with a reason on machines without a GPU."""
     if request.param == "cupy" and not _have_gpu():
         pytest.skip("cupy backend: CuPy or a CUDA device is not available on this machine")
-    from flowpp_ref.backend import get_xp
+    from flowpp_ref.core.backend import get_xp
     return get_xp(request.param)
 
 

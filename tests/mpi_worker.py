@@ -34,8 +34,8 @@ def images(n=48, seed=0):
 
 def one_step(comm, dtype=np.float64, step=3):
     """Global loss and gradients of ``step`` after the init (train.py's own functions)."""
-    from flowpp_ref import distributed as dist
-    from flowpp_ref import train as T
+    from flowpp_ref.runtime import distributed as dist
+    from flowpp_ref.training import loop as T
     p = T.get_preset("tiny", **OV)
     model = T.build_model(p, "numpy", dtype)
     x = images()
@@ -53,8 +53,8 @@ def one_step(comm, dtype=np.float64, step=3):
 
 
 def suite(out, prepared):
-    from flowpp_ref import distributed as dist
-    from flowpp_ref.train import evaluate, train, use_ema
+    from flowpp_ref.runtime import distributed as dist
+    from flowpp_ref.training.loop import evaluate, train, use_ema
     comm = dist.get_comm()
     assert comm.size > 1, "run me under mpiexec -n 2 or more"
     loss, grads = one_step(comm)
@@ -78,9 +78,9 @@ def suite(out, prepared):
 
 
 def cli_run(out, fault, fault_step, argv):
-    from flowpp_ref import cli
+    from flowpp_ref.cli import commands as cli
     from flowpp_ref import model as model_mod
-    from flowpp_ref.distributed import launched_rank
+    from flowpp_ref.runtime.distributed import launched_rank
     cli._load_data = lambda args, split: images(48, 0) if split == "train" else images(8, 1)
     rank = launched_rank()
     with open(os.path.join(out, f"pid.{rank}"), "w") as f:     # for the signal test
@@ -106,8 +106,8 @@ def cli_run(out, fault, fault_step, argv):
 
 def nccl_run(out):
     import cupy
-    from flowpp_ref import distributed as dist
-    from flowpp_ref.train import train
+    from flowpp_ref.runtime import distributed as dist
+    from flowpp_ref.training.loop import train
     comm = dist.get_comm("nccl", backend="cupy")
     a = cupy.arange(10, dtype=cupy.float32) * (comm.rank + 1)
     comm.allreduce(a)

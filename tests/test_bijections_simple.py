@@ -29,8 +29,8 @@ from conftest import TOL
 from flowpp_ref.bijections import (ChannelSplit, CheckerboardSplit, Compose, ImgProc, Inverse, Normalize,
                                    Pointwise, Sigmoid, SpaceToDepth, TupleFlip, checkerboard_merge,
                                    checkerboard_split, depth_to_space, factor_matrix, space_to_depth)
-from flowpp_ref.gradcheck import gradcheck, random_scalar_loss
-from flowpp_ref.validation import FlowInputError
+from flowpp_ref.core.gradcheck import gradcheck, random_scalar_loss
+from flowpp_ref.core.validation import FlowInputError
 
 DTYPES = [pytest.param(np.float64, id="float64"), pytest.param(np.float32, id="float32")]
 

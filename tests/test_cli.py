@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 
-from flowpp_ref.cli import build_parser, main
+from flowpp_ref.cli.commands import build_parser, main
 
 
 @pytest.mark.parametrize("cmd", ["train", "eval", "sample", "demo"])

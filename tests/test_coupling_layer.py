@@ -10,9 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flowpp_ref.bijections.coupling import LOGSCALE_MIN, AffineAttnCoupling, MixLogisticAttnCoupling
-from flowpp_ref.gradcheck import gradcheck, random_scalar_loss, rel_error
+from flowpp_ref.core.gradcheck import gradcheck, random_scalar_loss, rel_error
 from flowpp_ref.nn.network import ConditioningNetwork
-from flowpp_ref.validation import FlowInputError
+from flowpp_ref.core.validation import FlowInputError
 
 GRAD_TOL = 1e-6
 SHAPE = (4, 4, 2)        # H, W, C of each half

@@ -27,10 +27,10 @@ from flowpp_ref.bijections.coupling_transforms import (CLIP_EPS, affine_coupling
                                                        mixlogistic_coupling_backward,
                                                        mixlogistic_coupling_forward,
                                                        mixlogistic_coupling_inverse)
-from flowpp_ref.gradcheck import gradcheck, random_scalar_loss, rel_error
+from flowpp_ref.core.gradcheck import gradcheck, random_scalar_loss, rel_error
 from flowpp_ref.kernels import kernels_enabled
-from flowpp_ref.mixlogistic import mixlogistic_cdf_pdf
-from flowpp_ref.validation import FlowInputError
+from flowpp_ref.bijections.mixlogistic import mixlogistic_cdf_pdf
+from flowpp_ref.core.validation import FlowInputError
 
 PATHS = ["numba", "reference"]
 METHODS = ["bisection", "hybrid"]

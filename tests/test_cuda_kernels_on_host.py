@@ -1,6 +1,6 @@
 """The CuPy mixture kernels' source, compiled for the CPU, against the plain-array references.
 
-``flowpp_ref.kernels.cuda_mixlogistic`` keeps its per-element math in one C++ text that
+``flowpp_ref.kernels.cuda.mixlogistic`` keeps its per-element math in one C++ text that
 NVRTC compiles for the GPU. Here the same text is compiled with the machine's C++
 compiler (entry points that loop over the elements) and called through ctypes, so the
 kernels' math is checked on machines without a GPU; where ``nvcc`` is installed, the GPU
@@ -18,8 +18,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flowpp_ref import mixlogistic as ml
-from flowpp_ref.kernels import cuda_mixlogistic as ck
+from flowpp_ref.bijections import mixlogistic as ml
+from flowpp_ref.kernels.cuda import mixlogistic as ck
 
 from cuda_host import CXX, NO_CXX, build_host_library, call, nvcc_compile, suffix
 
@@ -158,7 +158,7 @@ def test_cuda_source_compiles_for_the_gpu_with_nvcc(tmp_path):
 
 def test_cuda_kernels_match_reference_on_gpu():
     """CuPy dispatch (kernels on) against the reference (kernels off) on the GPU."""
-    from flowpp_ref.backend import gpu_available
+    from flowpp_ref.core.backend import gpu_available
     if not gpu_available():
         pytest.skip("cupy backend: CuPy or a CUDA device is not available on this machine")
     import cupy
@@ -179,7 +179,7 @@ def test_cuda_kernels_match_reference_on_gpu():
 
 
 # ------------------------------------------------------------ concat_elu, gate, layer norm
-from flowpp_ref.kernels import cuda_layers as cl  # noqa: E402
+from flowpp_ref.kernels.cuda import layers as cl  # noqa: E402
 from flowpp_ref.nn import activations as act  # noqa: E402
 from flowpp_ref.nn import layernorm as lnm  # noqa: E402
 
@@ -243,7 +243,7 @@ def test_cuda_layers_source_compiles_for_the_gpu_with_nvcc(tmp_path):
 
 def test_cuda_layer_kernels_match_reference_on_gpu():
     """CuPy dispatch (kernels on) against the reference (kernels off) on the GPU."""
-    from flowpp_ref.backend import gpu_available
+    from flowpp_ref.core.backend import gpu_available
     if not gpu_available():
         pytest.skip("cupy backend: CuPy or a CUDA device is not available on this machine")
     import cupy

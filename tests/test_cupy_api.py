@@ -314,7 +314,7 @@ def test_host_rng_allowlist_is_not_stale():
 
 SNIPPET = """
 import numpy as np
-from flowpp_ref.backend import array_module
+from flowpp_ref.core.backend import array_module
 
 def f(x, rng):
     xp = array_module(x)
@@ -388,7 +388,7 @@ def test_cuda_source_compiles_with_nvrtc(mod):
     nvrtc = _nvrtc()
     if nvrtc is None:
         pytest.skip("libnvrtc cannot be loaded (pip install nvidia-cuda-nvrtc, or a CUDA toolkit)")
-    from flowpp_ref.kernels.cuda_build import RAWMODULE_OPTIONS
+    from flowpp_ref.kernels.cuda.build import RAWMODULE_OPTIONS
     prog = nvrtc.createProgram(mod.cuda_source(), "kernels.cu", [], [])
     try:
         nvrtc.compileProgram(prog, [*RAWMODULE_OPTIONS, "-arch=compute_90"])

@@ -16,10 +16,11 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import flowpp_ref
-from flowpp_ref import data
-from flowpp_ref.data import (DataError, iterate_batches, load_cifar10, load_default_dataset,
-                             load_imagenet32, reduce_bits, to_float)
-from flowpp_ref.plotting import make_grid, plot_training_curve, save_sample_grid
+from flowpp_ref.datasets import cifar as data
+from flowpp_ref.datasets import default as default_data
+from flowpp_ref.datasets import (DataError, iterate_batches, load_cifar10, load_default_dataset,
+                                 load_imagenet32, reduce_bits, to_float)
+from flowpp_ref.cli.plotting import make_grid, plot_training_curve, save_sample_grid
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -313,7 +314,7 @@ def test_default_dataset_splits_differ_and_file_small():
     # no test image is among the training images
     tr = {a.tobytes() for a in xtr}
     assert not any(a.tobytes() in tr for a in xte)
-    assert os.path.getsize(data.DEFAULT_DATASET_PATH) < 8e6
+    assert os.path.getsize(default_data.DEFAULT_DATASET_PATH) < 8e6
     with pytest.raises(ValueError, match="split"):
         load_default_dataset("valid")
 
@@ -329,9 +330,9 @@ def test_package_never_reads_shared_dir():
 
 def test_decode_jpeg_batch_bad_input():
     with pytest.raises(DataError, match="offsets"):
-        data.decode_jpeg_batch(np.zeros(10, np.uint8), np.array([0, 5, 4, 10]))
+        default_data.decode_jpeg_batch(np.zeros(10, np.uint8), np.array([0, 5, 4, 10]))
     with pytest.raises(DataError, match="image 0"):
-        data.decode_jpeg_batch(np.zeros(10, np.uint8), np.array([0, 10]))
+        default_data.decode_jpeg_batch(np.zeros(10, np.uint8), np.array([0, 10]))
 
 
 # ---------------------------------------------------------- bits and batches

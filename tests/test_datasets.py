@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flowpp_ref import datasets
-from flowpp_ref.data import DataError, reduce_bits
+from flowpp_ref.datasets import DataError, reduce_bits
 
 
 def _imagenet_batch(path, n, size, seed):
@@ -128,8 +128,8 @@ def test_user_image_arrays(tmp_path):
 
 
 def test_cli_data_choices(tmp_path):
-    from flowpp_ref.cli import build_parser, _load_data
-    from flowpp_ref.cli_args import UsageError
+    from flowpp_ref.cli.commands import build_parser, _load_data
+    from flowpp_ref.cli.args import UsageError
     r = np.random.default_rng(3)
     np.save(tmp_path / "celeba_full_64x64_5bit.npy", r.integers(0, 32, size=(10, 4, 4, 3), dtype=np.uint8))
     ap = build_parser()
@@ -159,6 +159,6 @@ def test_cli_data_choices(tmp_path):
 
 
 def test_cli_release_switches_reach_the_config():
-    from flowpp_ref.cli import _overrides, build_parser
+    from flowpp_ref.cli.commands import _overrides, build_parser
     a = build_parser().parse_args(["train", "--mixer", "gated-nin", "--mixture-dtype", "float64"])
     assert _overrides(a) == {"mixer": "gated-nin", "mixture_dtype": "float64"}

@@ -13,9 +13,9 @@ import time
 import numpy as np
 import pytest
 
-from flowpp_ref import distributed as dist
-from flowpp_ref.keyed_rng import KeyedRNG, key_of
-from flowpp_ref.options import ConfigError
+from flowpp_ref.runtime import distributed as dist
+from flowpp_ref.training.keyed_rng import KeyedRNG, key_of
+from flowpp_ref.runtime.options import ConfigError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -84,10 +84,10 @@ def test_keyed_rng_moments_and_independence():
 
 
 def test_whole_model_gradient_with_per_image_noise_matches_finite_differences():
-    from flowpp_ref.gradcheck import gradcheck
+    from flowpp_ref.core.gradcheck import gradcheck
     from flowpp_ref.model import FlowPP
-    from flowpp_ref.presets import get_preset
-    from flowpp_ref.backend import make_rng
+    from flowpp_ref.model.presets import get_preset
+    from flowpp_ref.core.backend import make_rng
     p = get_preset("tiny", dropout_p=0.2)
     model = FlowPP(p.model, seed=3, dtype=np.float64)
     x = W.images(4)
@@ -104,7 +104,7 @@ def test_whole_model_gradient_with_per_image_noise_matches_finite_differences():
 
 def test_shards_of_a_step_sum_to_the_one_process_step():
     """In one process, pretend ranks: the shard gradients average to the whole-batch gradient."""
-    from flowpp_ref import train as T
+    from flowpp_ref.training import loop as T
     p = T.get_preset("tiny", **W.OV)
     model = T.build_model(p, "numpy", np.float64)
     x = W.images()
@@ -152,7 +152,7 @@ def test_parameters_that_differ_between_ranks_stop_the_run():
 
 
 def test_one_process_needs_no_mpi_and_launches_are_detected():
-    code = ("import sys; from flowpp_ref import distributed as d, train; c = d.get_comm(); "
+    code = ("import sys; from flowpp_ref.runtime import distributed as d; from flowpp_ref.training import loop as train; c = d.get_comm(); "
             "assert c.size == 1 and type(c).__name__ == 'SingleComm', c; "
             "assert 'mpi4py' not in sys.modules; print('ok')")
     env = {k: v for k, v in os.environ.items() if k not in dist._SIZE_VARS + dist._RANK_VARS}
@@ -167,7 +167,7 @@ def test_one_process_needs_no_mpi_and_launches_are_detected():
 
 
 def test_a_global_batch_that_does_not_divide_is_refused():
-    from flowpp_ref.train import train
+    from flowpp_ref.training.loop import train
     with pytest.raises(ConfigError, match="does not divide among the 3 processes"):
         train("tiny", W.images(), steps=1, progress=False, overrides=dict(batch_size=8), comm=FakeComm(0, 3))
 
@@ -176,7 +176,7 @@ def test_a_global_batch_that_does_not_divide_is_refused():
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
     """One 2-process launch doing every comparison run (see mpi_worker.suite), plus its inputs."""
-    from flowpp_ref.train import train
+    from flowpp_ref.training.loop import train
     out = tmp_path_factory.mktemp("dp")
     prepared = str(out / "prep")
     train("tiny", W.images(), out_dir=prepared, steps=4, progress=False, overrides=W.OV, dtype=np.float64)
@@ -189,7 +189,7 @@ def suite(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process_f64():
-    from flowpp_ref.train import train
+    from flowpp_ref.training.loop import train
     return train("tiny", W.images(), steps=8, progress=False, overrides=W.OV, dtype=np.float64)
 
 
@@ -208,7 +208,7 @@ def test_two_process_step_equals_the_one_process_step(suite):
 @needs_mpi
 @pytest.mark.slow
 def test_two_process_runs_reproduce_the_one_process_losses(suite, one_process_f64):
-    from flowpp_ref.train import train
+    from flowpp_ref.training.loop import train
     _, res = suite
     s32 = train("tiny", W.images(), steps=20, progress=False, overrides=dict(W.OV, log_every=1))
     a = np.array([h["train_bpd"] for h in s32["history"]])
@@ -222,7 +222,7 @@ def test_two_process_runs_reproduce_the_one_process_losses(suite, one_process_f6
 @pytest.mark.slow
 def test_checkpoints_resume_across_process_counts(suite, one_process_f64):
     """2 ranks -> 1 and 1 -> 2: the resumed run continues the uninterrupted one."""
-    from flowpp_ref.train import train
+    from flowpp_ref.training.loop import train
     out, res = suite
     full = [h["train_bpd"] for h in one_process_f64["history"]]
     np.testing.assert_allclose(res["resumed"], full[4:], rtol=1e-12)            # written by 1, resumed by 2
@@ -237,7 +237,7 @@ def test_checkpoints_resume_across_process_counts(suite, one_process_f64):
 @needs_mpi
 @pytest.mark.slow
 def test_sharded_evaluation_and_spread_importance_samples_match_one_process(suite, one_process_f64):
-    from flowpp_ref.train import evaluate, use_ema
+    from flowpp_ref.training.loop import evaluate, use_ema
     _, res = suite
     s = one_process_f64
     with use_ema(s["model"], s["ema"]):
@@ -248,7 +248,7 @@ def test_sharded_evaluation_and_spread_importance_samples_match_one_process(suit
 
 
 def _ckpt_step(path):
-    from flowpp_ref.checkpoint import load_checkpoint
+    from flowpp_ref.runtime.checkpoint import load_checkpoint
     return load_checkpoint(str(path))["step"]
 
 
@@ -323,7 +323,7 @@ def test_a_batch_that_does_not_divide_among_the_ranks_is_one_clear_error(tmp_pat
 
 def _gpus():
     try:
-        from flowpp_ref.backend import gpu_available
+        from flowpp_ref.core.backend import gpu_available
         if not gpu_available():
             return 0
         import cupy
@@ -338,7 +338,7 @@ def _gpus():
 @pytest.mark.skipif(_gpus() == 0, reason="needs CuPy with NCCL (cupy.cuda.nccl) and a CUDA device")
 def test_nccl_communicator_and_cupy_training_match_one_process(tmp_path):
     """Never run so far (no GPU lent yet): min(2, GPUs) ranks, one GPU each."""
-    from flowpp_ref.train import train
+    from flowpp_ref.training.loop import train
     n = min(2, _gpus())
     r, _ = mpirun("nccl", str(tmp_path), n=n, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr

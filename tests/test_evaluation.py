@@ -4,11 +4,11 @@ import math
 import numpy as np
 import pytest
 
-from flowpp_ref.backend import make_rng
-from flowpp_ref.evaluation import importance_weighted_bpd, iw_key, log_weight_passes
+from flowpp_ref.core.backend import make_rng
+from flowpp_ref.training.evaluation import importance_weighted_bpd, iw_key, log_weight_passes
 from flowpp_ref.model import FlowPP
-from flowpp_ref.presets import get_preset
-from flowpp_ref.train import evaluate
+from flowpp_ref.model.presets import get_preset
+from flowpp_ref.training.loop import evaluate
 
 
 def _model_and_images(n=5):
@@ -87,7 +87,7 @@ def test_keyed_bound_does_not_depend_on_the_passes_nor_on_the_ranks(rows):
 
 
 def test_inverse_error_is_small_and_reacts_to_a_broken_inverse():
-    from flowpp_ref.evaluation import inverse_error
+    from flowpp_ref.training.evaluation import inverse_error
     model, x = _model_and_images(4)
     err = inverse_error(model, x, batch_size=3)
     assert 0.0 <= err < 1e-6                      # float64 tiny model, hybrid inverse
@@ -102,8 +102,8 @@ def test_training_logs_val_inverr_with_the_test_bpd_and_plots_it(tmp_path):
 
     from PIL import Image
 
-    from flowpp_ref.plotting import plot_training_curve
-    from flowpp_ref.train import train
+    from flowpp_ref.cli.plotting import plot_training_curve
+    from flowpp_ref.training.loop import train
     _, x = _model_and_images(12)
     s = train("tiny", x[:8], x[8:], out_dir=str(tmp_path), steps=2, progress=False)
     assert 0.0 <= s["val_inverr"] < 1e-2              # float32

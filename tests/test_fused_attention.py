@@ -1,22 +1,22 @@
 """Fused self-attention (online softmax, no T x T weights) against the explicit reference.
 
-* numba kernels (:mod:`flowpp_ref.kernels.numba_attention`) vs :func:`attention_ref` /
+* numba kernels (:mod:`flowpp_ref.kernels.numba.attention`) vs :func:`attention_ref` /
   :func:`attention_backward_ref`: float64 to 1e-12, float32 (against the float64 reference of
   the same inputs) to 1e-5, T not a multiple of the key / query blocks, d = 8, 24, 32, 64,
   several batch sizes; small key blocks so the online recurrence runs over many blocks;
 * the fused backward against central differences (float64);
 * the layer: fused and reference paths agree, the fused cache holds no [B, h, T, T] array,
   ``attention_maps`` still returns the weights;
-* the CUDA kernels' source (:mod:`flowpp_ref.kernels.cuda_attention`) compiled for the CPU
+* the CUDA kernels' source (:mod:`flowpp_ref.kernels.cuda.attention`) compiled for the CPU
   against the reference, and compiled by nvcc where it is installed.
 """
 import numpy as np
 import pytest
 
-from flowpp_ref.gradcheck import numerical_gradient, rel_error
+from flowpp_ref.core.gradcheck import numerical_gradient, rel_error
 from flowpp_ref.kernels import kernels_enabled
-from flowpp_ref.kernels import cuda_attention as ca
-from flowpp_ref.kernels import numba_attention as na
+from flowpp_ref.kernels.cuda import attention as ca
+from flowpp_ref.kernels.numba import attention as na
 from flowpp_ref.nn.attention import SelfAttention, attention_backward_ref, attention_ref
 
 from cuda_host import CXX, NO_CXX, build_host_library, call, nvcc_compile, suffix
@@ -98,7 +98,7 @@ def test_row_width_offsets_2kb_rows_and_padded_buffers_give_the_reference():
 
 def test_simd_lane_operations_match_numpy_and_exp2_16_is_within_one_ulp():
     import numba
-    from flowpp_ref.kernels import simd
+    from flowpp_ref.kernels.numba import simd
 
     @numba.njit
     def ops(a, b, c, out):
@@ -189,7 +189,7 @@ def test_lanes_forward_non_finite_rows_stay_non_finite():
 def test_softmax_exp_is_fastexp_in_range_zero_below_inf_above():
     """The attention's float32 exp (one power of two) equals fastexp's exp wherever both are normal."""
     import numba
-    from flowpp_ref.kernels.fastexp import fast_exp
+    from flowpp_ref.kernels.numba.fastexp import fast_exp
 
     @numba.njit
     def both(x, a, b):
@@ -215,7 +215,7 @@ def test_softmax_exp_is_fastexp_in_range_zero_below_inf_above():
 
 def test_borrowed_views_share_the_memory():
     import numba
-    from flowpp_ref.kernels.numba_views import borrow
+    from flowpp_ref.kernels.numba.views import borrow
 
     @numba.njit
     def f(a):
@@ -442,7 +442,7 @@ def test_cuda_attention_source_compiles_with_nvcc(tmp_path):
 
 def test_cuda_fused_attention_matches_reference_on_gpu():
     """CuPy dispatch of the layer (fused CUDA kernels) against its reference path, on the GPU."""
-    from flowpp_ref.backend import gpu_available
+    from flowpp_ref.core.backend import gpu_available
     if not gpu_available():
         pytest.skip("cupy backend: CuPy or a CUDA device is not available on this machine")
     import cupy

@@ -8,9 +8,9 @@ kernels sum in other orders than NumPy/numba).
 import numpy as np
 import pytest
 
-from flowpp_ref.backend import gpu_available
+from flowpp_ref.core.backend import gpu_available
 from flowpp_ref.model import FlowPP
-from flowpp_ref.presets import get_preset
+from flowpp_ref.model.presets import get_preset
 
 pytestmark = pytest.mark.skipif(not gpu_available(),
                                 reason="cupy backend: CuPy or a CUDA device is not available on this machine")
@@ -65,7 +65,7 @@ def test_gpu_sampling_inverts_the_gpu_flow():
 
 
 def test_gpu_training_runs_and_resumes_exactly(tmp_path):
-    from flowpp_ref.train import train
+    from flowpp_ref.training.loop import train
     x = _images(48, (4, 4, 3))
     full = train("tiny", x, out_dir=str(tmp_path / "a"), steps=6, progress=False, backend="cupy")
     train("tiny", x, out_dir=str(tmp_path / "b"), steps=3, progress=False, backend="cupy")

@@ -1,4 +1,4 @@
-"""Mixture of logistics (flowpp_ref.mixlogistic and its numba kernels).
+"""Mixture of logistics (flowpp_ref.bijections.mixlogistic and its numba kernels).
 
 * log F, log(1-F), log p against a direct float64 computation and, in the tails
   (|x - mu| of 50 scales, log-scale -7, z up to ~1e5), against mpmath at 50 digits;
@@ -19,11 +19,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy import optimize, special
 
-from flowpp_ref import mixlogistic as ml
-from flowpp_ref.gradcheck import gradcheck, rel_error
+from flowpp_ref.bijections import mixlogistic as ml
+from flowpp_ref.core.gradcheck import gradcheck, rel_error
 from flowpp_ref.kernels import kernels_enabled
-from flowpp_ref.kernels import numba_mixlogistic as nk
-from flowpp_ref.validation import FlowInputError
+from flowpp_ref.kernels.numba import mixlogistic as nk
+from flowpp_ref.core.validation import FlowInputError
 
 PATHS = ["numba", "reference"]       # kernels on / off
 

@@ -1,12 +1,12 @@
 """--mixture-dtype float64 (issue 12): the mixture transform in float64 inside a float32 model."""
 import numpy as np
 
-from flowpp_ref.backend import make_rng
+from flowpp_ref.core.backend import make_rng
 from flowpp_ref.bijections.coupling import MixLogisticAttnCoupling
 from flowpp_ref.bijections.coupling_transforms import mixlogistic_coupling_forward
-from flowpp_ref.gradcheck import rel_error
+from flowpp_ref.core.gradcheck import rel_error
 from flowpp_ref.model import FlowPP
-from flowpp_ref.presets import get_preset
+from flowpp_ref.model.presets import get_preset
 
 
 def _pair(md):

@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-from flowpp_ref.backend import make_rng
-from flowpp_ref.gradcheck import gradcheck
+from flowpp_ref.core.backend import make_rng
+from flowpp_ref.core.gradcheck import gradcheck
 from flowpp_ref.model import FlowPP
-from flowpp_ref.presets import get_preset
-from flowpp_ref.validation import FlowInputError
+from flowpp_ref.model.presets import get_preset
+from flowpp_ref.core.validation import FlowInputError
 
 
 def tiny_model(dtype=np.float64, **ov):

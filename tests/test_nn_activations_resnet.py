@@ -8,15 +8,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from flowpp_ref.backend import to_numpy
-from flowpp_ref.gradcheck import gradcheck, rel_error
+from flowpp_ref.core.backend import to_numpy
+from flowpp_ref.core.gradcheck import gradcheck, rel_error
 from flowpp_ref.kernels import kernels_enabled
 from flowpp_ref.nn import (Dropout, GatedResNet, concat_elu, concat_elu_backward, concat_elu_forward, elu,
                            elu_grad, gate, gate_backward, gate_forward, sigmoid)
 from flowpp_ref.nn.activations import (concat_elu_backward_reference, concat_elu_reference,
                                        gate_backward_reference, gate_reference)
-from flowpp_ref.kernels import numba_activations as nk
-from flowpp_ref.validation import FlowInputError
+from flowpp_ref.kernels.numba import activations as nk
+from flowpp_ref.core.validation import FlowInputError
 
 GRAD_TOL = 1e-6
 
@@ -336,7 +336,7 @@ def test_gated_resnet_bad_input():
 
 def test_gated_resnet_backend_matches_numpy(xp):
     """Same block on the ``xp`` backend and on NumPy, fixed host mask (the cupy case runs only with a GPU)."""
-    from flowpp_ref.backend import asarray
+    from flowpp_ref.core.backend import asarray
     ref = make_resnet(Ca=2, p=0.3, seed=3)
     dev = make_resnet(Ca=2, p=0.3, seed=3)
     dev.load_parameters({k: asarray(v, xp, np.float64) for k, v in ref.parameters().items()})

@@ -8,13 +8,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from flowpp_ref.gradcheck import gradcheck, rel_error
+from flowpp_ref.core.gradcheck import gradcheck, rel_error
 from flowpp_ref.kernels import kernels_enabled
 from flowpp_ref.nn.attention import (SelfAttention, softmax_backward_inplace, softmax_backward_ref,
                                      softmax_inplace, softmax_ref)
 from flowpp_ref.nn.layernorm import (LayerNorm, layernorm_backward, layernorm_backward_ref, layernorm_forward,
                                      layernorm_forward_ref)
-from flowpp_ref.validation import FlowInputError
+from flowpp_ref.core.validation import FlowInputError
 
 GRAD_TOL = 1e-6
 
@@ -311,7 +311,7 @@ def test_fast_exp_and_expm1_float32_accuracy_and_edges():
     subnormal results, 0, inf and nan as libm gives them; float64 to 1e-15 of libm."""
     import numba
 
-    from flowpp_ref.kernels.fastexp import fast_exp, fast_expm1
+    from flowpp_ref.kernels.numba.fastexp import fast_exp, fast_expm1
 
     @numba.njit
     def run(x):

@@ -6,11 +6,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flowpp_ref.backend import to_numpy
-from flowpp_ref.gradcheck import gradcheck, rel_error
+from flowpp_ref.core.backend import to_numpy
+from flowpp_ref.core.gradcheck import gradcheck, rel_error
 from flowpp_ref.nn import NIN, Conv2d, weight_norm, weight_norm_backward
 from flowpp_ref.nn.weightnorm import im2col
-from flowpp_ref.validation import FlowInputError
+from flowpp_ref.core.validation import FlowInputError
 
 GRAD_TOL = 1e-6
 
@@ -198,7 +198,7 @@ def test_backward_without_cached_input_is_an_error():
 # ------------------------------------------------------- backends (GPU)
 def test_conv2d_backend_matches_numpy(xp):
     """Same layer on the ``xp`` backend and on NumPy (the cupy case runs only with a GPU)."""
-    from flowpp_ref.backend import asarray
+    from flowpp_ref.core.backend import asarray
     rng = np.random.default_rng(7)
     ref = Conv2d(3, 4, rng=np.random.default_rng(1), dtype=np.float64)
     dev = Conv2d(3, 4, rng=np.random.default_rng(1), xp=xp, dtype=np.float64)

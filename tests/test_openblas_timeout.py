@@ -1,5 +1,6 @@
-"""flowpp_ref sets OPENBLAS_THREAD_TIMEOUT (and GOMP_SPINCOUNT) only when it can still matter and the user
-has not; its kernels run on numba's OpenMP layer where that loads, unless the user chose a layer."""
+"""``import flowpp_ref`` changes no environment variable; ``tune_threads()`` (which the ``flowpp`` command
+calls first) sets OPENBLAS_THREAD_TIMEOUT and GOMP_SPINCOUNT only when they can still matter and the user
+has not; the kernels run on numba's OpenMP layer where that loads, unless the user chose a layer."""
 import os
 import subprocess
 import sys
@@ -13,27 +14,46 @@ def _env_after(code, extra):
     return r.stdout.strip().splitlines()[-1]
 
 
+TUNE = "import flowpp_ref; flowpp_ref.tune_threads()"
+
+
+def test_import_changes_no_environment_variable():
+    code = ("import os, sys; before = dict(os.environ); import flowpp_ref; "
+            "from flowpp_ref import FlowPP, train, evaluate, get_preset, load_model; "
+            "assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items())")
+    assert _env_after(code, {}) == "None"
+
+
 def test_set_before_numpy_loads():
-    assert _env_after("import flowpp_ref", {}) == "4"
+    assert _env_after(TUNE, {}) == "4"
+
+
+def test_the_cli_entry_point_tunes_before_numpy_loads():
+    code = "import sys, flowpp_ref.cli; assert 'numpy' not in sys.modules"
+    assert _env_after(code, {}) == "None"        # importing the CLI package alone changes nothing
+    code = ("import contextlib, io, flowpp_ref.cli as c\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try:\n        c.main(['train', '--help'])\n    except SystemExit:\n        pass")
+    assert _env_after(code, {}) == "4"
 
 
 def test_a_users_value_is_kept():
-    assert _env_after("import flowpp_ref", {"OPENBLAS_THREAD_TIMEOUT": "20"}) == "20"
+    assert _env_after(TUNE, {"OPENBLAS_THREAD_TIMEOUT": "20"}) == "20"
 
 
 def test_left_alone_when_numpy_is_already_loaded():
-    assert _env_after("import numpy, flowpp_ref", {}) == "None"
+    assert _env_after("import numpy; " + TUNE, {}) == "None"
 
 
 # ---------------------------------------------------------------- numba's threading layer, libgomp's spin
-_LAYER = ("import flowpp_ref, numba, numpy as np, os\n"
-          "import flowpp_ref.kernels.numba_layernorm  # a kernel module: it picks the layer\n"
+_LAYER = ("import flowpp_ref; changed = flowpp_ref.tune_threads()\nimport numba, numpy as np, os\n"
+          "import flowpp_ref.kernels.numba.layernorm  # a kernel module: it picks the layer\n"
           "@numba.njit(parallel=True)\n"
           "def f(x):\n"
           "    for i in numba.prange(x.shape[0]):\n"
           "        x[i] += 1.0\n"
           "x = np.zeros(64); f(x); assert x.sum() == 64\n"
-          "print(numba.threading_layer(), os.environ.get('GOMP_SPINCOUNT'), flowpp_ref.ENV_SET_BY_IMPORT)")
+          "print(numba.threading_layer(), os.environ.get('GOMP_SPINCOUNT'), changed)")
 
 
 def _layer_after(extra):

@@ -1,6 +1,6 @@
 """The release's launchers (issue 12): parameter counts, presets, schedules, the gated pointwise block.
 
-No training here: parameter counts come from shapes (flowpp_ref.paramcount), checked
+No training here: parameter counts come from shapes (flowpp_ref.model.paramcount), checked
 against models that are built (the small ones and cifar10-paper) and against the figures
 the release's launchers state in their docstrings.
 """
@@ -9,13 +9,13 @@ import dataclasses
 import numpy as np
 import pytest
 
-from flowpp_ref.gradcheck import gradcheck
+from flowpp_ref.core.gradcheck import gradcheck
 from flowpp_ref.model import FlowPP
 from flowpp_ref.nn.gated_nin import GatedNIN, maxout3, maxout3_backward
-from flowpp_ref.paramcount import count_parameters, explain_difference
-from flowpp_ref.presets import PRESETS, RELEASE_OF, TrainConfig, get_preset
-from flowpp_ref.release import RELEASE, SCHEDULES, release_param_count
-from flowpp_ref.schedules import learning_rate
+from flowpp_ref.model.paramcount import count_parameters, explain_difference
+from flowpp_ref.model.presets import PRESETS, RELEASE_OF, TrainConfig, get_preset
+from flowpp_ref.model.release import RELEASE, SCHEDULES, release_param_count
+from flowpp_ref.training.schedules import learning_rate
 
 
 @pytest.mark.parametrize("key", sorted(RELEASE))

@@ -11,11 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from flowpp_ref import cli
-from flowpp_ref.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from flowpp_ref.options import ConfigError
-from flowpp_ref.train import TrainingDiverged, evaluate, load_model, train
-from flowpp_ref.validation import FlowInputError
+from flowpp_ref.cli import commands as cli
+from flowpp_ref.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from flowpp_ref.runtime.options import ConfigError
+from flowpp_ref.training.loop import TrainingDiverged, evaluate, load_model, train
+from flowpp_ref.core.validation import FlowInputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -246,7 +246,7 @@ def test_reliability_model_refuses_fractional_float_pixels():
 DRIVER = textwrap.dedent("""
     import sys
     import numpy as np
-    from flowpp_ref import cli
+    from flowpp_ref.cli import commands as cli
 
     def made_up(args, split):
         r = np.random.default_rng(0 if split == "train" else 1)
@@ -300,7 +300,7 @@ def test_reliability_signal_in_a_subprocess_writes_a_checkpoint_and_says_how_to_
 
 
 def test_reliability_signal_in_process_stops_after_the_step(tmp_path):
-    from flowpp_ref.runfolder import TrainingInterrupted
+    from flowpp_ref.runtime.runfolder import TrainingInterrupted
     before = signal.getsignal(signal.SIGINT)
 
     def interrupt_at_3(step, rec):
@@ -414,7 +414,7 @@ def test_reliability_images_of_the_wrong_size_are_a_clear_error(tmp_path, capsys
 
 
 def test_reliability_block_average_rounds_block_means_and_refuses_bad_sizes():
-    from flowpp_ref.data import DataError, block_average
+    from flowpp_ref.datasets import DataError, block_average
     x = np.arange(2 * 4 * 4 * 1, dtype=np.uint8).reshape(2, 4, 4, 1)
     y = block_average(x, (2, 2))
     want = np.floor(x.reshape(2, 2, 2, 2, 2, 1).mean(axis=(2, 4)) + 0.5)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from flowpp_ref.kernels import kernels_enabled
-from flowpp_ref.kernels.numba_conv import gather_cols, shift_sum
+from flowpp_ref.kernels.numba.conv import gather_cols, shift_sum
 from flowpp_ref.nn.weightnorm import Conv2d, gather_cols_reference, shift_sum_reference, tap_shifts
 
 TOL = {np.float64: dict(rtol=1e-12, atol=1e-12), np.float32: dict(rtol=1e-5, atol=1e-5)}
@@ -94,8 +94,8 @@ def test_twin_sdpa_matches_explicit_attention():
     torch = pytest.importorskip("torch")
     from torch_twin import TorchFlowPP
 
-    from flowpp_ref.presets import get_preset
-    from flowpp_ref.train import build_model
+    from flowpp_ref.model.presets import get_preset
+    from flowpp_ref.training.loop import build_model
     model = build_model(get_preset("tiny"))
     x = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3)).astype(np.uint8)
     out = {}

@@ -13,9 +13,9 @@ torch = pytest.importorskip("torch", reason="PyTorch is the autograd oracle of t
 from torch_twin import RecordingRNG, TorchFlowPP  # noqa: E402  (tests/ is on sys.path under pytest)
 
 from flowpp_ref.bijections.coupling import MixLogisticAttnCoupling  # noqa: E402
-from flowpp_ref.gradcheck import rel_error  # noqa: E402
+from flowpp_ref.core.gradcheck import rel_error  # noqa: E402
 from flowpp_ref.model import FlowPP  # noqa: E402
-from flowpp_ref.presets import get_preset  # noqa: E402
+from flowpp_ref.model.presets import get_preset  # noqa: E402
 
 GRAD_TOL = 1e-5
 VARIANTS = {

@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from flowpp_ref.checkpoint import load_checkpoint
-from flowpp_ref.train import TrainingDiverged, evaluate, load_model, train
+from flowpp_ref.runtime.checkpoint import load_checkpoint
+from flowpp_ref.training.loop import TrainingDiverged, evaluate, load_model, train
 
 
 def images(n=48, seed=0):
@@ -72,7 +72,7 @@ def test_training_loop_reads_scalars_back_once_per_log_interval(tmp_path, monkey
     """The loop's only host transfers are the batched read-backs every log_every steps; a
     non-finite step inside an interval is still skipped (nothing updated) and reported."""
     from flowpp_ref import model as model_mod
-    from flowpp_ref import train as train_mod
+    from flowpp_ref.training import loop as train_mod
     calls = []
     real = train_mod.to_numpy
     monkeypatch.setattr(train_mod, "to_numpy", lambda a: calls.append(getattr(a, "shape", None)) or real(a))

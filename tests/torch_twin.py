@@ -49,13 +49,13 @@ import numpy as np
 import torch
 import torch.nn.functional as tF
 
-from flowpp_ref.backend import to_numpy
+from flowpp_ref.core.backend import to_numpy
 from flowpp_ref.bijections import (ChannelSplit, CheckerboardSplit, Compose, ImgProc, Inverse, Normalize, Pointwise,
                                    Sigmoid, SpaceToDepth, TupleFlip)
 from flowpp_ref.bijections.coupling import LOGSCALE_MIN, AffineAttnCoupling, MixLogisticAttnCoupling
 from flowpp_ref.bijections.elementwise import IMG_LO, IMG_MAX
 from flowpp_ref.bijections.rescale import Rescale
-from flowpp_ref.dequantization import UniformDequantizer, VariationalDequantizer
+from flowpp_ref.model.dequantization import UniformDequantizer, VariationalDequantizer
 from flowpp_ref.nn.gated_nin import GatedNIN
 from flowpp_ref.nn.weightnorm import Conv2d
 

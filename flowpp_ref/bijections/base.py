@@ -29,8 +29,8 @@ in the main flow, ``Inverse(Sigmoid())`` in the coupling) also implement::
 """
 from __future__ import annotations
 
-from ..backend import array_module
-from ..module import Module, add_grads, prefixed
+from flowpp_ref.core.backend import array_module
+from flowpp_ref.core.module import Module, add_grads, prefixed
 
 
 def first(x):

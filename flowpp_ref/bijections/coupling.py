@@ -39,12 +39,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module
-from ..module import prefixed
-from ..nn.network import ConditioningNetwork
-from ..validation import FlowInputError, check_array
-from .base import Bijection
-from .coupling_transforms import (affine_coupling_backward, affine_coupling_forward, affine_coupling_inverse,
+from flowpp_ref.core.backend import array_module
+from flowpp_ref.core.module import prefixed
+from flowpp_ref.nn.network import ConditioningNetwork
+from flowpp_ref.core.validation import FlowInputError, check_array
+from flowpp_ref.bijections.base import Bijection
+from flowpp_ref.bijections.coupling_transforms import (affine_coupling_backward, affine_coupling_forward, affine_coupling_inverse,
                                   mixlogistic_coupling_backward, mixlogistic_coupling_forward,
                                   mixlogistic_coupling_inverse)
 

@@ -57,14 +57,14 @@ Cache (affine coupling): ``{"e", "a"}``; ``exp(a)`` is recomputed.
 Checks: shapes and dtypes on every call (cheap, no device sync); values
 (non-finite ``y``, ``a``, ``b``) only in the inverses, which are not on the
 training path. The forward does not scan its inputs for nan/inf (the training
-loop checks its inputs once per step; see :mod:`flowpp_ref.validation`).
+loop checks its inputs once per step; see :mod:`flowpp_ref.core.validation`).
 """
 from __future__ import annotations
 
-from ..backend import array_module
-from ..mixlogistic import (_check_mix, mixlogistic_cdf_pdf, mixlogistic_cdf_pdf_backward,
+from flowpp_ref.core.backend import array_module
+from flowpp_ref.bijections.mixlogistic import (_check_mix, mixlogistic_cdf_pdf, mixlogistic_cdf_pdf_backward,
                            mixlogistic_invcdf)
-from ..validation import FlowInputError, check_array, check_finite
+from flowpp_ref.core.validation import FlowInputError, check_array, check_finite
 
 CLIP_EPS = 1e-5   # the release clips the inverse-CDF target to [1e-5, 1 - 1e-5]
 
@@ -179,7 +179,7 @@ def mixlogistic_coupling_inverse(y, a, b, logits, means, logscales, with_affine=
 
     ``method``: ``"bisection"`` (the release's) or ``"hybrid"`` (safeguarded
     Newton); ``tol``/``max_iters`` default per dtype
-    (:func:`flowpp_ref.mixlogistic.invcdf_defaults`). With ``return_info`` the
+    (:func:`flowpp_ref.bijections.mixlogistic.invcdf_defaults`). With ``return_info`` the
     inverse CDF's info dict is returned as a third value. Raises
     FlowInputError on bad shapes or non-finite y, a, b or mixture parameters.
     """

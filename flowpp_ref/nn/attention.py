@@ -31,7 +31,7 @@ Two ways to compute ``A`` and its backward, same math:
 
 * **fused** (default when kernels are enabled, :func:`flowpp_ref.kernels.use_kernels`): an
   online softmax over blocks of keys that never forms the ``[B, h, T, T]`` weights
-  (:mod:`flowpp_ref.kernels.numba_attention` for NumPy, :mod:`flowpp_ref.kernels.cuda_attention`
+  (:mod:`flowpp_ref.kernels.numba.attention` for NumPy, :mod:`flowpp_ref.kernels.cuda.attention`
   for CuPy; both derive the recurrence). Cache: ``qkv`` ``[B, H, W, 3F]`` (q, k, v are views of
   it), the attention output ``attn_out`` (A merged, ``[B, H, W, F]``, before dropout) and the row
   log-sum-exp ``lse`` ``[B, h, T]`` of the scores; the backward recomputes the weights block by
@@ -45,20 +45,20 @@ Both caches also hold those of proj1 (its input c), dropout (its mask), proj2 (i
 the gate. :meth:`SelfAttention.attention_maps` computes the weights on demand (reference path).
 
 The reference's row softmax and its backward run in place, as numba kernels
-(:mod:`flowpp_ref.kernels.numba_softmax`) for NumPy arrays when kernels are enabled,
+(:mod:`flowpp_ref.kernels.numba.softmax`) for NumPy arrays when kernels are enabled,
 else as the plain-``xp`` references :func:`softmax_ref` / :func:`softmax_backward_ref`.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module
-from ..kernels import use_kernels
-from ..module import Module, prefixed
-from ..validation import FlowInputError, check_array
-from .activations import gate_backward, gate_forward
-from .dropout import Dropout
-from .weightnorm import NIN
+from flowpp_ref.core.backend import array_module
+from flowpp_ref.kernels import use_kernels
+from flowpp_ref.core.module import Module, prefixed
+from flowpp_ref.core.validation import FlowInputError, check_array
+from flowpp_ref.nn.activations import gate_backward, gate_forward
+from flowpp_ref.nn.dropout import Dropout
+from flowpp_ref.nn.weightnorm import NIN
 
 
 # ------------------------------------------------------------------ softmax
@@ -85,7 +85,7 @@ def _use_numba(xp, a):
 def softmax_inplace(s):
     xp = array_module(s)
     if _use_numba(xp, s):
-        from ..kernels.numba_softmax import softmax_rows_inplace
+        from flowpp_ref.kernels.numba.softmax import softmax_rows_inplace
         softmax_rows_inplace(s.reshape(-1, s.shape[-1]))
         return s
     return softmax_ref(s)
@@ -94,7 +94,7 @@ def softmax_inplace(s):
 def softmax_backward_inplace(w, dw):
     xp = array_module(dw)
     if _use_numba(xp, dw) and w.flags.c_contiguous:
-        from ..kernels.numba_softmax import softmax_backward_rows_inplace
+        from flowpp_ref.kernels.numba.softmax import softmax_backward_rows_inplace
         softmax_backward_rows_inplace(w.reshape(-1, w.shape[-1]), dw.reshape(-1, dw.shape[-1]))
         return dw
     return softmax_backward_ref(w, dw)
@@ -130,9 +130,9 @@ def fused_attention_forward(q, k, v, out=None):
     """
     xp = array_module(q)
     if xp is np:
-        from ..kernels import numba_attention
+        from flowpp_ref.kernels.numba import attention as numba_attention
         return numba_attention.attention_forward(q, k, v, out=out)
-    from ..kernels import cuda_attention
+    from flowpp_ref.kernels.cuda import attention as cuda_attention
     return cuda_attention.attention_forward(q, k, v, out=out)
 
 
@@ -140,9 +140,9 @@ def fused_attention_backward(q, k, v, a, lse, dA, dq=None, dk=None, dv=None):
     """(dq, dk, dv) of the fused attention (weights recomputed from q, k, lse), into dq/dk/dv if given."""
     xp = array_module(q)
     if xp is np:
-        from ..kernels import numba_attention
+        from flowpp_ref.kernels.numba import attention as numba_attention
         return numba_attention.attention_backward(q, k, v, a, lse, dA, dq=dq, dk=dk, dv=dv)
-    from ..kernels import cuda_attention
+    from flowpp_ref.kernels.cuda import attention as cuda_attention
     return cuda_attention.attention_backward(q, k, v, a, lse, dA, dq=dq, dk=dk, dv=dv)
 
 

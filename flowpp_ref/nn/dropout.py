@@ -5,7 +5,7 @@ state) and returned in the cache, so a gradient check can replay the same mask.
 """
 from __future__ import annotations
 
-from ..module import Module
+from flowpp_ref.core.module import Module
 
 
 def dropout_apply(x, mask, p: float):

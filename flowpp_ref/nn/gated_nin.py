@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module
-from ..module import Module, prefixed
-from ..validation import FlowInputError, check_array
-from .activations import gate_backward, gate_forward
-from .dropout import Dropout
-from .weightnorm import NIN
+from flowpp_ref.core.backend import array_module
+from flowpp_ref.core.module import Module, prefixed
+from flowpp_ref.core.validation import FlowInputError, check_array
+from flowpp_ref.nn.activations import gate_backward, gate_forward
+from flowpp_ref.nn.dropout import Dropout
+from flowpp_ref.nn.weightnorm import NIN
 
 
 def maxout3(p):

@@ -19,17 +19,17 @@ Cache: ``(xhat, rstd)``: xhat ``[..., C]`` and rstd ``[..., 1]``; x itself is no
 
 The plain-``xp`` functions :func:`layernorm_forward_ref` / :func:`layernorm_backward_ref`
 are the math; with NumPy arrays and kernels enabled the fused numba kernels of
-:mod:`flowpp_ref.kernels.numba_layernorm` run instead (same results to round-off); with
-CuPy arrays the CUDA kernels of :mod:`flowpp_ref.kernels.cuda_layers` (never run on a GPU).
+:mod:`flowpp_ref.kernels.numba.layernorm` run instead (same results to round-off); with
+CuPy arrays the CUDA kernels of :mod:`flowpp_ref.kernels.cuda.layers` (never run on a GPU).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module, asarray, is_cupy
-from ..kernels import use_kernels
-from ..module import Module
-from ..validation import FlowInputError, check_array
+from flowpp_ref.core.backend import array_module, asarray, is_cupy
+from flowpp_ref.kernels import use_kernels
+from flowpp_ref.core.module import Module
+from flowpp_ref.core.validation import FlowInputError, check_array
 
 
 # ------------------------------------------------------------------ reference
@@ -69,11 +69,11 @@ def layernorm_forward(x, g, b, eps=1e-5):
     """``(out, xhat, rstd)``: numba kernel for NumPy arrays, CUDA kernel for CuPy arrays, else the reference."""
     xp = array_module(x)
     if _cuda_ok(xp, x):
-        from ..kernels import cuda_layers
+        from flowpp_ref.kernels.cuda import layers as cuda_layers
         return cuda_layers.layernorm_forward(x, g, b, eps)
     if not _numba_ok(xp, x):
         return layernorm_forward_ref(x, g, b, eps)
-    from ..kernels import numba_layernorm as k
+    from flowpp_ref.kernels.numba import layernorm as k
     c = x.shape[-1]
     x2 = np.ascontiguousarray(x).reshape(-1, c)
     out = np.empty_like(x2)
@@ -89,13 +89,13 @@ def layernorm_backward(dout, xhat, rstd, g):
     """``(dx, dg, db)``: numba kernel for NumPy arrays, CUDA kernel for CuPy arrays, else the reference."""
     xp = array_module(dout)
     if _cuda_ok(xp, dout):
-        from ..kernels import cuda_layers
+        from flowpp_ref.kernels.cuda import layers as cuda_layers
         return cuda_layers.layernorm_backward(dout, xhat, rstd, g)
     if not _numba_ok(xp, dout):
         return layernorm_backward_ref(dout, xhat, rstd, g)
     import numba
 
-    from ..kernels import numba_layernorm as k
+    from flowpp_ref.kernels.numba import layernorm as k
     c = dout.shape[-1]
     d2 = np.ascontiguousarray(dout).reshape(-1, c)
     h2 = np.ascontiguousarray(xhat).reshape(-1, c)

@@ -31,15 +31,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import asarray
-from ..module import Module, prefixed
-from ..validation import FlowInputError, check_array
-from .activations import concat_elu_backward, concat_elu_forward
-from .attention import SelfAttention
-from .gated_nin import GatedNIN
-from .layernorm import LayerNorm
-from .resnet import GatedResNet
-from .weightnorm import Conv2d, _host_rng
+from flowpp_ref.core.backend import asarray
+from flowpp_ref.core.module import Module, prefixed
+from flowpp_ref.core.validation import FlowInputError, check_array
+from flowpp_ref.nn.activations import concat_elu_backward, concat_elu_forward
+from flowpp_ref.nn.attention import SelfAttention
+from flowpp_ref.nn.gated_nin import GatedNIN
+from flowpp_ref.nn.layernorm import LayerNorm
+from flowpp_ref.nn.resnet import GatedResNet
+from flowpp_ref.nn.weightnorm import Conv2d, _host_rng
 
 
 class NetworkBlock(Module):

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..module import Module, prefixed
-from ..validation import FlowInputError, check_array
-from .activations import concat_elu, concat_elu_backward, concat_elu_forward, gate_backward, gate_forward
-from .dropout import Dropout, dropout_apply
-from .weightnorm import NIN, Conv2d
+from flowpp_ref.core.module import Module, prefixed
+from flowpp_ref.core.validation import FlowInputError, check_array
+from flowpp_ref.nn.activations import concat_elu, concat_elu_backward, concat_elu_forward, gate_backward, gate_forward
+from flowpp_ref.nn.dropout import Dropout, dropout_apply
+from flowpp_ref.nn.weightnorm import NIN, Conv2d
 
 
 class GatedResNet(Module):

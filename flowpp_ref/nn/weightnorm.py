@@ -15,7 +15,7 @@ construction).
 
 Layout NHWC. Parameters are drawn from the host ``np.random.Generator`` passed as
 ``rng`` (``V ~ N(0, 0.05)``, ``g = 1``, ``b = 0``) and moved to ``xp`` with
-:func:`flowpp_ref.backend.asarray`.
+:func:`flowpp_ref.core.backend.asarray`.
 
 Backward through the weight norm, per output unit o (n = ||V_o||)::
 
@@ -30,10 +30,10 @@ import threading
 
 import numpy as np
 
-from ..backend import asarray, array_module
-from ..kernels import use_kernels
-from ..module import Module
-from ..validation import FlowInputError, check_array
+from flowpp_ref.core.backend import asarray, array_module
+from flowpp_ref.kernels import use_kernels
+from flowpp_ref.core.module import Module
+from flowpp_ref.core.validation import FlowInputError, check_array
 
 DDI_EPS = 1e-8   # the paper's epsilon in init_scale / sqrt(v + 1e-8)
 
@@ -135,7 +135,7 @@ def tap_shifts(kh: int, kw: int):
 def gather_cols_reference(x, shifts):
     """``cols[b,h,w,t,:] = x[b, h+di_t, w+dj_t, :]`` (zero outside): im2col with any list of shifts.
 
-    Plain-xp reference of :func:`flowpp_ref.kernels.numba_conv.gather_cols`; ``[B,H,W,C] -> [B,H,W,T,C]``.
+    Plain-xp reference of :func:`flowpp_ref.kernels.numba.conv.gather_cols`; ``[B,H,W,C] -> [B,H,W,T,C]``.
     """
     xp = array_module(x)
     B, H, W, C = x.shape
@@ -150,7 +150,7 @@ def gather_cols_reference(x, shifts):
 def shift_sum_reference(y, shifts, bias=None):
     """``out[b,h,w,:] = bias + sum_t y[b, h+di_t, w+dj_t, t, :]`` (terms outside the image skipped).
 
-    Plain-xp reference of :func:`flowpp_ref.kernels.numba_conv.shift_sum`; ``[B,H,W,T,C] -> [B,H,W,C]``.
+    Plain-xp reference of :func:`flowpp_ref.kernels.numba.conv.shift_sum`; ``[B,H,W,T,C] -> [B,H,W,C]``.
     """
     xp = array_module(y)
     B, H, W, T, C = y.shape
@@ -181,9 +181,9 @@ def _workspace(shape, dtype):
 
 
 def _conv_forward_thin(x, W, b):
-    """The convolution through the kernels of :mod:`flowpp_ref.kernels.numba_conv` (see its docstring):
+    """The convolution through the kernels of :mod:`flowpp_ref.kernels.numba.conv` (see its docstring):
     matmul then ``shift_sum`` when Cout < Cin, else ``gather_cols`` then matmul."""
-    from ..kernels.numba_conv import gather_cols, shift_sum
+    from flowpp_ref.kernels.numba.conv import gather_cols, shift_sum
     kh, kw, C, Co = W.shape
     B, H, Wd, _ = x.shape
     T, shifts = kh * kw, tap_shifts(kh, kw)
@@ -201,8 +201,8 @@ def _conv_forward_thin(x, W, b):
 
 
 def _conv_backward_thin(dout, x, W):
-    """(dx, dW) through the kernels of :mod:`flowpp_ref.kernels.numba_conv` (formulas in its docstring)."""
-    from ..kernels.numba_conv import gather_cols, shift_sum
+    """(dx, dW) through the kernels of :mod:`flowpp_ref.kernels.numba.conv` (formulas in its docstring)."""
+    from flowpp_ref.kernels.numba.conv import gather_cols, shift_sum
     kh, kw, C, Co = W.shape
     B, H, Wd, _ = x.shape
     T, shifts = kh * kw, tap_shifts(kh, kw)
@@ -256,7 +256,7 @@ class Conv2d(Module):
             ``dout @ W[i,j]^T`` added into shifted slices of dx (slice adds, no
             scatter with duplicate indices). That is the reference; for NumPy arrays with
             kernels enabled the same sums run in another order through the one-pass kernels
-            of :mod:`flowpp_ref.kernels.numba_conv` (no zero-filled im2col of the input when
+            of :mod:`flowpp_ref.kernels.numba.conv` (no zero-filled im2col of the input when
             Cout < Cin: matmul first, then a shifted sum; a buffer T * min(Cin, Cout) wide).
     """
 

@@ -1,0 +1,320 @@
+"""Command line: ``flowpp train | eval | sample | demo`` (also ``python -m flowpp_ref``).
+
+Run ``flowpp COMMAND --help`` for every option (each numeric one with its range).
+Errors are one line ``flowpp: error: ...`` (exit 2; 1 for a diverged run; 130/143 when
+SIGINT/SIGTERM stopped a run after writing its checkpoint); ``--debug`` shows the
+traceback. The checks live in :mod:`flowpp_ref.cli.args`, the ranges in
+:mod:`flowpp_ref.runtime.options`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from flowpp_ref.cli import args as cli_args
+from flowpp_ref.cli.args import UsageError
+from flowpp_ref.model.presets import PRESETS
+
+
+def _load_data(args, split):
+    from flowpp_ref import datasets as data
+    if args.data == "default":
+        return data.load_default_dataset(split)[0]
+    if args.data == "cifar10":
+        if not args.data_dir:
+            raise UsageError("--data cifar10 needs --data-dir (a folder with cifar-10-batches-py/ "
+                             "or cifar-10-python.tar.gz)")
+        return data.load_cifar10(args.data_dir, split)[0]
+    if args.data == "imagenet32":
+        if not args.data_dir:
+            raise UsageError("--data imagenet32 needs --data-dir (a folder with the downsampled ImageNet npz files)")
+        from flowpp_ref import datasets
+        try:                                         # train_data_batch_*.npz / val_data.npz, memory-mapped
+            return datasets.load_imagenet64(args.data_dir, split, cache_dir=getattr(args, "cache_dir", None), size=32)
+        except data.DataError as e:
+            raise UsageError(f"--data imagenet32: {e}") from None
+    if args.data in _RELEASE_DATA:                   # issue 12: the release's other data sets, the user's own
+        return _load_release_data(args, split)
+    raise UsageError(f"unknown --data {args.data!r}")
+
+
+# ---- issue 12: ImageNet 64x64, CelebA (.npy at n bits), a user's images -------------------
+_RELEASE_DATA = ("imagenet64", "celeba", "images")
+
+
+def _load_release_data(args, split):
+    import re
+
+    from flowpp_ref import datasets
+    from flowpp_ref.datasets import DataError
+    path = args.data_dir
+    if not path:
+        raise UsageError(f"--data {args.data} needs --data-dir: " + {
+            "imagenet64": "a folder with the downsampled ImageNet 64x64 npz batch files",
+            "celeba": "the release's CelebA .npy file (e.g. celeba_full_64x64_5bit.npy)",
+            "images": "a folder of PNG/JPEG files, or an .npy/.npz file of uint8 [N, H, W, C] images"}[args.data])
+    frac = getattr(args, "test_fraction", 0.0) or 0.0
+    if not 0.0 <= frac < 1.0:
+        raise UsageError(f"--test-fraction must lie in [0, 1), got {frac}")
+    # with no held-out fraction, training has no test set and 'eval' scores every image
+    part = split if frac > 0 else ("all" if split == "train" or args.cmd == "eval" else None)
+    try:
+        if args.data == "imagenet64":
+            return datasets.load_imagenet64(path, split, cache_dir=getattr(args, "cache_dir", None))
+        if part is None:
+            return None
+        if args.data == "celeba":
+            bits = getattr(args, "data_bits", None)
+            if bits is None:
+                m = re.search(r"(\d)bit", os.path.basename(path))
+                if not m:
+                    raise UsageError(f"--data celeba: give --data-bits (the bits of the stored values); "
+                                     f"it cannot be read from the name {os.path.basename(path)!r}")
+                bits = int(m.group(1))
+            return datasets.load_celeba_npy(path, bits, part, test_fraction=frac)
+        return datasets.load_user_images(path, part, test_fraction=frac)
+    except DataError as e:
+        raise UsageError(f"--data {args.data}: {e}") from None
+
+
+def _overrides(args):
+    o = {}
+    for key in ("batch_size", "init_batch_size", "lr", "warmup_steps", "seed", "checkpoint_every", "n_bits", "filters", "blocks",
+                "components", "dropout_p", "ema_decay", "eval_batches"):
+        v = getattr(args, key, None)
+        if v is not None:
+            o[key] = v
+    if getattr(args, "dequantization", None):
+        o["dequantization"] = args.dequantization
+    if getattr(args, "coupling", None):
+        o["coupling"] = args.coupling
+    if getattr(args, "no_attention", False):
+        o["use_attention"] = False
+    if getattr(args, "mixture_dtype", None):            # issue 12
+        o["mixture_dtype"] = args.mixture_dtype
+    if getattr(args, "mixer", None):
+        o["mixer"] = args.mixer
+    return o
+
+
+def _add_common(p):
+    p.add_argument("--backend", default=os.environ.get("FLOWPP_BACKEND", "numpy"), choices=["numpy", "cupy"],
+                   help="array backend: numpy (CPU, numba kernels) or cupy (GPU) [default: $FLOWPP_BACKEND or numpy]")
+    p.add_argument("--seed", type=int, default=None, help="random seed (parameters, batches, noise) [preset: 0]")
+    cli_args.add_debug(p)
+
+
+def _add_data(p):
+    p.add_argument("--data", default="default", choices=["default", "cifar10", "imagenet32", *_RELEASE_DATA],
+                   help="data set: 'default' is the small CIFAR-10 subset shipped with the package "
+                        "(no download); 'cifar10' reads the official python layout from --data-dir")
+    p.add_argument("--data-dir", default=None, help="folder holding the data set files (--data celeba / images: "
+                   "the .npy/.npz file or the image folder)")
+    p.add_argument("--test-fraction", type=float, default=0.0,
+                   help="--data celeba / images: hold out this last fraction as the test set [0: none]")
+    p.add_argument("--data-bits", type=int, default=None,
+                   help="--data celeba: bits of the stored values [read from the file name, e.g. '3bit']")
+    p.add_argument("--cache-dir", default=None,
+                   help="--data imagenet64: where the memory-mapped .npy copy is written [--data-dir]")
+
+
+def _add_distributed(p):
+    # --- data parallel (issue 11): see flowpp_ref/runtime/distributed.py ---
+    g = p.add_argument_group("data parallel (run under mpiexec -n N or srun)")
+    g.add_argument("--distributed", default=None, choices=["auto", "single", "mpi", "nccl"],
+                   help="communicator: 'auto' uses MPI (NCCL with --backend cupy) when started by mpiexec/srun "
+                        "with several processes [default: $FLOWPP_DISTRIBUTED or auto]")
+    g.add_argument("--comm-timeout", type=float, default=None,
+                   help="seconds a process waits for the others in one collective before it stops them all "
+                        "[default: $FLOWPP_COMM_TIMEOUT or 1800]")
+
+
+def _comm(args):
+    from flowpp_ref.runtime import distributed
+    t = getattr(args, "comm_timeout", None)
+    if t is not None and not t > 0:
+        raise UsageError(f"--comm-timeout must be > 0 seconds, got {t:g}")
+    return distributed.get_comm(getattr(args, "distributed", None), backend=args.backend, timeout=t)
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(prog="flowpp", description="Flow++ with hand-written derivatives: "
+                                 "train, evaluate (bits/dim) and sample.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train a model, writing checkpoints, a JSONL log, a curve and samples")
+    t.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model/training preset [small]")
+    _add_data(t)
+    t.add_argument("--out", default="runs/flowpp", help="output folder (checkpoint.npz, log.jsonl, curve.png, "
+                   "samples.png, summary.json) [runs/flowpp]")
+    t.add_argument("--steps", type=int, default=None, help="total optimiser steps (resumed ones included)")
+    t.add_argument("--minutes", type=float, default=None, help="wall-clock budget in minutes")
+    t.add_argument("--batch-size", type=int, default=None, help="training batch size [preset]")
+    t.add_argument("--init-batch-size", type=int, default=None,
+                   help="images in the data-dependent init batch [preset: 128 for the paper presets]")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate after warm-up [preset: 1e-3]")
+    t.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps [preset]")
+    t.add_argument("--ema-decay", type=float, default=None, help="EMA decay of the evaluation parameters [preset]")
+    t.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints [preset]")
+    t.add_argument("--eval-batches", type=int, default=None, help="test batches evaluated at the end [preset]")
+    t.add_argument("--n-bits", type=int, default=None, choices=[3, 5, 8], help="bits per pixel [8]")
+    t.add_argument("--filters", type=int, default=None, help="coupling network width [preset]")
+    t.add_argument("--blocks", type=int, default=None, help="blocks per coupling network [preset]")
+    t.add_argument("--components", type=int, default=None, help="logistic mixture components [preset]")
+    t.add_argument("--dropout-p", type=float, default=None, help="dropout probability [preset]")
+    t.add_argument("--dequantization", choices=["variational", "uniform"], default=None,
+                   help="ablation: 'uniform' replaces the variational dequantizer")
+    t.add_argument("--coupling", choices=["mixlogistic", "affine"], default=None,
+                   help="ablation: 'affine' replaces the logistic-mixture CDF coupling")
+    t.add_argument("--no-attention", action="store_true", help="ablation: convolutions only in the couplings")
+    t.add_argument("--mixer", choices=["attention", "gated-nin"], default=None,
+                   help="what fills the attention slot: 'gated-nin' is the release's no-attention ablation "
+                        "(abl_noattn.py, same parameter count; --no-attention instead drops the slot) [preset]")
+    t.add_argument("--mixture-dtype", choices=["float32", "float64"], default=None,
+                   help="dtype of the mixture CDF/PDF, its inverse and backward inside the float32 model "
+                        "[float32]")
+    t.add_argument("--samples", type=int, default=64, help="images in the sample grid written at the end [64]")
+    t.add_argument("--no-resume", action="store_true", help="start afresh even if OUT/checkpoint.npz exists "
+                   "(its checkpoints and log are then replaced)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common(t)
+    _add_distributed(t)
+
+    e = sub.add_parser("eval", help="bits/dim of a checkpoint on a test set (EMA parameters)")
+    e.add_argument("checkpoint", help="path to checkpoint.npz")
+    _add_data(e)
+    e.add_argument("--k", type=int, default=1, help="importance samples of the dequantizer (1: the ELBO; "
+                   "the release's evaluation: 4096, each image's copies batched, float64 log-sum-exp)")
+    e.add_argument("--batch-size", type=int, default=32, help="images per pass; with --k > 1: (image, sample) "
+                   "pairs per pass [32]")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar (--k > 1)")
+    e.add_argument("--max-batches", type=int, default=None, help="evaluate only this many batches [all]")
+    e.add_argument("--out", default=None, help="write the result JSON here")
+    _add_common(e)
+    _add_distributed(e)
+
+    s = sub.add_parser("sample", help="draw samples from a checkpoint into a PNG grid")
+    s.add_argument("checkpoint", help="path to checkpoint.npz")
+    s.add_argument("--n", type=int, default=64, help="number of samples [64]")
+    s.add_argument("--temperature", type=float, default=1.0, help="prior temperature T: z ~ N(0, T^2 I) [1.0]")
+    s.add_argument("--out", default="samples.png", help="PNG file [samples.png]")
+    _add_common(s)
+
+    d = sub.add_parser("demo", help="train the 'small' preset on the embedded images for a few minutes on the CPU")
+    d.add_argument("--minutes", type=float, default=4.0, help="training budget [4]")
+    d.add_argument("--out", default="runs/demo", help="output folder [runs/demo]")
+    _add_common(d)
+    return cli_args.apply_ranges(ap)
+
+
+def _fit_default(args, x, shape, say=False):
+    """``--data default`` for a preset of smaller images (``tiny``: 4x4x3): the embedded 32x32
+    images block-averaged to the preset's size (:func:`flowpp_ref.datasets.block_average`), said
+    once. Any other data set, or a size that is no whole divisor of 32, is left as it is
+    (and refused by the shape check that follows)."""
+    from flowpp_ref.datasets import block_average
+    h, w, c = shape
+    if (args.data != "default" or x is None or tuple(x.shape[1:]) == tuple(shape) or c != x.shape[3]
+            or h >= x.shape[1] or x.shape[1] % h or x.shape[2] % w):
+        return x
+    if say:
+        print(f"--data default at {h}x{w}: the embedded {x.shape[1]}x{x.shape[2]} images averaged over "
+              f"{x.shape[1] // h}x{x.shape[2] // w} blocks (the preset's image size)")
+    return block_average(x, (h, w))
+
+
+def cmd_train(args, preset=None, data_kind=None):
+    from flowpp_ref.cli.plotting import plot_training_curve, save_sample_grid
+    from flowpp_ref.training.loop import train, use_ema
+    from flowpp_ref.core.backend import make_rng
+    from flowpp_ref.model.presets import get_preset
+    preset = preset or args.preset
+    ov = _overrides(args)
+    comm = _comm(args)                                     # first: NCCL picks this process's GPU
+    cli_args.check_train_args(args, preset, ov, comm=comm)            # before any work
+    shape = get_preset(preset, **ov).model.image_shape
+    train_x = _fit_default(args, _load_data(args, "train"), shape, say=comm.rank == 0)
+    cli_args.check_images_fit(train_x.shape, shape, f"--preset {preset}", args.data)
+    test_x = _fit_default(args, _load_data(args, "test"), shape)
+    s = train(preset, train_x, test_x, out_dir=args.out, steps=args.steps, minutes=args.minutes,
+              backend=args.backend, resume=not getattr(args, "no_resume", False),
+              progress=not getattr(args, "no_progress", False), overrides=ov, comm=comm)
+    if s.get("already_done") or not s.get("steps_run") or comm.rank != 0:
+        return s                                            # train() said why; nothing written (or not rank 0)
+    model, ema = s["model"], s["ema"]
+    plot_training_curve(os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "curve.png"))
+    n = getattr(args, "samples", 64)
+    dt, wrote = None, ["checkpoint.npz", "log.jsonl", "curve.png", "summary.json"]
+    if n:
+        with use_ema(model, ema):
+            imgs, dt = model.sample(n, rng=make_rng(0, model.xp), return_time=True)
+        save_sample_grid(imgs, os.path.join(args.out, "samples.png"), nrow=int(np.ceil(np.sqrt(n))))
+        wrote.insert(3, "samples.png")
+    bpd = s["final_train_bpd"]
+    print(f"steps {s['steps']}  final train bits/dim " + (f"{bpd:.4f}" if bpd is not None else "- (no step logged)")
+          + (f"  test bits/dim (EMA) {s['test_bpd']:.4f}" if "test_bpd" in s else "")
+          + (f"  sampling {n} images: {dt:.2f} s" if dt is not None else ""))
+    print(f"wrote {args.out}/" + ", ".join(wrote))
+    return s
+
+
+def cmd_eval(args):
+    from flowpp_ref.training.loop import evaluate, load_model
+    comm = _comm(args)
+    model, p, _ = load_model(args.checkpoint, backend=args.backend)
+    x = _load_data(args, "test")
+    x = _fit_default(args, x, p.model.image_shape)
+    cli_args.check_images_fit(x.shape, p.model.image_shape, f"checkpoint {args.checkpoint}", args.data)
+    if p.model.n_bits < 8:
+        from flowpp_ref.datasets import reduce_bits
+        x = reduce_bits(x, p.model.n_bits)
+    r = evaluate(model, x, batch_size=args.batch_size, max_batches=args.max_batches, k=args.k,
+                 seed=args.seed or 0, progress=args.k > 1 and not args.no_progress,
+                 label=f"checkpoint {args.checkpoint} (EMA parameters) on --data {args.data}", comm=comm)
+    r["checkpoint"] = args.checkpoint
+    if comm.rank != 0:
+        return r
+    text = json.dumps(r, indent=2, allow_nan=False)       # strict JSON: evaluate() refuses non-finite results
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return r
+
+
+def cmd_sample(args):
+    from flowpp_ref.runtime.distributed import launched_rank
+    if launched_rank() != 0:                                # under mpiexec: rank 0 samples
+        return None
+    from flowpp_ref.core.backend import make_rng
+    from flowpp_ref.cli.plotting import save_sample_grid
+    from flowpp_ref.training.loop import load_model
+    model, _, _ = load_model(args.checkpoint, backend=args.backend)
+    imgs, dt = model.sample(args.n, rng=make_rng(args.seed or 0, model.xp), temperature=args.temperature,
+                            return_time=True)
+    save_sample_grid(imgs, args.out, nrow=int(np.ceil(np.sqrt(args.n))))
+    print(f"sampled {args.n} images in {dt:.3f} s -> {args.out}")
+    return imgs
+
+
+def cmd_demo(args):
+    args.data, args.data_dir, args.steps, args.no_resume, args.no_progress = "default", None, None, True, False
+    print(f"flowpp demo: training the 'small' preset on the embedded CIFAR-10 subset for {args.minutes:g} min "
+          f"({args.backend})")
+    return cmd_train(args, preset="small")
+
+
+def main(argv=None):
+    """Entry point of the ``flowpp`` script; returns the exit status (0 ok, 1 diverged, 2 error,
+    130/143 stopped by SIGINT/SIGTERM after a checkpoint; see :func:`flowpp_ref.cli.args.run`)."""
+    args = build_parser().parse_args(argv)
+    return cli_args.run({"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "demo": cmd_demo}[args.cmd],
+                        args)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

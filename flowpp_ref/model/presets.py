@@ -1,0 +1,270 @@
+"""Model and training presets.
+
+The ``*-paper`` presets and the three CIFAR-10 ablations are the launchers of the
+authors' release, each citing its file (see the block "The release's launchers" below,
+:mod:`flowpp_ref.model.release` and :mod:`flowpp_ref.model.paramcount`). The small presets keep the
+architecture (every bijection and layer type) but shrink widths, depths and the mixture
+so that they train on a CPU.
+
+Ablations (paper, Table 2) are switches on any preset:
+``dequantization="uniform"``, ``coupling="affine"``, ``use_attention=False``;
+``n_bits`` (8, 5, 3) reduces the pixel depth.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    image_shape: tuple = (32, 32, 3)
+    n_bits: int = 8
+    # main flow: couplings per stage (checkerboard, channel after squeeze, checkerboard)
+    stages: tuple = (4, 2, 3)
+    filters: int = 96
+    blocks: int = 10
+    components: int = 32
+    dropout_p: float = 0.2
+    coupling: str = "mixlogistic"          # "mixlogistic" (Flow++) or "affine" (ablation)
+    with_affine: bool = True               # exp(a) * logit(F(e)) + b; False drops exp(a), b
+    use_attention: bool = True             # False: convolutions only (ablation)
+    use_nin: bool = True
+    pointwise_init: float | None = 0.001   # identity + 0.001 N(0,1); None: random orthogonal
+    inverse_method: str = "hybrid"         # "bisection" (the release) or "hybrid"
+    # variational dequantization (appendix 8.4.1)
+    dequantization: str = "variational"    # "variational" or "uniform" (ablation)
+    dequant_couplings: int = 4
+    dequant_blocks: int = 2
+    dequant_filters: int = 96
+    dequant_components: int = 32
+    context_channels: int = 32
+    context_resnets: int = 3
+    # ---- the release's other launchers (flowpp_ref.model.release; issue 12) ----
+    # layout: None = the CIFAR-10 layout from ``stages``; else a tuple of steps
+    # ("s2d",), ("checker", n) or ("channel", n), applied in order after ImgProc.
+    layout: tuple | None = None
+    use_pointwise: bool = True             # False: no Pointwise step (the ImageNet/CelebA launchers)
+    mixer: str = "attention"               # "gated-nin": abl_noattn.py's block in attention's slot
+    dequant_attention: bool | None = None  # None: as use_attention (False in the ImageNet-64 launchers)
+    final_concat_elu: bool = False         # the coupling's output conv reads concat_elu(h) (2F inputs)
+    context_layernorm: bool = False        # a layer norm after each context resnet (dqln{i})
+    mixture_dtype: str | None = None       # "float64": mixture CDF/PDF, inverse, backward in float64
+
+    def main_layout(self) -> tuple:
+        if self.layout is None:
+            s = self.stages
+            return (("checker", s[0]), ("s2d",), ("channel", s[1]), ("checker", s[2]))
+        return tuple(tuple(step) for step in self.layout)
+
+    def _check_layout(self):
+        h, w, c = self.image_shape
+        for step in self.main_layout():
+            if step[0] == "s2d" and len(step) == 1:
+                if h % 2 or w % 2:
+                    raise ValueError(f"layout {self.main_layout()}: squeeze of a {h}x{w} image (need even H, W)")
+                h, w, c = h // 2, w // 2, 4 * c
+            elif step[0] in ("checker", "channel") and len(step) == 2 and int(step[1]) >= 0:
+                if (step[0] == "checker" and w % 2) or (step[0] == "channel" and c % 2):
+                    raise ValueError(f"layout {self.main_layout()}: {step[0]} split of shape {(h, w, c)}")
+            else:
+                raise ValueError(f"layout step {step!r}: expected ('s2d',), ('checker', n) or ('channel', n)")
+        return (h, w, c)
+
+    def validate(self):
+        h, w, c = self.image_shape
+        if self.mixture_dtype not in (None, "float32", "float64"):
+            raise ValueError(f"mixture_dtype must be None, 'float32' or 'float64', got {self.mixture_dtype!r}")
+        if self.mixer not in ("attention", "gated-nin"):
+            raise ValueError(f"mixer must be 'attention' or 'gated-nin', got {self.mixer!r}")
+        if self.layout is not None:
+            self._check_layout()
+            if w % 2:
+                raise ValueError(f"image_shape {self.image_shape}: the dequantizer needs W even")
+        elif h % 2 or w % 4:
+            raise ValueError(f"image_shape {self.image_shape}: need H even and W divisible by 4 "
+                             "(checkerboard split, squeeze, then checkerboard split again)")
+        if self.n_bits not in (1, 2, 3, 4, 5, 6, 7, 8):
+            raise ValueError(f"n_bits must be in 1..8, got {self.n_bits}")
+        if self.coupling not in ("mixlogistic", "affine"):
+            raise ValueError(f"coupling must be 'mixlogistic' or 'affine', got {self.coupling!r}")
+        if self.dequantization not in ("variational", "uniform"):
+            raise ValueError(f"dequantization must be 'variational' or 'uniform', got {self.dequantization!r}")
+        if self.inverse_method not in ("bisection", "hybrid"):
+            raise ValueError(f"inverse_method must be 'bisection' or 'hybrid', got {self.inverse_method!r}")
+        if self.filters % 4 or self.dequant_filters % 4:
+            raise ValueError("filters must be divisible by the 4 attention heads")
+        return self
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64
+    init_batch_size: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    max_bad_steps: int = 10       # consecutive non-finite steps before the run stops
+    log_every: int = 10           # steps between host syncs of the loss
+    checkpoint_every: int = 500
+    eval_every: int = 0           # 0: only at the end
+    eval_batches: int = 8
+    # ---- the release's launchers (issue 12) ----
+    lr_schedule: str | None = None  # None: linear warm-up to lr; else a key of flowpp_ref.model.release.SCHEDULES
+    processes: int | None = None  # MPI processes of the release's run (information only; batch is the total)
+
+
+@dataclass
+class Preset:
+    name: str
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    note: str = ""
+
+
+def _p(name, note="", train=None, **model):
+    return Preset(name, ModelConfig(**model), train or TrainConfig(), note)
+
+
+PRESETS = {
+    "small": _p(
+        "small", "CPU-friendly: every part of Flow++, narrow and shallow", filters=32, blocks=1,
+        components=4, dropout_p=0.0, stages=(2, 2, 2), dequant_couplings=2, dequant_blocks=1,
+        dequant_filters=16, dequant_components=4, context_channels=8, context_resnets=1,
+        train=TrainConfig(batch_size=16, init_batch_size=32, warmup_steps=50, lr=1e-3, ema_decay=0.99,
+                          checkpoint_every=100, log_every=5)),
+    "tiny": _p(
+        "tiny", "for tests and derivative checks: 4x4 images, one block", image_shape=(4, 4, 3), filters=8,
+        blocks=1, components=3, dropout_p=0.0, stages=(1, 1, 1), dequant_couplings=2, dequant_blocks=1,
+        dequant_filters=8, dequant_components=3, context_channels=4, context_resnets=1,
+        train=TrainConfig(batch_size=4, init_batch_size=8, warmup_steps=5, ema_decay=0.9,
+                          checkpoint_every=5, log_every=1)),
+}
+
+# ---- issue 10: cpu-bench (a contained block) ---------------------------------------------
+# The peer-sized CIFAR-10 configuration of the training-speed benchmark
+# (benchmarks/bench_step.py): the cifar10-paper architecture, narrowed (about 1.85M parameters).
+PRESETS["cpu-bench"] = _p(
+    "cpu-bench", "benchmark: cifar10-paper architecture, 32 filters, 2 blocks, K=8 (~1.85M parameters)",
+    image_shape=(32, 32, 3), stages=(4, 2, 3), filters=32, blocks=2, components=8, dropout_p=0.0,
+    dequant_couplings=4, dequant_blocks=1, dequant_filters=32, dequant_components=32,
+    context_channels=32, context_resnets=3,
+    train=TrainConfig(batch_size=16, init_batch_size=32))
+# ---- end issue 10 block -------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------------
+# The release's launchers (repository aravindsrinivas/flowpp; issue 12). Every preset
+# below names the file it comes from; flowpp_ref.model.release holds each launcher's
+# settings as read from that file, and flowpp_ref.model.paramcount.explain_difference lists
+# every parameter-count difference between the preset and the launcher. The
+# differences common to all of them (our implementation, not a setting):
+#   * weight norm: our conv/dense layers always carry a gain g per output unit (the
+#     appendix's weight norm); the release's flows/ and 64x64 launchers use plain W, b
+#     (imagenet32_official.py uses weight norm, as we do);
+#   * flows_imagenet/, flows_celeba/: every coupling creates a pos_emb even where
+#     nothing reads it (the 64x64 dequantizers' couplings have no attention; we
+#     create none), and imagenet32's context network has attention after each
+#     resnet (ours does not). Their output conv on concat_elu(h) and the context
+#     layer norms are matched (final_concat_elu, context_layernorm);
+#   * the context network's input: the release feeds x / 2^bits - 0.5, we feed
+#     x / 2^bits (a constant shift, absorbed by the first conv's bias except at the
+#     zero-padded border);
+#   * the inverse: the release's bisection (1e-12 / 200 iterations in flows/,
+#     1e-10 / 500 in flows_imagenet/); ours: ModelConfig.inverse_method.
+# ``processes`` records the release's MPI processes (the batch is the total over them).
+
+_LAYOUT_CIFAR = (("checker", 4), ("s2d",), ("channel", 2), ("checker", 3))
+_LAYOUT_64 = (("s2d",), ("checker", 4), ("s2d",), ("channel", 2), ("checker", 2), ("s2d",), ("channel", 2),
+              ("checker", 2))
+_LAYOUT_128 = (("s2d",),) + _LAYOUT_64
+
+
+def _release_train(key, **extra):
+    from flowpp_ref.model.release import RELEASE
+    r = RELEASE[key]
+    return TrainConfig(batch_size=r.batch, init_batch_size=r.init_batch, lr=r.max_lr, warmup_steps=r.warmup,
+                       grad_clip=r.grad_clip, ema_decay=r.ema_decay, lr_schedule=r.schedule,
+                       processes=r.processes, **extra)
+
+
+_IN64 = dict(layout=_LAYOUT_64, use_pointwise=False, filters=96, blocks=16, components=4, dropout_p=0.0,
+             dequant_couplings=4, dequant_blocks=5, dequant_filters=96, dequant_components=4,
+             dequant_attention=False, context_resnets=5, final_concat_elu=True, context_layernorm=True)
+
+PRESETS.update({
+    "cifar10-paper": _p(
+        "cifar10-paper", "flows/run_cifar.py as released: Adam, lr 3e-4 after a 2,000-step linear warm-up "
+        "(the appendix's listing: 1e-3, 200), dropout 0.2, batch 64, init batch 128, EMA 0.999, clip 1. "
+        "31,528,096 parameters = the release's 31,443,440 + 84,656 weight-norm gains (one per output unit "
+        "of every conv/dense layer; the release's flows/ layers have no g)",
+        train=_release_train("cifar10")),
+    "cifar10-uniform-dequant": _p(
+        "cifar10-uniform-dequant", "flows/ablations/abl_nodequant.py: uniform dequantization, 104 filters "
+        "(release: 32,324,408 parameters; ours adds the weight-norm gains)", filters=104,
+        dequantization="uniform", train=_release_train("cifar10-uniform-dequant")),
+    "cifar10-affine": _p(
+        "cifar10-affine", "flows/ablations/abl_nomixlog.py: affine couplings (main flow and dequantizer), "
+        "108 filters in both (release: 32,045,708 parameters; ours adds the weight-norm gains)",
+        filters=108, dequant_filters=108, coupling="affine", train=_release_train("cifar10-affine")),
+    "cifar10-no-attention": _p(
+        "cifar10-no-attention", "flows/ablations/abl_noattn.py: attention replaced (main flow and "
+        "dequantizer) by the gated pointwise maxout block of the same parameter count (release: "
+        "31,443,440; ours adds the weight-norm gains)", mixer="gated-nin",
+        train=_release_train("cifar10-no-attention")),
+    "imagenet32-paper": _p(
+        "imagenet32-paper", "flows_imagenet/launchers/imagenet32_official.py: no Pointwise, 128 filters, "
+        "20 blocks, 32 components, 8 dequantizer couplings of 8 blocks, 8 context resnets; piecewise lr "
+        "(1e-3 after 5K warm-up, decay to 3e-4 from 50K), batch 32 over 8 processes, EMA 0.999222",
+        image_shape=(32, 32, 3), layout=(("checker", 4), ("checker", 3), ("s2d",), ("channel", 3),
+                                         ("checker", 3)),
+        use_pointwise=False, filters=128, blocks=20, components=32, dropout_p=0.0, dequant_couplings=8,
+        dequant_blocks=8, dequant_filters=128, dequant_components=32, context_resnets=8,
+        final_concat_elu=True, context_layernorm=True, train=_release_train("imagenet32")),
+    "imagenet64-paper": _p(
+        "imagenet64-paper", "flows_imagenet/launchers/imagenet64_official.py: squeeze first, then "
+        "checker x4 / squeeze / channel x2 / checker x2 / squeeze / channel x2 / checker x2; no Pointwise; "
+        "96 filters, 16 blocks, 4 components; dequantizer without attention (4 couplings of 5 blocks), "
+        "5 context resnets; the piecewise lr 'to prevent NaNs', batch 72 over 6 processes",
+        image_shape=(64, 64, 3), **_IN64, train=_release_train("imagenet64")),
+    "imagenet64-5bit-paper": _p(
+        "imagenet64-5bit-paper", "flows_imagenet/launchers/imagenet64_5bit_official.py: imagenet64-paper at "
+        "5 bits, its own piecewise lr, batch 60 over 5 processes", image_shape=(64, 64, 3), n_bits=5, **_IN64,
+        train=_release_train("imagenet64-5bit")),
+    "celeba64-3bit-paper": _p(
+        "celeba64-3bit-paper", "flows_celeba/launchers/celeba64_3bit_official.py: the 64x64 architecture at "
+        "3 bits; lr 4e-5 after 20K warm-up, decay to 1e-5 from 50K; batch 56 over 8 processes",
+        image_shape=(64, 64, 3), n_bits=3, **_IN64, train=_release_train("celeba64-3bit")),
+    "celeba64-5bit-paper": _p(
+        "celeba64-5bit-paper", "flows_celeba/launchers/celeba64_5bit_official.py: as celeba64-3bit-paper at "
+        "5 bits", image_shape=(64, 64, 3), n_bits=5, **_IN64, train=_release_train("celeba64-5bit")),
+    "celeba128-5bit-paper": _p(
+        "celeba128-5bit-paper", "flows_celeba/launchers/celeba128_5bit_official.py: two squeezes first, then "
+        "the 64x64 layout, 12 blocks; lr 1e-5 after a 50K warm-up, then constant; batch 48 (init 64) over "
+        "8 processes", image_shape=(128, 128, 3), n_bits=5, **{**_IN64, "layout": _LAYOUT_128, "blocks": 12},
+        train=_release_train("celeba128-5bit")),
+})
+
+# preset -> key of flowpp_ref.model.release.RELEASE
+RELEASE_OF = {"cifar10-paper": "cifar10", "cifar10-uniform-dequant": "cifar10-uniform-dequant",
+              "cifar10-affine": "cifar10-affine", "cifar10-no-attention": "cifar10-no-attention",
+              "imagenet32-paper": "imagenet32", "imagenet64-paper": "imagenet64",
+              "imagenet64-5bit-paper": "imagenet64-5bit", "celeba64-3bit-paper": "celeba64-3bit",
+              "celeba64-5bit-paper": "celeba64-5bit", "celeba128-5bit-paper": "celeba128-5bit"}
+
+
+def get_preset(name: str, **overrides) -> Preset:
+    """A copy of a preset with model/train fields overridden by keyword."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    p = PRESETS[name]
+    model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    bad = set(overrides) - model_keys - train_keys
+    if bad:
+        raise KeyError(f"unknown option(s) {sorted(bad)}")
+    m = dataclasses.replace(p.model, **{k: v for k, v in overrides.items() if k in model_keys})
+    t = dataclasses.replace(p.train, **{k: v for k, v in overrides.items() if k in train_keys})
+    return Preset(p.name, m.validate(), t, p.note)
