@@ -33,7 +33,7 @@ def test_the_cli_entry_point_tunes_before_numpy_loads():
     assert _env_after(code, {}) == "None"        # importing the CLI package alone changes nothing
     code = ("import contextlib, io, flowpp_ref.cli as c\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
-            "    try:\n        c.main(['train', '--help'])\n    except SystemExit:\n        pass")
+            "    try:\n        c.main(['train', '--help'])\n    except SystemExit:\n        pass\nx = 0")
     assert _env_after(code, {}) == "4"
 
 
