@@ -314,6 +314,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
 
 
 @needs_mpi
+@pytest.mark.slow
 def test_a_batch_that_does_not_divide_among_the_ranks_is_one_clear_error(tmp_path):
     r, _ = mpirun("cli", str(tmp_path), "none", "0", "train", "--preset", "tiny", "--steps", "2", "--batch-size",
                   "7", "--out", str(tmp_path), timeout=120)
@@ -334,6 +335,7 @@ def _gpus():
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 @pytest.mark.skipif(MPIEXEC is None, reason=f"needs MPI: {WHY}")
 @pytest.mark.skipif(_gpus() == 0, reason="needs CuPy with NCCL (cupy.cuda.nccl) and a CUDA device")
 def test_nccl_communicator_and_cupy_training_match_one_process(tmp_path):
