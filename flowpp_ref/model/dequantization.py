@@ -20,6 +20,8 @@ runs backward to its parameters (x itself needs no gradient).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from flowpp_ref.core.backend import array_module
@@ -27,6 +29,7 @@ from flowpp_ref.bijections import CheckerboardSplit, Compose, Inverse, Sigmoid
 from flowpp_ref.core.module import Module, prefixed
 from flowpp_ref.nn import Conv2d, GatedResNet
 from flowpp_ref.nn.layernorm import LayerNorm
+from flowpp_ref.model.architecture import coupling_stage   # the same block structure as the main flow
 from flowpp_ref.model.objective import standard_normal_logprob
 
 
@@ -110,10 +113,6 @@ class VariationalDequantizer(Module):
 
     def __init__(self, cfg, *, rng, xp=np, dtype=np.float32):
         super().__init__()
-        import dataclasses
-
-        from flowpp_ref.model import coupling_stage  # the same block structure as the main flow
-
         if cfg.dequant_attention is not None:   # the ImageNet-64 launchers: no attention in the dequantizer
             cfg = dataclasses.replace(cfg, use_attention=cfg.dequant_attention)
         h, w, c = cfg.image_shape
