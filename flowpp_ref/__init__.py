@@ -6,7 +6,7 @@ the paper:
 * :mod:`flowpp_ref.core` -- array backend, module protocol, validation, finite differences;
 * :mod:`flowpp_ref.bijections` -- the invertible layers (appendix 8.1-8.2), with the
   mixture-of-logistics CDF and its inverse beside the coupling transforms;
-* :mod:`flowpp_ref.nn` -- the coupling networks' layers (sec. 3.3, appendix 8.3);
+* :mod:`flowpp_ref.nn` -- the coupling networks' layers (sec. 3.2.2, appendix 8.3);
 * :mod:`flowpp_ref.model` -- architecture, dequantization, objective, :class:`FlowPP`, presets;
 * :mod:`flowpp_ref.training` -- optimiser, schedules, the loop, evaluation;
 * :mod:`flowpp_ref.runtime` -- checkpoints, run folders, options, distributed runs;
@@ -29,7 +29,7 @@ _EXPORTS = {
     "FlowPP": "flowpp_ref.model.flowpp",
     "get_preset": "flowpp_ref.model.presets",
     "train": "flowpp_ref.training.loop",
-    "evaluate": "flowpp_ref.training.loop",
+    "evaluate": "flowpp_ref.training.evaluation",
     "load_model": "flowpp_ref.training.loop",
     "load_default_dataset": "flowpp_ref.datasets.default",
     "tune_threads": "flowpp_ref.runtime.threads",

@@ -1,6 +1,6 @@
 """Shared test settings: tolerances per dtype, hypothesis profiles, backends.
 
-Tolerances (see STYLE.md's pitfalls):
+Tolerances:
 * float64: derivative checks (finite differences, rel. error) and round trips;
 * float32: round trips only, looser.
 """

@@ -119,9 +119,10 @@ class MixLogisticAttnCoupling(_AttnCoupling):
     def __init__(self, shape, filters, blocks, components, with_affine=True, context_channels=None,
                  use_attention=True, use_nin=True, dropout_p=0.0, inverse_method="hybrid", init_scale_out=0.1,
                  *, rng, xp=np, dtype=np.float32, mixer="attention", final_concat_elu=False, mixture_dtype=None):
-        # mixture_dtype (issue 12, --mixture-dtype float64): the mixture CDF/PDF, its inverse and
+        # mixture_dtype (the CLI's --mixture-dtype float64): the mixture CDF/PDF, its inverse and
         # backward run in that dtype inside an otherwise float32 model: inputs are cast up, results
-        # cast back (the release's launchers run the mixture in float32; at_least_float32 only lifts float16). Array-generic (astype), so the CuPy path is the same code; it has not run on a GPU.
+        # cast back (the release's launchers run the mixture in float32; at_least_float32 only lifts
+        # float16). Array-generic (astype), so the CuPy path is the same code (not verified on a GPU).
         self.mixture_dtype = None if mixture_dtype is None else np.dtype(mixture_dtype)
         if inverse_method not in ("hybrid", "bisection"):
             raise ValueError(f"inverse_method must be 'hybrid' or 'bisection', got {inverse_method!r}")

@@ -7,7 +7,7 @@ already clamped below at -7, the paper's ``tf.maximum(ml_logscales, -7.)``). The
 functions here apply the elementwise map and differentiate it with respect to
 ``e`` and to every parameter array; the network's backward consumes those.
 
-Mixture-of-logistics coupling (paper section 3.1.2, appendix 8.4)::
+Mixture-of-logistics coupling (paper sec. 3.2.1, eq. 14; appendix 8.4)::
 
     y      = exp(a) * logit(F(e)) + b          (with_affine=False: y = logit(F(e)))
     logit F = log F - log(1-F)                 (both in log space, never log(1 - F))

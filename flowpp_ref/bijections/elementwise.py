@@ -9,7 +9,7 @@ Stable forms used throughout (no clamping):
 * ``sigmoid(x)`` from ``e^{-|x|}`` so that no exponential overflows;
 * ``log sigmoid'(x) = log s + log(1 - s) = -softplus(x) - softplus(-x)``.
 
-References: Flow++ appendix 8.2 (``ImgProc``, ``Sigmoid``), DESIGN.md.
+References: Flow++ appendix 8.1 (``ImgProc``, ``Sigmoid``).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Mixture of logistics: log-CDF, log(1 - CDF), log-pdf, their backward, inverse CDF.
 
-The elementwise transform of the Flow++ coupling layer (paper section 3.1.2,
-appendix 8.2 ``logistic.py``) is the CDF of a K-component logistic mixture.
+The elementwise transform of the Flow++ coupling layer (paper sec. 3.2.1, eq. 13;
+appendix 8.2, ``logistic.py``) is the CDF of a K-component logistic mixture.
 
 Math (per element; w = softmax(logits) over the K components, s = logscales)::
 
@@ -74,7 +74,7 @@ forward, its backward and the inverse CDF run as numba kernels
 space with a log-space fallback in the deep tails, component loops in the
 inputs' dtype); with CuPy arrays the fused forward, its backward and the hybrid
 inverse run as CUDA kernels (:mod:`flowpp_ref.kernels.cuda.mixlogistic`: log space,
-one thread per element; never run on a GPU, their source is checked on the CPU);
+one thread per element; not verified on a GPU, their source is checked on the CPU);
 otherwise the plain-``xp`` references ``_ref_*`` below run (the math to read). ``mixlogistic_logcdf``,
 ``mixlogistic_log1mcdf`` and ``mixlogistic_logpdf`` are reference code only.
 The kernels' results agree with the references to round-off, not bit for bit.

@@ -7,7 +7,7 @@ Math (per element of an input ``x`` of shape [B, H, W, C])::
     inverse: x = y / invstd + mu,  logdet_inv = -logdet
 
 Unlike Glow's actnorm (one scale per channel), every activation has its own
-``mu`` and ``invstd`` (Flow++ appendix 8.2, ``Normalize``). A tuple input
+``mu`` and ``invstd`` (Flow++ appendix 8.1, ``Normalize``). A tuple input
 ``(x0, x1)`` gets separate parameters per element, named ``mu0``/``invstd0``,
 ``mu1``/``invstd1``; a single array uses ``mu``/``invstd``.
 

@@ -8,11 +8,10 @@ Math (convention: pixels are row vectors, as in the released ``_nin``,
     inverse: x[b, h, w, :] = y[b, h, w, :] @ W^{-1},  logdet_inv = -logdet
 
 ``log|det W|`` (``slogdet``) and ``W^{-1}`` are computed in float64 and cast back
-to the parameter dtype (the paper's code also takes the determinant in double;
-STYLE.md pitfall 4). NumPy: on the host, with the checks below. CuPy: on the
+to the parameter dtype (the paper's code also takes the determinant in double). NumPy: on the host, with the checks below. CuPy: on the
 device (``cupy.linalg``), unchecked, so that a training step needs no host round
 trip; a singular or non-finite W then gives a non-finite log-det, which the
-training loop's non-finite check catches (never run on a GPU).
+training loop's non-finite check catches (not verified on a GPU).
 
 A tuple input ``(x0, x1)`` gets one matrix per element (``W0``, ``W1``, as in the
 paper's ``W{i}``); a single array uses ``W``.
@@ -27,7 +26,7 @@ Inits (a host ``np.random.Generator`` is passed to the constructor):
 * ``noisy_identity_init=None`` (or 0): a random orthogonal matrix, the Q factor
   of the QR decomposition of a standard normal matrix.
 
-References: Flow++ appendix 8.2 (``Pointwise``); Glow (Kingma & Dhariwal 2018).
+References: Flow++ appendix 8.1 (``Pointwise``); Glow (Kingma & Dhariwal 2018).
 """
 from __future__ import annotations
 

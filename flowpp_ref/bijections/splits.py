@@ -11,7 +11,7 @@ Bad input (wrong rank, odd sizes, a tuple where an array is expected or the
 reverse) raises :class:`FlowInputError` naming the shape; these checks read only
 shapes (no device sync).
 
-References: Flow++ appendix 8.2 (``CheckerboardSplit``, ``TupleFlip``,
+References: Flow++ appendix 8.1 (``CheckerboardSplit``, ``TupleFlip``,
 ``SpaceToDepth``); ``ChannelSplit`` from the released code (``tf.split`` on the
 channel axis).
 """

@@ -4,8 +4,8 @@ Each kernel sits behind a plain-array function elsewhere in the package (the
 *reference*, written in ``xp`` code, which is the math a reader should study).
 The public function dispatches:
 
-* NumPy arrays and kernels enabled -> the numba kernel in ``kernels/numba_*.py``;
-* CuPy arrays -> a CuPy kernel where one exists, else the reference;
+* NumPy arrays and kernels enabled -> the numba kernel in ``kernels/numba/``;
+* CuPy arrays -> a CuPy kernel (``kernels/cuda/``) where one exists, else the reference;
 * kernels disabled (``FLOWPP_KERNELS=off`` or :func:`kernels_enabled` as a context
   manager) -> always the reference.
 
@@ -45,13 +45,13 @@ def choose_threading_layer() -> None:
 
     Called by the kernel modules that have parallel kernels, before their first launch. Respects
     a layer chosen by the user (``NUMBA_THREADING_LAYER`` or ``numba.config.THREADING_LAYER``).
-    OpenMP (libgomp) starts a parallel loop in about 2 us; numba's workqueue layer took 70-140 us
-    per launch here (its workers sleep and are woken each time), and a cpu-bench step launches
-    about 300 parallel loops. With libgomp's default spin (300,000 iterations) its idle workers and
-    OpenBLAS's fought over the cores between every matmul and kernel (a coupling-layer step 2.5x
-    slower on 2 cores, the cpu-bench step 1.58 s against 1.41 s with workqueue): ``import
-    flowpp_ref`` sets ``GOMP_SPINCOUNT=3000`` unless the user chose a spin or wait policy (see
-    :mod:`flowpp_ref`), and the step then took 0.95 s against workqueue's 1.07 s.
+    A training step launches hundreds of parallel loops, so the cost of a launch matters:
+    OpenMP (libgomp) starts a parallel loop with its workers still spinning, while numba's
+    workqueue layer puts its workers to sleep and wakes them at every launch. libgomp's idle
+    workers spin for a long time by default, and on a few cores they and OpenBLAS's take the
+    cores from each other between every matrix product and kernel; the ``flowpp`` command
+    therefore calls :func:`flowpp_ref.runtime.threads.tune_threads`, which shortens the spin
+    (``GOMP_SPINCOUNT``) unless the user chose a spin or wait policy.
     GNU OpenMP is not fork-safe: a process forked after the first parallel kernel (not exec'd)
     must not run parallel kernels; flowpp_ref forks nowhere.
     """

@@ -1,4 +1,4 @@
-"""Dequantization: uniform (the ablation) and variational (Flow++, appendix 8.4.1).
+"""Dequantization: uniform (sec. 3.1.1, the ablation) and variational (Flow++: sec. 3.1.2, appendix 8.4.1).
 
 Both produce noise u in [0, 1)^D for integer data x and the log-density
 log q(u|x) per sample; the model then scores y = x + u.

@@ -166,7 +166,7 @@ class ReleaseConfig:
     grad_clip: float = 1.0
     processes: int | None = None     # MPI processes the launcher's docstring reports
     stated_params: int | None = None  # the launcher's docstring
-    paper_bpd: float | None = None   # ICLR 2019 version, Table 1 / Table 2
+    paper_bpd: float | None = None   # the paper's bits/dim: Table 1 (density) or Table 2 (ablations)
     notes: tuple = field(default_factory=tuple)
 
 
@@ -368,7 +368,8 @@ def forward_flops(rc: ReleaseConfig) -> int:
 
 # the training length of each launcher's run, as its training loop counts it (estimates):
 # flows_imagenet/, flows_celeba/: every process walks the whole training set with its local
-# batch (batch / processes) for n_epochs; flows/ (CIFAR-10): 400 epochs of 64 (Table 2's horizon).
+# batch (batch / processes) for n_epochs; flows/ (CIFAR-10): 400 epochs of 64 (the horizon of the
+# paper's ablations, Table 2).
 TRAIN_IMAGES = {"cifar10": 50_000, "imagenet32": 1_281_167, "imagenet64": 1_281_167, "celeba": 30_000}
 RUN_EPOCHS = {"cifar10": 400, "cifar10-uniform-dequant": 400, "cifar10-affine": 400, "cifar10-no-attention": 400,
               "imagenet32": 2, "imagenet64": 2, "imagenet64-5bit": 2, "celeba64-3bit": 20, "celeba64-5bit": 20,

@@ -1,4 +1,4 @@
-"""Multi-head self-attention over all H*W positions, with a gated residual (paper: ``attn``).
+"""Multi-head self-attention over all H*W positions, with a gated residual (paper sec. 3.2.2: ``attn``).
 
 Math (appendix 8.3, ``attn``; F filters, h heads, d = F / h, T = H * W)::
 

@@ -1,4 +1,4 @@
-"""The conditioning network of the Flow++ coupling layer (paper appendix 8.4, the template ``f``).
+"""The conditioning network of the Flow++ coupling layer (paper sec. 3.2.2; appendix 8.4, the template ``f``).
 
 Math (F = filters, pos_emb [H, W, F] shared by every block)::
 

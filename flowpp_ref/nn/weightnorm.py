@@ -170,8 +170,8 @@ _WORKSPACE = threading.local()
 def _workspace(shape, dtype):
     """A scratch array of ``shape`` reused across calls of this thread (the convolution's wide
     temporary: Y, D, cols or Z below, each consumed before the call returns). Reusing it saves
-    the kernel's zeroing of fresh pages (about 1 ms per 10 MB buffer here, on every call); the
-    buffer (the largest seen, about 20 MB at cpu-bench) stays allocated while the thread lives."""
+    the operating system's zeroing of fresh pages on every call; the buffer (the largest seen)
+    stays allocated while the thread lives."""
     n = int(np.prod(shape))
     dtype = np.dtype(dtype)
     buf = getattr(_WORKSPACE, "buf", None)
@@ -227,8 +227,8 @@ def _conv_backward_thin(dout, x, W):
 
 def _column_sums(d2):
     """sum_n d2[n, :] of a [N, C] array (the bias gradient) as the product ones^T d2: one BLAS gemv,
-    3-8x faster than NumPy's ``d2.sum(axis=0)`` at [8192, 32..288] float32 here (the same float
-    sums in another order)."""
+    which runs faster than NumPy's strided ``d2.sum(axis=0)`` reduction over the rows (the same
+    float sums in another order)."""
     xp = array_module(d2)
     if d2.ndim != 2 or d2.dtype.kind != "f":
         return d2.sum(axis=0)

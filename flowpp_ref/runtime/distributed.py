@@ -14,8 +14,8 @@ Communicators (all with ``rank``, ``size``, ``local_rank``, ``allreduce(buf)``,
 * :class:`NCCLComm`: CuPy buffers summed by NCCL (``cupy.cuda.nccl``) on the current
   stream; the NCCL unique id is broadcast over MPI; each process uses the GPU of its
   local rank (``local_rank % device_count``), selected before any CuPy allocation.
-  Host (NumPy) buffers still go over MPI. **This class has never run**: the machine it
-  was written on has no GPU. Its check is ``tests/test_distributed.py::
+  Host (NumPy) buffers still go over MPI. **Not verified on a GPU.** Its check is
+  ``tests/test_distributed.py::
   test_nccl_communicator_and_cupy_training_match_one_process`` (marked ``gpu``, so a GPU
   check running ``pytest -m gpu`` includes it).
 
@@ -203,7 +203,7 @@ class MPIComm:
 class NCCLComm(MPIComm):
     """NCCL for CuPy buffers, MPI for host buffers; one GPU per process (its local rank).
 
-    Never run (written without a GPU): the order of calls follows ChainerMN's
+    Not verified on a GPU. The order of calls follows ChainerMN's
     ``PureNcclCommunicator``: pick the device, rank 0 makes ``nccl.get_unique_id()``,
     MPI broadcasts it, every rank builds ``nccl.NcclCommunicator(size, uid, rank)``.
     """
@@ -399,8 +399,8 @@ def _report(msg: str, *, before_abort: bool = False) -> None:
     print(msg, file=sys.stderr, flush=True)
     if before_abort:
         # MPI_Abort makes the launcher kill every rank; MPICH's Hydra can do so before it has
-        # forwarded what this rank just wrote to its stderr pipe (seen once in a test run: the
-        # job ended with an empty stderr). Give the forwarding a moment first.
+        # forwarded what this rank just wrote to its stderr pipe (the job then ends with an empty
+        # stderr). Give the forwarding a moment first.
         time.sleep(0.5)
 
 

@@ -13,8 +13,7 @@ loads, make the idle threads sleep at once:
 :func:`tune_threads` sets them unless the user did (an explicit value, or ``OMP_WAIT_POLICY``
 for the second). ``import flowpp_ref`` changes no environment variable: the ``flowpp`` command
 calls :func:`tune_threads` before it imports NumPy, and a script may do the same as its first
-lines (``import flowpp_ref; flowpp_ref.tune_threads()``). What the settings are worth on this
-machine is measured in ``benchmarks/`` (see ``benchmarks/RESULTS.md``).
+lines (``import flowpp_ref; flowpp_ref.tune_threads()``).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Optimisation: Adam, linear learning-rate warm-up, global gradient-norm clipping, EMA.
 
-The recipe of the paper (appendix 8.5, DESIGN.md "Training"): Adam, learning rate
+The recipe of the paper (appendix 8.5): Adam, learning rate
 warmed up linearly to 1e-3 over 200 steps, gradients clipped to a global norm of 1,
 evaluation with an exponential moving average of the parameters (decay 0.999).
 

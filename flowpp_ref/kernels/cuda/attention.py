@@ -1,7 +1,7 @@
 """Fused self-attention for CuPy: online-softmax forward and recomputing backward (RawKernels).
 
-**Never run on a GPU.** No GPU machine was lent to this work: NVRTC, the launches, the speed
-and device rounding are unverified. The per-row math below is one C++ text built twice by
+**Not verified on a GPU**: NVRTC, the launches, the speed and device rounding are
+unchecked. The per-row math below is one C++ text built twice by
 :mod:`flowpp_ref.kernels.cuda.build`: by NVRTC for CuPy (one thread per row), and by the
 machine's C++ compiler in ``tests/test_fused_attention.py``, which compares the *same source*
 with the plain-array reference (:func:`flowpp_ref.nn.attention.attention_ref` and

@@ -14,8 +14,7 @@ Entry-point tables map a name to ``(arguments, body)``; the arguments follow
 ``long long n`` and may use ``{T}`` (instantiated for float as ``_f32`` and double as
 ``_f64``); the body is the work of item ``i``.
 
-**Never run on a GPU** (no GPU machine has been lent to this project yet): NVRTC,
-the launches and device rounding are unverified; ``nvcc`` compiles the GPU build in the
+**Not verified on a GPU**: NVRTC, the launches and device rounding are unchecked; ``nvcc`` compiles the GPU build in the
 tests where it is installed.
 """
 from __future__ import annotations

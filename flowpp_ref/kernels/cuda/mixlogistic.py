@@ -1,8 +1,8 @@
 """Mixture-of-logistics kernels for CuPy: fused log F / log(1-F) / log p, its backward,
 and the hybrid (safeguarded Newton) inverse CDF, one GPU thread per element.
 
-**Never run on a GPU.** No GPU machine has been lent to this project yet. The per-element
-math below is plain C++ (templates over float / double), built twice by
+**Not verified on a GPU.** The per-element math below is plain C++ (templates over
+float / double), built twice by
 :mod:`flowpp_ref.kernels.cuda.build`: by NVRTC for CuPy (one thread per element), and
 by the machine's C++ compiler for the tests, which compare the *same source text* with
 the plain-array references of :mod:`flowpp_ref.bijections.mixlogistic` on machines without a GPU

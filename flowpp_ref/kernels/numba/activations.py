@@ -8,9 +8,7 @@ instead of the references' several temporaries: loops over the rows of a ``[N, C
 :mod:`flowpp_ref.kernels.numba.fastexp`.
 
 Each loop stores to one contiguous run of a row, and the gate's divisions are compiled with
-``error_model="numpy"``, so that every loop vectorises (issue 10; 1 thread, [8192, 32] inputs,
-float32: concat_elu forward 1.78 -> 0.40 ms, gate forward 1.40 -> 0.12 ms, gate backward
-1.74 -> 0.25 ms; same results bit for bit in float64).
+``error_model="numpy"``, so that every loop vectorises.
 """
 from __future__ import annotations
 
@@ -28,7 +26,7 @@ def _concat_elu_fwd(x, out, r0, r1):
     # One expm1 per element serves both halves: e = expm1(-|v|), and
     # elu(v) = max(v, e), elu(-v) = max(-v, e)   (since expm1(z) >= z, and e < 0 <= |v|)
     # Two passes over a row (e first parked in the second half): each loop then stores to one
-    # contiguous run and vectorises (one loop storing to both halves did not: 4.4x slower).
+    # contiguous run and vectorises (one loop storing to both halves does not vectorise).
     C = x.shape[1]
     for r in range(r0, r1):
         xr = x[r]
@@ -57,8 +55,8 @@ def _concat_elu_bwd(dout, x, dx, r0, r1):
                 dx[r, c] = d1 * fast_exp(v) - d2
 
 
-# error_model="numpy": a float division without numba's ZeroDivisionError branch (which kept
-# these loops from vectorising: 7x slower); 1 + e >= 1 here, so it never divides by zero.
+# error_model="numpy": a float division without numba's ZeroDivisionError branch (which keeps
+# these loops from vectorising); 1 + e >= 1 here, so it never divides by zero.
 # ONE is a float32 1: float32 data stays float32 (the int 1 promoted it to float64), float64 stays exact.
 GATE_OPTS = dict(NUMBA_OPTS, error_model="numpy")
 ONE = np.float32(1.0)
@@ -101,8 +99,7 @@ def _gate_bwd(dout, x, dx, r0, r1):
 
 # Parallel drivers: rows split into one contiguous range per thread (the same serial loops run on
 # each range, so the results do not depend on the thread count); arrays below PARALLEL_MIN_SIZE
-# elements run serially (waking the pool costs more). Measured at cpu-bench ([8192, 32] rows,
-# float32, 2 threads): see benchmarks/RESULTS.md (issue 10, third pass).
+# elements run serially (waking the pool costs more).
 PARALLEL_MIN_SIZE = 1 << 15
 
 

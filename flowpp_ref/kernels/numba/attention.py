@@ -31,106 +31,96 @@ Backward (upstream dA [T, d]); with P = W recomputed block by block as P_ij = ex
 D = rowsum(dA * A) is the softmax backward's row sum, computed from the saved output without
 the weights. Each (query block, key block) tile of S is recomputed once in the backward.
 
-Parallelism and layout. The forward runs one task per (batch, head, query block of
-``QUERY_BLOCK`` rows) with ``prange``; the backward one task per (batch, head), because dk and
-dv sum over all query blocks (one writer per (batch, head): no race). The kernels read q, k, v
-from the layer's packed ``qkv [B, T, 3, h, d]`` and A, dA from ``[B, T, h, d]`` and write A and
-dq, dk, dv there (no copies around the kernels); each first transposes its (batch, head)'s k and v
-to keys-major rows ``[dp, T]`` (the forward in a parallel loop of its own, the backward per task),
-so that every inner loop runs over consecutive keys (SIMD lanes over keys). These transposes and
-the copies they replaced (NumPy's strided copies in the wrappers, on one thread) were about 20%
-of a T = 512 layer's fused forward + backward. The channels are handled 8 at a time (4 when
-d <= 4): k and v get zero channels up to dp (d = 12 -> 16); a zero channel adds 0 to every score
-and product.
+Two families of kernels compute these formulas: the *key-block* kernels (:func:`_forward`,
+:func:`_backward`: any d, float32 and float64; SIMD lanes over keys) and, for float32 with
+d = 8 (the presets' 4 heads of 8 channels), the *query-lanes* kernels (:func:`_forward_lanes`,
+:func:`_backward_tiles`: SIMD lanes over queries, explicit 16-lane vectors).
+
+Key-block kernels: parallelism and layout
+------------------------------------------
+The forward runs one task per (batch, head, query block of ``QUERY_BLOCK`` rows) with
+``prange``; the backward one task per (batch, head), because dk and dv sum over all query
+blocks (one writer per (batch, head): no race). The kernels read q, k, v from the layer's
+packed ``qkv [B, T, 3, h, d]`` and A, dA from ``[B, T, h, d]`` and write A and dq, dk, dv there
+(no copies around the kernels); each first transposes its (batch, head)'s k and v to
+keys-major rows ``[dp, T]`` (the forward in a parallel loop of its own, the backward per
+task), so that every inner loop runs over consecutive keys (SIMD lanes over keys). The
+channels are handled 8 at a time (4 when d <= 4): k and v get zero channels up to dp
+(d = 12 -> 16); a zero channel adds 0 to every score and product.
 
 Each inner loop (one small function per pass over a tile's keys: see "inner loops" below)
-takes *two* query rows, so that each load of a key row serves both: with one row the passes were
-bound by loads (8 rows of k and 8 of v for 512 keys are 32 KB, the L1 cache's size); with two they
-run at about one 512-bit instruction per cycle (the fused backward pass: ~110 instructions per 32
-scores), so further speed needs fewer instructions per score, not fewer loads.
-The backward builds the tiles P and dS [8, KB] (S and dP fused with the exp for d = 8 and 4),
-then dq += dS k two rows at a time and dk^T += (c q)^T dS, dv^T += dA^T P four channels at a
-time over the 8 rows. Other choices, measured (one thread, T = 512, d = 8): key tiles of 128 or
-256 instead of 512 were 1.3-2x slower (each pass has a fixed cost of about 80 ns: the loop set-up
-and the 8-16 horizontal sums); one row per pass, 1.3x slower in the backward; dk/dv one channel
-per pass, 1.25x slower; views counted by numba's reference count (an atomic increment and
-decrement per row view, 8-16 per pass), about 40 ns per pass more: the kernels take uncounted
-views of their arguments (:func:`flowpp_ref.kernels.numba.views.borrow`) and their scratch
-buffers come from the caller.
+takes *two* query rows, so that each load of a key row serves both: with one row a pass is
+bound by its loads (8 rows of k and 8 of v for 512 keys are 32 KB, the size of a typical L1
+data cache). The backward builds the tiles P and dS [8, KB] (S and dP fused with the exp for
+d = 8 and 4), then dq += dS k two rows at a time and dk^T += (c q)^T dS, dv^T += dA^T P four
+channels at a time over the 8 rows. The key tiles are long (``KEY_BLOCK`` = 512) because each
+pass has a fixed cost (the loop set-up and the 8-16 horizontal sums at its end) that short
+tiles pay more often. The row views handed to each pass are not reference-counted (numba
+counts every view with an atomic increment and decrement): the kernels take uncounted views
+of their arguments (:func:`flowpp_ref.kernels.numba.views.borrow`), and their scratch buffers
+come from the caller.
 
 The exp is :func:`softmax_exp`: fastexp's float32 polynomial with one power of two instead of two
 (its arguments are <= 0; results below 2.7e-38 are returned as 0). float64 uses
-:func:`flowpp_ref.kernels.numba.fastexp.fast_exp` (numba's on-disk cache keys a kernel on its own file
-only: a change to fastexp.py must also touch this file). The row maximum is an integer maximum
+:func:`flowpp_ref.kernels.numba.fastexp.fast_exp` (the on-disk cache of every kernel here is keyed on
+all the sources of this folder, :mod:`flowpp_ref.kernels.numba`). The row maximum is an integer maximum
 over the floats' bit patterns (:func:`_key`): a float max reduction does not vectorise without
 fastmath's ``nnan``, which the project does not use.
 
-The wrappers take any strides (other layouts than the layer's are copied once). float32 and float64; sums accumulate in the input dtype (tests: float32
-within 1e-5 of the float64 reference for T up to 517).
+The wrappers take any strides (other layouts than the layer's are copied once). float32 and
+float64; sums accumulate in the input dtype (tests: float32 within 1e-5 of the float64
+reference for T up to 517).
 
-Measured (benchmarks/attention_kernels.py, B = 16, 4 heads, T = 512, float32, min over
-interleaved repeats; the 2-core machine of benchmarks/RESULTS.md), explicit path -> fused:
-see benchmarks/RESULTS.md ("Fused attention kernels"). Roofline: per score, the forward does
-2 d multiply-adds and one exp (about 14 vector instructions), the backward 5 d multiply-adds, one
-exp and 3 more; at d = 8 that is about 90 vector instructions per 16 scores, so fused forward +
-backward of one T = 512 layer (16.7 M scores, 94 M instructions) cannot take less than 13-18 ms
-on one core of this machine (2 vector instructions per cycle at 3.7-2.6 GHz); the explicit path's BLAS products do
-the same multiply-adds (and no second exp) but write and read the [B, h, T, T] weights.
+Work per score: the forward does 2 d multiply-adds and one exp (about 14 vector instructions),
+the backward 5 d multiply-adds, one exp and 3 more; at d = 8 that is about 90 vector
+instructions per 16 scores of forward + backward. The explicit path's BLAS products do the
+same multiply-adds (and no second exp) but write and read the [B, h, T, T] weights.
 
-What bounds the passes (measured on that machine, an AMD Zen 4 at about 3.6 GHz, one thread,
-cycles per 16 keys x 2 query rows): ``_set8_2_max`` 33-48, ``_exp_dot8_2`` 71-88, ``_p_ds8_2``
-89-113, ``_dot8_2`` 25-34 (``_axpy8x4``: 47-68 per 16 keys x 8 rows x 4 channels), against 16,
-36, 56, 16 (32) cycles of 512-bit multiply-adds. A loop that only sums 8 rows of 512 floats ran
-at one 64-byte load per 1.8-2.4 cycles (27-35 bytes a cycle), so every pass is bound by its loads
-of key / value rows and of the registers LLVM spills (a pass holds 16-32 broadcast scalars), not
-by its arithmetic. numba vectorises innermost loops only, so with SIMD lanes over keys the
-per-query sums are horizontal sums at the end of each pass and nothing stays in registers
-across passes. Tried and not kept: a one-pass forward of this kind with the Cauchy-Schwarz bound
-c |q_i| max_j |k_j| in place of the running maximum (no max pass; one row per pass as fast as the
-two passes, two rows slower: spills); ``_p_ds8_2`` split into a P pass and a dS pass (6% faster
-alone: not worth a third code path).
+What bounds the key-block passes is not their arithmetic but their loads: of the key / value
+rows and of the registers LLVM spills (a pass holds 16-32 broadcast scalars). numba
+vectorises innermost loops only, so with SIMD lanes over keys the per-query sums are
+horizontal sums at the end of each pass and nothing stays in registers across passes. The
+query-lanes kernels below keep the per-query sums in registers across all keys instead.
 
-Query-lanes forward (float32, d = 8: the presets' 4 heads of 8 channels; :func:`_forward_lanes`).
+Query-lanes forward (float32, d = 8; :func:`_forward_lanes`)
+------------------------------------------------------------
 With explicit vectors (:mod:`flowpp_ref.kernels.numba.simd`: an LLVM ``<16 x float>`` held in a
 register across loops) 16 queries run side by side, one lane each, and the keys one at a time:
 c q^T (8 vectors), the sums l and o (9 vectors) stay in registers, each key's 16 numbers are
 broadcast from memory into the multiply-adds (no transposes, no stored scores, no horizontal
-sums). It has no running maximum: M_i = |c q_i| max_j |k_j| >= S_ij bounds every score of row i,
-so l_i = sum_j exp(S_ij - M_i) and o_i = sum_j exp(S_ij - M_i) v_j give A_i = o_i / l_i and
-L_i = M_i + log l_i exactly as the maximum would, as long as no term that matters underflows.
-Since l_i <= T exp(max_j S_ij - M_i), l_i > T e^-60 proves max_j S_ij - M_i > -60, and the terms
-lost (below exp(-86.5)) are then below e^-26 of the largest; the extra rounding of S_ij - M_i
-is of the order of S_ij's own (ulp(M_i)). A block of 16 where some l_i fails the test (a loose
-bound: queries anti-aligned with every key; or non-finite input) is redone with the online
-softmax proper, one key per step (m' = max(m, S_ij); l and o rescaled by e^(m - m')). Sums run
-over 64 keys in registers and are then added to the block's totals. Measured (T = 512, B = 16,
-4 heads): forward 22.56 -> 13.39 ms on one thread, 9.25 -> 5.92 ms on two (min of 15, interleaved
-with the key-block kernel).
+sums). It has no running maximum: M_i = |c q_i| max_j |k_j| >= S_ij bounds every score of row i
+(Cauchy-Schwarz), so l_i = sum_j exp(S_ij - M_i) and o_i = sum_j exp(S_ij - M_i) v_j give
+A_i = o_i / l_i and L_i = M_i + log l_i exactly as the maximum would, as long as no term that
+matters underflows. Since l_i <= T exp(max_j S_ij - M_i), l_i > T e^-60 proves
+max_j S_ij - M_i > -60, and the terms lost (below exp(-86.5)) are then below e^-26 of the
+largest; the extra rounding of S_ij - M_i is of the order of S_ij's own (ulp(M_i)). A block of
+16 where some l_i fails the test (a loose bound: queries anti-aligned with every key; or
+non-finite input) is redone with the online softmax proper, one key per step
+(m' = max(m, S_ij); l and o rescaled by e^(m - m')). Sums run over 64 keys in registers and are
+then added to the block's totals.
 
-Tiled backward (float32, d = 8; :func:`_backward_tiles`). One task per (batch, head); tiles of 16
-queries x 16 keys. For each key of the tile, in query lanes: S, P = exp(S - L), dP = dA v^T and
-dS = P (dP - D), written as rows of two 16 x 16 tiles (key by query); then dq += dS k over the
-tile's keys (accumulated across tiles in a [8, 16] scratch row set); then both tiles are transposed
-in registers (``simd.transpose16x16``: 4 stages of two-input shuffles) and dv += P^T dA,
-dk += dS^T (c q) run in key lanes, 16 queries a step, into dk^T, dv^T rows of the task (row stride
-from :func:`_row_width`: 2 KB rows evicted each other here too). Query lanes alone would need a
-horizontal sum per key and channel for dk and dv; key lanes alone, one for dq: the transposes (64
-shuffles per tile and matrix) replace both. Keeping dq out of the key loop's registers (16 more
-multiply-adds with reloaded dS, per tile) made it 1.2x faster (LLVM spilled 10 vectors per key
-otherwise). Measured (T = 512, B = 16, 4 heads, interleaved with the key-block backward, min of
-15): one thread 25.05-29.65 -> 20.82-21.46 ms, two threads 14.73-15.42 -> 11.15-11.22 ms.
+Tiled backward (float32, d = 8; :func:`_backward_tiles`)
+--------------------------------------------------------
+One task per (batch, head); tiles of 16 queries x 16 keys. For each key of the tile, in query
+lanes: S, P = exp(S - L), dP = dA v^T and dS = P (dP - D), written as rows of two 16 x 16 tiles
+(key by query); then dq += dS k over the tile's keys (accumulated across tiles in a [8, 16]
+scratch row set); then both tiles are transposed in registers (``simd.transpose16x16``: 4 stages
+of two-input shuffles) and dv += P^T dA, dk += dS^T (c q) run in key lanes, 16 queries a step,
+into dk^T, dv^T rows of the task (row stride from :func:`_row_width`, which keeps the rows off
+the cache-set period). Query lanes alone would need a horizontal sum per key and channel for
+dk and dv; key lanes alone, one for dq: the transposes (64 shuffles per tile and matrix)
+replace both. dq is accumulated from the stored dS tile (16 more multiply-adds per tile)
+rather than kept in the key loop's registers, where it would make LLVM spill other vectors
+in every key step.
 
-Both query-lanes kernels work in log2 units (issue 10, fifth pass): the queries are scaled by
-c log2 e, so the scores are S' = S log2 e and exp(S - M) = 2^(S' - M') is ``simd.exp2_16``: n = round(y),
-r = y - n exactly, a degree-6 polynomial for 2^r (< 1 ulp), the power of two from n's bits: 7
-multiply-class operations where the fourth pass's 16-lane copy of :func:`softmax_exp` (natural
-units: y log2 e, a two-part ln 2 reduction, degree 7; removed) had 11, out of about 27 per key in the forward and 60 in the backward. The forward stores
-L = M' ln 2 + log l (natural units, as the other kernels); the backward multiplies it by log2 e (one
-more float32 rounding of L: float32 errors at T = 517 with scores of standard deviation 9 went from
-9.3e-6 to 1.3e-5 in L, 1.9e-5 to 2.7e-5 in A, 4.7e-6 to 6.6e-6 in dq, relative to max |dq|). Both are
-compiled without reassoc (see LANE_OPTS). Measured against the fourth pass's kernels (1 thread,
-T = 512, B = 16, 4 heads, 40 alternating runs): forward min 11.23 -> 9.25 ms, backward 20.27 ->
-18.44 ms.
+Log2 units. Both query-lanes kernels scale the queries by c log2 e, so the scores are
+S' = S log2 e and exp(S - M) = 2^(S' - M') is ``simd.exp2_16``: n = round(y), r = y - n
+exactly, a degree-6 polynomial for 2^r (< 1 ulp), the power of two from n's bits: 7
+multiply-class operations, where the natural-unit :func:`softmax_exp` (y log2 e, a two-part
+ln 2 reduction, degree 7) takes 11, out of about 27 per key in the forward and 60 in the
+backward. The forward stores L = M' ln 2 + log l (natural units, as the other kernels); the
+backward multiplies it by log2 e (one more float32 rounding of L). Both are compiled without
+reassoc (see ``LANE_OPTS``).
 """
 from __future__ import annotations
 
@@ -151,8 +141,8 @@ from flowpp_ref.kernels.numba.simd import add16, exp2_16, fma16, load16, max16, 
 choose_threading_layer()
 
 QUERY_BLOCK = 8      # queries per forward task / backward tile (two per pass; dk, dv take all 8 per pass)
-KEY_BLOCK = 512      # default keys per tile: 512 was 1.3-2x faster than 128 or 256 at T = 512, d = 8
-                     # (each pass has a fixed cost; see the module docstring)
+KEY_BLOCK = 512      # default keys per tile: long tiles pay each pass's fixed cost less often
+                     # (see the module docstring)
 
 
 # ---------------------------------------------------------------- exp of the softmax
@@ -197,10 +187,10 @@ def _softmax_exp_overload(x):
 # ---------------------------------------------------------------- inner loops (SIMD over keys)
 # Each loop over the keys jj is its own small function taking 1-d views (rows of a [dp, T] array,
 # passed one by one): LLVM then vectorises it. Two query rows share each pass, so that every load
-# of a key row serves both (with one row the passes were bound by loads: 16 rows of 512 keys are 32 KB).
-# The channels run 8 at a time (4 when d <= 4; the wrappers pad d with zero channels). One index
-# expression over a flattened [dp * T] row did not vectorise (18x slower); an offset added to the
-# loop index did not either. Hand-unrolled over the channels: numba does not unroll loops.
+# of a key row serves both (with one row a pass is bound by its loads: 16 rows of 512 keys are 32 KB).
+# The channels run 8 at a time (4 when d <= 4; the wrappers pad d with zero channels). The rows are
+# separate arguments because LLVM vectorises neither one index expression over a flattened [dp * T]
+# row nor an offset added to the loop index. Hand-unrolled over the channels: numba does not unroll loops.
 @numba.njit(**NUMBA_OPTS)
 def _set8_2(y, r, kn, X, i, c, m0, m1, m2, m3, m4, m5, m6, m7):
     """y[jj] = X[i, c:c+8] . m[jj],  r[jj] = X[i+1, c:c+8] . m[jj]  (m_t: rows of k or v)."""
@@ -787,11 +777,10 @@ def _backward(qkv_, a_, lse_, da_, dqkv_, scale, KB, dp, tiles_, work_):
 
 
 # ---------------------------------------------------------------- forward, query lanes (float32, d = 8)
-# The query-lanes kernels are compiled without fastmath's reassoc: with it, LLVM turned each score's
+# The query-lanes kernels are compiled without fastmath's reassoc: with it, LLVM turns each score's
 # two independent 4-deep multiply-add chains (and the subtraction of M or L) into one 9-deep chain,
-# and the loops were bound by that latency (1 thread, T = 512, 64 heads, 60 alternating runs: forward
-# min 11.16 -> 10.54 ms, medians 5% lower; backward within the noise). The offsets -M, -L, -D
-# are the first multiply-add's addends (one dependent step fewer).
+# and the loops become bound by that latency. The offsets -M, -L, -D are the first multiply-add's
+# addends (one dependent step fewer).
 LANE_OPTS = dict(NUMBA_OPTS, fastmath=set(NUMBA_OPTS["fastmath"]) - {"reassoc"})
 LANES = 16                 # queries per task of the query-lanes forward: one f32x16 value per channel
 LANE_KEYS = 64             # keys summed in registers before they are added to the task's totals
@@ -1136,8 +1125,7 @@ def _row_width(n, itemsize):
     """A row width (elements) >= n for the backward's tiles and scratch rows: n rounded up to 16, plus 16
     when the row would be a multiple of 2 KB long. Rows 2 KB apart (T = 512 in float32) put the 20
     rows a backward pass reads and writes at one offset into two of the L1 cache's sets (8 ways
-    each), where they evict each other; 64 bytes more per row spreads them over distinct sets
-    (T = 512, d = 8, one thread, four interleaved runs: the backward's min 0-5.5%, median 3-8% lower)."""
+    each), where they evict each other; 64 bytes more per row spreads them over distinct sets."""
     w = -(-n // 16) * 16
     return w + 16 if (w * itemsize) % 2048 == 0 else w
 

@@ -4,8 +4,10 @@
 (numba's SVML path needs an SVML-patched llvmlite, which PyPI's is not). :func:`fast_exp`
 is exp written in plain arithmetic, float32 or float64 by the argument's type; the loops
 that call it become SIMD loops (8 float32 or 4 float64 lanes with AVX2). Used by the
-mixture-of-logistics kernels (``numba_mixlogistic.py``), the softmax
-(``numba_softmax.py``) and concat_elu / gate (``numba_activations.py``).
+mixture-of-logistics kernels (:mod:`flowpp_ref.kernels.numba.mixlogistic`), the softmax
+(:mod:`~flowpp_ref.kernels.numba.softmax`), concat_elu / gate
+(:mod:`~flowpp_ref.kernels.numba.activations`) and the float64 attention kernels
+(:mod:`~flowpp_ref.kernels.numba.attention`).
 
 Math::
 
@@ -25,16 +27,13 @@ Accuracy (tests: ``test_mixlogistic.py``, ``test_nn_attention_norm.py``): relati
 exp <= 4.5e-16 (float64) / 1.5 float32 eps over the normal range, subnormal results rounded
 once; float32 expm1 within 3e-7 relative.
 
-Measured (2 cores, float32, against ``np.exp``/``np.expm1`` in the same kernels): softmax of
-[65536, 512] scores 51 -> 28 ms; concat_elu forward on [32, 32, 16, 96] 18.0 -> 10.8 ms, its
-backward 12.9 -> 1.7 ms.
-
 Compiled without ``reassoc`` (``EXACT_OPTS``): reassociation would fold the rounding trick
 ``(v + c) - c`` into ``v`` and the two-constant reduction into one product (7 digits lost at
 |x| ~ 700).
 
-numba's on-disk cache keys a kernel on its own source file only: a change here must also
-touch the kernel modules that use it, or their cached machine code keeps the old code.
+The kernels that inline these functions live in other modules of this folder; their on-disk
+cache is keyed on every source file of the folder (:mod:`flowpp_ref.kernels.numba`), so a change
+here recompiles them.
 """
 from __future__ import annotations
 

@@ -20,8 +20,8 @@ chunks ``c0 .. c1-1`` with its own scratch rows and releases the GIL
 ``PARALLEL_MIN_WORK`` (element, component) pairs on; smaller work runs in the
 calling thread). Threads rather than ``parallel=True``/``prange``: the same
 compiled code serves both cases (results do not depend on the thread count) and
-nothing extra is compiled (a ``prange`` version of these kernels added about a
-minute of compilation on the 2-core development machine).
+nothing extra is compiled (a ``prange`` version of these kernels is one more,
+slow-to-compile variant of each).
 
 Where the speed comes from (same math as the reference):
 
@@ -38,15 +38,15 @@ Where the speed comes from (same math as the reference):
    ``exp``/``log1p``). Above ``_tiny`` the terms dropped by underflow are
    negligible to round-off (each is below the smallest normal number).
 2. *A vectorisable exp.* ``math.exp`` is a libm call that LLVM cannot vectorise
-   (numba has no SVML here); ``_exp`` (:func:`flowpp_ref.kernels.numba.fastexp.fast_exp`)
+   (numba's SVML path needs an SVML-patched llvmlite); ``_exp`` (:func:`flowpp_ref.kernels.numba.fastexp.fast_exp`)
    is exp written in plain arithmetic, so the component loops become SIMD loops
-   (8 float32 or 4 float64 lanes with AVX2). Relative error <= 2.3e-16 (float64) /
-   7.2e-8 (float32) over the normal range; subnormal results are rounded once.
+   (8 float32 or 4 float64 lanes with AVX2). Relative error within 4.5e-16 (float64) /
+   1.5 float32 eps over the normal range (the bounds the tests check); subnormal results
+   are rounded once.
 3. *NumPy's error model* (``_OPTS = NUMBA_OPTS + error_model="numpy"``): with
    Python's model every division carries a zero-divisor check (to raise
-   ZeroDivisionError) that keeps LLVM from vectorising (measured on a loop with two
-   exps and a division: 29 -> 8 ns per component). Every divisor here is >= 1 or guarded (``1 + e``, the sums
-   ``>= _tiny``, ``d > 0``), so no check is lost.
+   ZeroDivisionError) that keeps LLVM from vectorising. Every divisor here is >= 1 or
+   guarded (``1 + e``, the sums ``>= _tiny``, ``d > 0``), so no check is lost.
 
 Bisection reproduces the release's *global* stopping rule (stop when
 ``max_i |x_new_i - x_i| <= tol``) without a barrier per step: the elements of a
@@ -108,8 +108,8 @@ def _run_chunks(range_fn, logits, *args):
     if pool is None:
         pool = _POOL[nthr] = concurrent.futures.ThreadPoolExecutor(nthr - 1, thread_name_prefix="flowpp-mixlog")
     cuts = [nch * t // nthr for t in range(nthr + 1)]
-    # ranges 1.. on the pool, range 0 in this thread (one thread fewer to wake: a wake-up took
-    # about 70 us here, the order of a whole call at cpu-bench's sizes)
+    # ranges 1.. on the pool, range 0 in this thread (one thread fewer to wake: a wake-up costs
+    # about as much as a whole call at the sizes of a small model)
     futures = [pool.submit(range_fn, cuts[t], cuts[t + 1], *args) for t in range(1, nthr)]
     try:
         range_fn(cuts[0], cuts[1], *args)

@@ -15,15 +15,14 @@ vector instructions run. Used by the query-lanes forward and the tiled backward 
   ``a > b`` else ``b``: a nan in ``b`` is kept);
 * ``exp2_16(y)``: 2^y lane by lane for the query-lanes kernels, whose scores are in log2 units (the
   queries scaled by log2 e): 7 multiply-class operations where the natural-unit exp of
-  :func:`flowpp_ref.kernels.numba.attention.softmax_exp` takes 11 (it replaced a 16-lane copy of
-  that exp, issue 10's fifth pass); within 1 ulp of 2^y (0 below -124.8, the softmax exp's -86.5;
-  inf from 128; nan stays nan);
+  :func:`flowpp_ref.kernels.numba.attention.softmax_exp` takes 11; within 1 ulp of 2^y (0 below
+  -124.8, the softmax exp's -86.5; inf from 128; nan stays nan);
 * ``lane(v, t)``: lane ``t`` as a float32;
 * ``transpose16x16(src, s0, dst, d0)``: ``dst[d0 + 16 c + r] = src[s0 + 16 r + c]`` (r, c < 16), by
   4 stages of 16 two-input shuffles (stage t swaps bit t of the row and of the column index).
 
-These kernels have run on one CPU (AMD Zen 4, AVX-512); on AVX2, LLVM splits each 16-lane value
-into two 8-lane halves (correct, not measured).
+A 16-lane float32 value fills one AVX-512 register; on AVX2, LLVM splits each 16-lane value into
+two 8-lane halves (the same operations, lane by lane).
 """
 from __future__ import annotations
 
@@ -145,7 +144,7 @@ def lane(typingctx, v, t):
     return types.float32(v, t), codegen
 
 
-_SM_LO, _SM_HI = -86.5, 89.0              # as numba_attention's float32 softmax_exp
+_SM_LO, _SM_HI = -86.5, 89.0              # as the float32 softmax_exp of kernels/numba/attention.py
 
 
 # 2^y on the softmax's range, for the query-lanes kernels (scores in log2 units): 2 2^r ~ sum_k C2_k r^k
