@@ -1,9 +1,14 @@
-"""Command-line checks: option ranges at parse time, checks before any work, one-line errors.
+"""Command-line checks: options built from their one definition, checks before any work, one-line errors.
 
-* :func:`apply_ranges` gives every numeric option of the parser the range of
-  :data:`flowpp_ref.runtime.options.RANGES` (keyed by the option's ``dest``): argparse refuses a
-  value outside it while parsing, naming the option and the value, and ``--help``
-  states each range.
+* :func:`add_config_options` adds an argparse option for every config field declared with
+  :func:`flowpp_ref.runtime.options.option` (spelling, help, choices and range from the field's
+  metadata); :func:`overrides_from_args` collects the ones given, for
+  :func:`flowpp_ref.model.presets.get_preset`.
+* :func:`apply_ranges` gives every other numeric option of the parser the range of
+  :data:`flowpp_ref.runtime.options.OPTION_RANGES` (keyed by the option's ``dest``; a ``dest``
+  that is a config field, e.g. eval's ``--batch-size``, takes that field's range).
+  In both cases argparse refuses a value outside the range while parsing, naming the option
+  and the value, and ``--help`` states each range.
 * :func:`check_train_args` runs before data is loaded: --steps/--minutes given, the
   preset and its overrides consistent, the output folder creatable and writable, and a
   run already at its target step reported (exit 0, nothing touched).
@@ -15,10 +20,21 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import signal
 import sys
 
-from flowpp_ref.runtime.options import RANGES, ConfigError
+from flowpp_ref.core.validation import FlowInputError
+from flowpp_ref.datasets import DataError
+from flowpp_ref.model.presets import get_preset
+from flowpp_ref.runtime import distributed, options
+from flowpp_ref.runtime.checkpoint import CheckpointError
+from flowpp_ref.runtime.distributed import DistributedError, abort_on_error
+from flowpp_ref.runtime.options import ConfigError
+from flowpp_ref.runtime.runfolder import CKPT_NAME, TrainingInterrupted, read_checkpoint_step
+from flowpp_ref.training.evaluation import NonFiniteResult
+from flowpp_ref.training.loop import TrainingDiverged
 
 
 class UsageError(Exception):
@@ -42,14 +58,65 @@ def _parse_type(name, r):
     return parse
 
 
+def _show_default(o, default) -> str:
+    if default is None:
+        return o.none_means
+    return f"{default:g}" if isinstance(default, float) else str(default)
+
+
+def add_config_options(parser, config_cls, *, names=None):
+    """Add an option for every field of ``config_cls`` declared with ``option(...)`` and ``cli=True``
+    (only those in ``names`` if given) to ``parser`` (a parser or an argument group).
+
+    The option's ``dest`` is the field name and its default None, so that an option not given
+    leaves the preset's value; a boolean with a ``flag`` stores the opposite of the field's
+    default. The help ends in ``[preset, else D]`` (D: the field's default, the value of a
+    preset that does not set it) and states the range. Returns ``parser``.
+    """
+    for f in dataclasses.fields(config_cls):
+        o = f.metadata.get(options.META_KEY)
+        if o is None or not o.cli or (names is not None and f.name not in names):
+            continue
+        if o.flag is not None:
+            act = parser.add_argument(o.flag, dest=f.name, action="store_const", const=not f.default,
+                                      default=None, help=f"{o.help} [preset, else {f.name}={f.default}]")
+            act.flowpp_option = True
+            continue
+        kw = {"dest": f.name, "default": None}
+        text = f"{o.help} [preset, else {_show_default(o, f.default)}]"
+        if o.choices is not None:
+            kw.update(choices=list(o.choices), type=type(o.choices[0]))
+        elif o.range is not None:
+            kw["type"] = _parse_type(f.name, o.range)
+            text += f"; range: {o.range.describe()}"
+        elif f.default is not None:
+            kw["type"] = type(f.default)
+        parser.add_argument(o.spelling(f.name), help=text, **kw).flowpp_option = True
+    return parser
+
+
+def overrides_from_args(args, config_classes) -> dict:
+    """``{field: value}`` of the config options given on the command line (see :func:`add_config_options`)."""
+    out = {}
+    for cls in config_classes:
+        for name, o in options.config_options(cls).items():
+            v = getattr(args, name, None) if o.cli else None
+            if v is not None:
+                out[name] = v
+    return out
+
+
 def apply_ranges(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Attach the range of every known numeric option, in every subcommand, to its type and help."""
+    """Attach the range of every known numeric option, in every subcommand, to its type and help
+    (options built by :func:`add_config_options` already carry theirs)."""
+    ranges = options.RANGES
     for act in parser._actions:
         if isinstance(act, argparse._SubParsersAction):
             for sub in act.choices.values():
                 apply_ranges(sub)
-        elif act.dest in RANGES and act.option_strings and act.type in (int, float):
-            r = RANGES[act.dest]
+        elif (act.dest in ranges and act.option_strings and act.type in (int, float)
+              and not getattr(act, "flowpp_option", False)):
+            r = ranges[act.dest]
             act.type = _parse_type(act.dest, r)
             act.help = f"{act.help or ''}; range: {r.describe()}".lstrip("; ")
     return parser
@@ -74,8 +141,6 @@ def check_out_dir(out: str) -> None:
 
 def check_train_args(args, preset_name: str, overrides: dict, comm=None) -> None:
     """Everything about a train command that can be checked before loading data."""
-    from flowpp_ref.model.presets import get_preset
-    from flowpp_ref.runtime.runfolder import CKPT_NAME, read_checkpoint_step
     if args.steps is None and args.minutes is None:
         raise UsageError("give --steps or --minutes (or both)")
     try:
@@ -107,17 +172,11 @@ def check_images_fit(shape, image_shape, what: str, data: str) -> None:
 
 # ------------------------------------------------------------------ errors
 def _library_errors():
-    from flowpp_ref.runtime.checkpoint import CheckpointError
-    from flowpp_ref.datasets import DataError
-    from flowpp_ref.runtime.runfolder import TrainingInterrupted
-    from flowpp_ref.training.loop import NonFiniteResult, TrainingDiverged
-    from flowpp_ref.core.validation import FlowInputError
     return CheckpointError, DataError, TrainingInterrupted, NonFiniteResult, TrainingDiverged, FlowInputError
 
 
 def _world():
-    """(rank, communicator or None) of a data-parallel run (issue 11); (0, None) for one process."""
-    from flowpp_ref.runtime import distributed
+    """(rank, communicator or None) of a data-parallel run; (0, None) for one process."""
     comm = next((c for c in distributed._WORLD.values() if c.size > 1), None)
     return (comm.rank if comm is not None else distributed.launched_rank()), comm
 
@@ -134,7 +193,6 @@ def run(fn, args) -> int:
     except BaseException as e:
         rank, comm = _world()
         if comm is not None:
-            from flowpp_ref.runtime.distributed import abort_on_error
             abort_on_error(comm, e)
         raise
 
@@ -151,7 +209,6 @@ def _run(fn, args) -> int:
     debug = getattr(args, "debug", False) or os.environ.get("FLOWPP_DEBUG", "") not in ("", "0")
     CheckpointError, DataError, TrainingInterrupted, NonFiniteResult, TrainingDiverged, FlowInputError = \
         _library_errors()
-    from flowpp_ref.runtime.distributed import DistributedError
     try:
         fn(args)
         return 0
@@ -160,7 +217,6 @@ def _run(fn, args) -> int:
         _say(_world()[0], e, f"flowpp: {e}", file=sys.stdout)
         return 0
     except TrainingInterrupted as e:
-        import signal
         e.coordinated = True
         _say(_world()[0], e, f"flowpp: stopped: {e}")
         return 130 if e.signum == signal.SIGINT else 143
@@ -179,7 +235,6 @@ def _run(fn, args) -> int:
         if isinstance(e, (UsageError, ConfigError, FlowInputError)):
             e.coordinated = True                # functions of the options and data: every rank has it
         if comm is not None and not getattr(e, "coordinated", False):
-            from flowpp_ref.runtime.distributed import abort_on_error
             abort_on_error(comm, e, with_traceback=False)   # only this rank saw it: stop them all
         _say(rank, e, f"flowpp: error: {' '.join(msg.split())}")
         return 1 if isinstance(e, TrainingDiverged) else 2

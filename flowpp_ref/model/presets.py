@@ -15,41 +15,55 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from flowpp_ref.model.release import RELEASE
+from flowpp_ref.runtime.options import Range, check_model_config, config_class, option
 
+
+@config_class("model")
 @dataclass
 class ModelConfig:
+    """The architecture (appendix 8.5). A field declared with :func:`option` carries its help text,
+    range or choices and command-line spelling (:mod:`flowpp_ref.runtime.options`)."""
     image_shape: tuple = (32, 32, 3)
-    n_bits: int = 8
+    n_bits: int = option(8, help="bits per pixel", range=Range(int, 1, 8), choices=(3, 5, 8))
     # main flow: couplings per stage (checkerboard, channel after squeeze, checkerboard)
     stages: tuple = (4, 2, 3)
-    filters: int = 96
-    blocks: int = 10
-    components: int = 32
-    dropout_p: float = 0.2
-    coupling: str = "mixlogistic"          # "mixlogistic" (Flow++) or "affine" (ablation)
+    filters: int = option(96, help="coupling network width", range=Range(int, 4, multiple_of=4))
+    blocks: int = option(10, help="blocks per coupling network", range=Range(int, 1))
+    components: int = option(32, help="logistic mixture components", range=Range(int, 1))
+    dropout_p: float = option(0.2, help="dropout probability", range=Range(float, 0, 1, hi_open=True))
+    coupling: str = option("mixlogistic", choices=("mixlogistic", "affine"),
+                           help="ablation: 'affine' replaces the logistic-mixture CDF coupling")
     with_affine: bool = True               # exp(a) * logit(F(e)) + b; False drops exp(a), b
-    use_attention: bool = True             # False: convolutions only (ablation)
+    use_attention: bool = option(True, flag="--no-attention",
+                                 help="ablation: convolutions only in the couplings (use_attention=False)")
     use_nin: bool = True
     pointwise_init: float | None = 0.001   # identity + 0.001 N(0,1); None: random orthogonal
-    inverse_method: str = "hybrid"         # "bisection" (the release) or "hybrid"
+    inverse_method: str = option("hybrid", choices=("bisection", "hybrid"), cli=False,
+                                 help="inverse of the mixture CDF: 'bisection' (the release) or 'hybrid'")
     # variational dequantization (appendix 8.4.1)
-    dequantization: str = "variational"    # "variational" or "uniform" (ablation)
+    dequantization: str = option("variational", choices=("variational", "uniform"),
+                                 help="ablation: 'uniform' replaces the variational dequantizer")
     dequant_couplings: int = 4
     dequant_blocks: int = 2
     dequant_filters: int = 96
     dequant_components: int = 32
     context_channels: int = 32
     context_resnets: int = 3
-    # ---- the release's other launchers (flowpp_ref.model.release; issue 12) ----
+    # ---- the release's other launchers (flowpp_ref.model.release) ----
     # layout: None = the CIFAR-10 layout from ``stages``; else a tuple of steps
     # ("s2d",), ("checker", n) or ("channel", n), applied in order after ImgProc.
     layout: tuple | None = None
     use_pointwise: bool = True             # False: no Pointwise step (the ImageNet/CelebA launchers)
-    mixer: str = "attention"               # "gated-nin": abl_noattn.py's block in attention's slot
+    mixer: str = option("attention", choices=("attention", "gated-nin"),
+                        help="what fills the attention slot: 'gated-nin' is the release's no-attention ablation "
+                             "(abl_noattn.py, same parameter count; --no-attention instead drops the slot)")
     dequant_attention: bool | None = None  # None: as use_attention (False in the ImageNet-64 launchers)
     final_concat_elu: bool = False         # the coupling's output conv reads concat_elu(h) (2F inputs)
     context_layernorm: bool = False        # a layer norm after each context resnet (dqln{i})
-    mixture_dtype: str | None = None       # "float64": mixture CDF/PDF, inverse, backward in float64
+    mixture_dtype: str | None = option(None, choices=("float32", "float64"), none_means="float32",
+                                       help="dtype of the mixture CDF/PDF, its inverse and backward inside "
+                                            "the float32 model")
 
     def main_layout(self) -> tuple:
         if self.layout is None:
@@ -72,11 +86,10 @@ class ModelConfig:
         return (h, w, c)
 
     def validate(self):
+        """``self`` if every option field lies in its range or choices and the layout fits the
+        image shape; else ValueError (:class:`~flowpp_ref.runtime.options.ConfigError` for an option)."""
+        check_model_config(self)
         h, w, c = self.image_shape
-        if self.mixture_dtype not in (None, "float32", "float64"):
-            raise ValueError(f"mixture_dtype must be None, 'float32' or 'float64', got {self.mixture_dtype!r}")
-        if self.mixer not in ("attention", "gated-nin"):
-            raise ValueError(f"mixer must be 'attention' or 'gated-nin', got {self.mixer!r}")
         if self.layout is not None:
             self._check_layout()
             if w % 2:
@@ -84,34 +97,35 @@ class ModelConfig:
         elif h % 2 or w % 4:
             raise ValueError(f"image_shape {self.image_shape}: need H even and W divisible by 4 "
                              "(checkerboard split, squeeze, then checkerboard split again)")
-        if self.n_bits not in (1, 2, 3, 4, 5, 6, 7, 8):
-            raise ValueError(f"n_bits must be in 1..8, got {self.n_bits}")
-        if self.coupling not in ("mixlogistic", "affine"):
-            raise ValueError(f"coupling must be 'mixlogistic' or 'affine', got {self.coupling!r}")
-        if self.dequantization not in ("variational", "uniform"):
-            raise ValueError(f"dequantization must be 'variational' or 'uniform', got {self.dequantization!r}")
-        if self.inverse_method not in ("bisection", "hybrid"):
-            raise ValueError(f"inverse_method must be 'bisection' or 'hybrid', got {self.inverse_method!r}")
-        if self.filters % 4 or self.dequant_filters % 4:
-            raise ValueError("filters must be divisible by the 4 attention heads")
+        if self.dequant_filters % 4:
+            raise ValueError(f"dequant_filters must be divisible by the 4 attention heads, got {self.dequant_filters}")
         return self
 
 
+@config_class("train")
 @dataclass
 class TrainConfig:
-    batch_size: int = 64
-    init_batch_size: int = 128
-    lr: float = 1e-3
-    warmup_steps: int = 200
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    seed: int = 0
-    max_bad_steps: int = 10       # consecutive non-finite steps before the run stops
-    log_every: int = 10           # steps between host syncs of the loss
-    checkpoint_every: int = 500
-    eval_every: int = 0           # 0: only at the end
-    eval_batches: int = 8
-    # ---- the release's launchers (issue 12) ----
+    """The optimisation (appendix 8.5). Fields declared with :func:`option` as in :class:`ModelConfig`."""
+    batch_size: int = option(64, help="training batch size (the total over all processes)",
+                             range=Range(int, 1, note="at most the number of images"))
+    init_batch_size: int = option(128, help="images in the data-dependent init batch",
+                                  range=Range(int, 1, note="at most the number of training images"))
+    lr: float = option(1e-3, help="peak learning rate after warm-up", range=Range(float, 0, lo_open=True))
+    warmup_steps: int = option(200, help="linear warm-up steps", range=Range(int, 0, note="0: no warm-up"))
+    grad_clip: float = option(1.0, help="clip of the global gradient norm", range=Range(float, 0, lo_open=True),
+                              cli=False)
+    ema_decay: float = option(0.999, help="EMA decay of the evaluation parameters",
+                              range=Range(float, 0, 1, hi_open=True))
+    seed: int = option(0, help="random seed (parameters, batches, noise)", range=Range(int, 0, 2 ** 31 - 1))
+    max_bad_steps: int = option(10, help="consecutive non-finite steps before the run stops", range=Range(int, 1),
+                                cli=False)
+    log_every: int = option(10, help="steps between host syncs of the loss", range=Range(int, 1), cli=False)
+    checkpoint_every: int = option(500, help="steps between checkpoints", range=Range(int, 1))
+    eval_every: int = option(0, help="steps between evaluations on the test images",
+                             range=Range(int, 0, note="0: only at the end"), cli=False)
+    eval_batches: int | None = option(8, help="test batches evaluated at the end (and every eval_every steps)",
+                                      range=Range(int, 1), none_means="all of them")
+    # ---- the release's launchers ----
     lr_schedule: str | None = None  # None: linear warm-up to lr; else a key of flowpp_ref.model.release.SCHEDULES
     processes: int | None = None  # MPI processes of the release's run (information only; batch is the total)
 
@@ -143,20 +157,18 @@ PRESETS = {
                           checkpoint_every=5, log_every=1)),
 }
 
-# ---- issue 10: cpu-bench (a contained block) ---------------------------------------------
-# The peer-sized CIFAR-10 configuration of the training-speed benchmark
-# (benchmarks/bench_step.py): the cifar10-paper architecture, narrowed (about 1.85M parameters).
+# cpu-bench: the cifar10-paper architecture narrowed to about 1.85M parameters (the
+# configuration of the training-speed benchmark).
 PRESETS["cpu-bench"] = _p(
     "cpu-bench", "benchmark: cifar10-paper architecture, 32 filters, 2 blocks, K=8 (~1.85M parameters)",
     image_shape=(32, 32, 3), stages=(4, 2, 3), filters=32, blocks=2, components=8, dropout_p=0.0,
     dequant_couplings=4, dequant_blocks=1, dequant_filters=32, dequant_components=32,
     context_channels=32, context_resnets=3,
     train=TrainConfig(batch_size=16, init_batch_size=32))
-# ---- end issue 10 block -------------------------------------------------------------------
 
 
 # ----------------------------------------------------------------------------------
-# The release's launchers (repository aravindsrinivas/flowpp; issue 12). Every preset
+# The release's launchers (repository aravindsrinivas/flowpp). Every preset
 # below names the file it comes from; flowpp_ref.model.release holds each launcher's
 # settings as read from that file, and flowpp_ref.model.paramcount.explain_difference lists
 # every parameter-count difference between the preset and the launcher. The
@@ -183,7 +195,6 @@ _LAYOUT_128 = (("s2d",),) + _LAYOUT_64
 
 
 def _release_train(key, **extra):
-    from flowpp_ref.model.release import RELEASE
     r = RELEASE[key]
     return TrainConfig(batch_size=r.batch, init_batch_size=r.init_batch, lr=r.max_lr, warmup_steps=r.warmup,
                        grad_clip=r.grad_clip, ema_decay=r.ema_decay, lr_schedule=r.schedule,
