@@ -54,7 +54,8 @@ def one_step(comm, dtype=np.float64, step=3):
 
 def suite(out, prepared):
     from flowpp_ref.runtime import distributed as dist
-    from flowpp_ref.training.loop import evaluate, train, use_ema
+    from flowpp_ref.training.evaluation import evaluate, use_ema
+    from flowpp_ref.training.loop import train
     comm = dist.get_comm()
     assert comm.size > 1, "run me under mpiexec -n 2 or more"
     loss, grads = one_step(comm)

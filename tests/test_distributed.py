@@ -237,7 +237,7 @@ def test_checkpoints_resume_across_process_counts(suite, one_process_f64):
 @needs_mpi
 @pytest.mark.slow
 def test_sharded_evaluation_and_spread_importance_samples_match_one_process(suite, one_process_f64):
-    from flowpp_ref.training.loop import evaluate, use_ema
+    from flowpp_ref.training.evaluation import evaluate, use_ema
     _, res = suite
     s = one_process_f64
     with use_ema(s["model"], s["ema"]):

@@ -1,14 +1,15 @@
-"""The k-sample importance-weighted bound (issue 12), on a tiny float64 model."""
+"""The k-sample importance-weighted bound, on a tiny float64 model."""
 import math
 
 import numpy as np
 import pytest
 
 from flowpp_ref.core.backend import make_rng
-from flowpp_ref.training.evaluation import importance_weighted_bpd, iw_key, log_weight_passes
+from flowpp_ref.training.evaluation import evaluate, importance_weighted_bpd, iw_key, log_weight_passes
 from flowpp_ref.model import FlowPP
+from flowpp_ref.model.objective import bits_per_dim, importance_sampled_log_prob
 from flowpp_ref.model.presets import get_preset
-from flowpp_ref.training.loop import evaluate
+from flowpp_ref.training.keyed_rng import KeyedRNG, key_of
 
 
 def _model_and_images(n=5):
@@ -45,10 +46,30 @@ def test_bound_is_at_most_the_elbo():
     w = np.concatenate([p[1] for p in passes]).reshape(len(x), k)
     elbo_same = -w.mean(axis=1) / (model.num_dims * math.log(2))
     assert np.all(iw <= elbo_same + 1e-12)
+    # the streaming fold equals the textbook log-sum-exp of the same [k, images] weights
+    np.testing.assert_allclose(iw, bits_per_dim(importance_sampled_log_prob(w.T), model.num_dims), rtol=1e-12)
     assert iw.mean() < elbo_same.mean()
     # and against independently drawn ELBO samples, on average over the images
     elbo = np.mean([model.bits_per_dim(x, rng=make_rng(100 + s)) for s in range(16)], axis=0)
     assert iw.mean() <= elbo.mean()
+
+
+def test_evaluate_k1_is_the_elbo_of_each_batch_with_keyed_noise():
+    """k = 1: the ELBO of the batches of ``batch_size`` images, image i's noise keyed by
+    (seed, i); ``FlowPP.bits_per_dim`` is the same bound drawn from a generator."""
+    model, x = _model_and_images(5)
+    r = evaluate(model, x, batch_size=2, k=1, seed=3)
+    direct = []
+    for lo in range(0, len(x), 2):
+        ids = np.arange(lo, min(lo + 2, len(x)))
+        elbo, _ = model.elbo(model.prepare(x[ids]), rng=KeyedRNG(key_of(3, 12345, 0), ids))
+        direct.append(-elbo / (model.num_dims * math.log(2)))
+    direct = np.concatenate(direct)
+    assert r["k"] == 1 and r["num_images"] == 5
+    assert r["bpd"] == pytest.approx(direct.mean(), rel=1e-14)
+    assert r["bpd_sem"] == pytest.approx(direct.std(ddof=1) / math.sqrt(5), rel=1e-12)
+    np.testing.assert_array_equal(model.bits_per_dim(x, rng=make_rng(4), k=3),
+                                  importance_weighted_bpd(model, x, 3, rng=make_rng(4), rows=len(x)))
 
 
 def test_evaluate_k_uses_the_batched_bound_and_reports_the_standard_error():

@@ -14,7 +14,8 @@ import pytest
 from flowpp_ref.cli import commands as cli
 from flowpp_ref.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from flowpp_ref.runtime.options import ConfigError
-from flowpp_ref.training.loop import TrainingDiverged, evaluate, load_model, train
+from flowpp_ref.training.evaluation import evaluate
+from flowpp_ref.training.loop import TrainingDiverged, load_model, train
 from flowpp_ref.core.validation import FlowInputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,8 +58,10 @@ def log_steps(d):
 
 
 def snapshot(d):
-    return {f: (os.stat(os.path.join(d, f)).st_mtime_ns, open(os.path.join(d, f), "rb").read())
-            for f in sorted(os.listdir(d))}
+    """Every file of the run folder with its modification time and bytes; ``.lock`` (who holds the
+    folder: rewritten by every process that takes it, never data) only by its presence."""
+    return {f: (os.stat(os.path.join(d, f)).st_mtime_ns, open(os.path.join(d, f), "rb").read()) if f != ".lock"
+            else "present" for f in sorted(os.listdir(d))}
 
 
 # ----------------------------------------------------------------- found 1, deliver 4

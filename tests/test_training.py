@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from flowpp_ref.runtime.checkpoint import load_checkpoint
-from flowpp_ref.training.loop import TrainingDiverged, evaluate, load_model, train
+from flowpp_ref.training.evaluation import evaluate
+from flowpp_ref.training.loop import TrainingDiverged, load_model, train
 
 
 def images(n=48, seed=0):
@@ -66,6 +67,30 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
     for k, v in before["params"].items():
         np.testing.assert_array_equal(v, after["params"][k])
     assert good["steps"] == 2
+
+
+def test_the_run_folder_is_locked_while_training_and_released_after(tmp_path, monkeypatch):
+    """train() holds RunFolderLock(out_dir) around its steps (a nested lock of this
+    process takes nothing) and lets it go when it returns or raises."""
+    from flowpp_ref import model as model_mod
+    from flowpp_ref.runtime.runfolder import RunFolderLock
+    held = []
+
+    def probe(step, rec):
+        with RunFolderLock(str(tmp_path), "probe") as lock:
+            held.append(lock.held)
+    train("tiny", images(), out_dir=str(tmp_path), steps=2, progress=False, overrides=dict(log_every=1),
+          on_step=probe)
+    assert held == [False, False]
+    with RunFolderLock(str(tmp_path), "probe") as lock:
+        assert lock.held
+    orig = model_mod.FlowPP.loss_and_grads
+    monkeypatch.setattr(model_mod.FlowPP, "loss_and_grads", lambda self, xb, *, rng, train=True: (
+        lambda lg: (lg[0] * np.nan, lg[1]))(orig(self, xb, rng=rng, train=train)))
+    with pytest.raises(TrainingDiverged):
+        train("tiny", images(), out_dir=str(tmp_path), steps=9, progress=False, overrides=dict(max_bad_steps=2))
+    with RunFolderLock(str(tmp_path), "probe") as lock:
+        assert lock.held
 
 
 def test_training_loop_reads_scalars_back_once_per_log_interval(tmp_path, monkeypatch):

@@ -25,11 +25,9 @@ from flowpp_ref.core.module import Module, prefixed
 from flowpp_ref.core.validation import FlowInputError, check_finite
 from flowpp_ref.model.architecture import build_main_flow
 from flowpp_ref.model.dequantization import UniformDequantizer, VariationalDequantizer
-from flowpp_ref.model.objective import (
-    importance_sampled_log_prob,
-    standard_normal_logprob,
-)
+from flowpp_ref.model.objective import standard_normal_logprob
 from flowpp_ref.model.presets import ModelConfig
+from flowpp_ref.training.evaluation import importance_weighted_bpd
 
 
 class FlowPP(Module):
@@ -124,16 +122,12 @@ class FlowPP(Module):
         self.flow.data_init(xf + u)
 
     # -------------------------------------------------------------- evaluation
-    def bits_per_dim(self, x, *, rng, k: int = 1, batch_k: int | None = None):
-        """Per-sample bits/dim (host float64 array): the ELBO for k = 1, else the
-        importance-sampled bound with k samples of the dequantizer."""
-        xf = self.prepare(x)
-        lw = []
-        for _ in range(k):
-            elbo, _ = self.elbo(xf, rng=rng, train=False)
-            lw.append(to_numpy(elbo).astype(np.float64))
-        logp = importance_sampled_log_prob(np.stack(lw)) if k > 1 else lw[0]
-        return -logp / (self.num_dims * math.log(2.0))
+    def bits_per_dim(self, x, *, rng, k: int = 1):
+        """Per-image bits/dim (host float64 array) of the batch ``x``: the ELBO for k = 1,
+        else the importance-weighted bound with k samples of the dequantizer (sec. 3.1),
+        drawn from ``rng`` in passes of ``len(x)`` (image, sample) pairs
+        (:func:`flowpp_ref.training.evaluation.importance_weighted_bpd`)."""
+        return importance_weighted_bpd(self, x, k, rng=rng, rows=max(len(x), 1))
 
     # ---------------------------------------------------------------- sampling
     def sample(self, n: int, *, rng, temperature: float = 1.0, return_time: bool = False):

@@ -1,11 +1,16 @@
-"""Training, evaluation and sampling of Flow++ from Python (the CLI calls these).
+"""Training and checkpoint loading of Flow++ from Python (the CLI calls these).
 
-    from flowpp_ref.training.loop import train, evaluate, sample_grid
+    from flowpp_ref.training.loop import train
     summary = train("small", train_images, test_images, out_dir="runs/demo", minutes=3)
 
 Recipe (appendix 8.5): Adam, linear learning-rate warm-up, global gradient-norm
 clipping, dropout, an EMA of the parameters used for evaluation and sampling, the
-data-dependent init pass on an init batch.
+data-dependent init pass on an init batch. :func:`train` is made of named parts:
+:func:`_resolve_run` (options, checks, resume), :func:`_build_state` (model, Adam, EMA,
+init or restore), :func:`train_step` (one optimiser step), :class:`_ScalarLog` (the
+read-back of the steps' scalars and ``log.jsonl``), :class:`_Checkpoints` (when and
+whether a checkpoint is written) and :func:`_finish` (final checkpoint, evaluation,
+``summary.json``).
 
 Reproducibility: every random draw of step s (dequantization noise, dropout) comes
 from a generator seeded with (seed, s), and the batch order of epoch e from one
@@ -22,16 +27,18 @@ Non-finite loss or gradients: the step is skipped (parameters, Adam and EMA
 untouched) and reported when its scalars are read back; ``max_bad_steps``
 consecutive failures stop the run with :class:`TrainingDiverged`.
 
-Run folder (:mod:`flowpp_ref.runtime.runfolder`): checkpoints are written atomically, only
-from parameters (training and EMA) that give a finite loss on a fixed check batch and
-when the last step was not skipped; the one before is kept as
+Run folder (:mod:`flowpp_ref.runtime.runfolder`): held with
+:class:`~flowpp_ref.runtime.runfolder.RunFolderLock` (one run at a time) from before the
+first file in it is touched until :func:`train` returns. Checkpoints are written
+atomically, only from parameters (training and EMA) that give a finite loss on a fixed
+check batch and when the last step was not skipped; the one before is kept as
 ``checkpoint-prev.npz``. A resumed run truncates ``log.jsonl`` to its checkpoint's
 step, states (or refuses) options that differ from the checkpoint's, and returns at
 once when the checkpoint is already at ``steps``. SIGINT/SIGTERM stop the loop after
 the current step, write a checkpoint and raise :class:`TrainingInterrupted`. Option
 ranges: :mod:`flowpp_ref.runtime.options`.
 
-Data parallel (:mod:`flowpp_ref.runtime.distributed`, issue 11): under ``mpiexec -n N`` (or
+Data parallel (:mod:`flowpp_ref.runtime.distributed`): under ``mpiexec -n N`` (or
 with ``comm=``) each of the N processes computes the loss and gradients of its
 ``batch_size / N`` images of the global batch; one all-reduce per step sums the
 gradients, the loss and two flags (a rank whose step raised; a rank that wants to stop:
@@ -41,33 +48,39 @@ Adam and EMA update. The dequantization noise and dropout masks of an image come
 batch), so an N-process step equals the one-process step up to the rounding of the sum.
 The data-dependent init runs on the global init batch on every rank, then rank 0's
 parameters are broadcast; a resumed run loads the checkpoint on every rank. A hash of
-the parameters is compared across ranks at every checkpoint. Rank 0 alone writes the
-checkpoints, the log, summary.json and the progress bar. With N > 1 the time budget and
-signals stop the run after the step in which some rank noticed them (every rank stops at
-the same step).
+the parameters is compared across ranks at every checkpoint. Rank 0 alone holds the run
+folder's lock and writes the checkpoints, the log, summary.json and the progress bar.
+With N > 1 the time budget and signals stop the run after the step in which some rank
+noticed them (every rank stops at the same step).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import signal as _signal
+import sys
 import time
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from flowpp_ref.core.backend import get_xp, make_rng, to_numpy
-from flowpp_ref.runtime.checkpoint import load_checkpoint, save_checkpoint
+from flowpp_ref.core.backend import asarray, get_xp, make_rng, to_numpy
+from flowpp_ref.core.validation import check_pixels
+from flowpp_ref.datasets import reduce_bits
 from flowpp_ref.model import FlowPP
+from flowpp_ref.model.presets import ModelConfig, Preset, TrainConfig, get_preset
+from flowpp_ref.runtime import distributed as dist
+from flowpp_ref.runtime import runfolder
+from flowpp_ref.runtime.checkpoint import load_checkpoint, save_checkpoint
+from flowpp_ref.runtime.options import ConfigError, check_model_config, check_run_limits, check_train_config
+from flowpp_ref.runtime.runfolder import TrainingInterrupted  # noqa: F401  (re-exported)
+from flowpp_ref.training.evaluation import evaluate, inverse_error, use_ema
+from flowpp_ref.training.keyed_rng import KeyedRNG, key_of
 from flowpp_ref.training.optim import EMA, Adam, clip_scale, global_grad_norm_array, warmup_lr  # noqa: F401
 from flowpp_ref.training.schedules import learning_rate
-from flowpp_ref.model.presets import ModelConfig, Preset, TrainConfig, get_preset
-from flowpp_ref.runtime import runfolder
-from flowpp_ref.runtime import distributed as dist
-from flowpp_ref.training.keyed_rng import KeyedRNG, key_of
-from flowpp_ref.runtime.options import ConfigError, check_model_config, check_option, check_run_limits, check_train_config
-from flowpp_ref.runtime.runfolder import TrainingInterrupted  # noqa: F401  (re-exported)
-from flowpp_ref.core.validation import check_pixels
 
 CKPT_NAME = "checkpoint.npz"
 
@@ -75,10 +88,6 @@ CKPT_NAME = "checkpoint.npz"
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient, or parameters that
     give a non-finite loss on the check batch."""
-
-
-class NonFiniteResult(ValueError):
-    """An evaluation produced a bits/dim that is not finite (never reported as a number)."""
 
 
 def step_rng(seed: int, step: int, xp=np):
@@ -136,19 +145,39 @@ def build_model(p: Preset, backend="numpy", dtype=np.float32) -> FlowPP:
     return FlowPP(p.model, seed=p.train.seed, xp=get_xp(backend), dtype=dtype)
 
 
-class _Logger:
-    def __init__(self, path):
-        self.path = path
-        self.f = open(path, "a") if path else None
+@dataclasses.dataclass
+class _Run:
+    """What one call of :func:`train` works on, resolved before the first step."""
+    preset: Preset
+    train_images: np.ndarray
+    test_images: np.ndarray | None
+    comm: object
+    say: object                         # say(message): the sentences about resuming, checkpoints, signals
+    out_dir: str | None
+    steps: int | None                   # the step to stop at (None: the time budget alone)
+    minutes: float | None
+    backend: str
+    start: int = 0                      # the step the run starts from (a resumed checkpoint's)
+    checkpoint: dict | None = None      # the checkpoint resumed from
 
-    def write(self, rec):
-        if self.f:
-            self.f.write(json.dumps(rec) + "\n")
-            self.f.flush()
+    @property
+    def ckpt_path(self):
+        return os.path.join(self.out_dir, CKPT_NAME) if self.out_dir else None
 
-    def close(self):
-        if self.f:
-            self.f.close()
+    @property
+    def total(self):
+        return self.steps if self.steps is not None else 10 ** 12
+
+
+@dataclasses.dataclass
+class _State:
+    """The model and its optimiser state on the backend."""
+    model: FlowPP
+    adam: Adam
+    ema: EMA
+    params: dict                        # the arrays Adam and the EMA update in place
+    reducer: object                     # the all-reduce buffer of a data-parallel run, else None
+    check_x: np.ndarray                 # the check batch a checkpoint's parameters must pass
 
 
 def train(preset, train_images, test_images=None, *, out_dir=None, steps=None, minutes=None, backend="numpy",
@@ -169,13 +198,61 @@ def train(preset, train_images, test_images=None, *, out_dir=None, steps=None, m
     checkpoints and signals (default: print to stderr). ``comm``: a communicator of
     :mod:`flowpp_ref.runtime.distributed` (default: :func:`~flowpp_ref.runtime.distributed.get_comm`,
     a single process unless started by mpiexec/srun); ``batch_size`` is the global batch.
+    ``out_dir`` is locked (:class:`~flowpp_ref.runtime.runfolder.RunFolderLock`) while the
+    run writes into it: a second run on it raises :class:`~flowpp_ref.runtime.runfolder.RunFolderBusy`.
     """
-    import sys
     comm = dist.get_comm(backend=backend) if comm is None else comm
-    say = report or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    args = dict(out_dir=out_dir, steps=steps, minutes=minutes, resume=resume, backend=backend, comm=comm,
+                say=_reporter(report, comm))
+    seen = _checkpoint_stamp(out_dir)
+    run = _resolve_run(preset, overrides, train_images, test_images, **args)
+    if isinstance(run, dict):
+        return run                                          # the checkpoint is already at `steps`
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    with runfolder.RunFolderLock(out_dir, "train", comm=comm) if out_dir else contextlib.nullcontext():
+        if resume and _checkpoint_moved(out_dir, seen, comm):   # another run wrote it before we held the folder
+            run = _resolve_run(preset, overrides, train_images, test_images, **args)
+            if isinstance(run, dict):
+                return run
+        _remove_stale_temporaries(run)                      # rank 0 holds the folder from here to the return
+        st = _build_state(run, dtype)
+        ckpts = _Checkpoints(run, st)
+        log = _ScalarLog(run, st.model.xp, on_step, ckpts.last_good, progress=progress and comm.rank == 0)
+        guard = runfolder.InterruptGuard(run.say)
+        step = _run_steps(run, st, log, ckpts, guard)
+        return _finish(run, st, log, ckpts, guard, step)
+
+
+def _checkpoint_stamp(out_dir):
+    """(modification time in ns, size) of ``out_dir/checkpoint.npz``, or None where there is none."""
+    try:
+        st = os.stat(os.path.join(out_dir, CKPT_NAME)) if out_dir else None
+    except FileNotFoundError:
+        return None
+    return None if st is None else (st.st_mtime_ns, st.st_size)
+
+
+def _checkpoint_moved(out_dir, seen, comm):
+    """Whether the checkpoint changed between the resume read and taking the lock (another run
+    finished in between); rank 0 decides for every rank."""
+    flag = np.array([float(_checkpoint_stamp(out_dir) != seen)])
+    if comm.size > 1:
+        comm.broadcast(flag)
+    return bool(flag[0])
+
+
+def _reporter(report, comm):
+    """``say(message)``: ``report`` (default: print to stderr) on rank 0, nothing elsewhere."""
     if comm.rank != 0:
-        say = lambda msg: None  # noqa: E731  (rank 0 reports)
-        progress = False
+        return lambda msg: None
+    return report or (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+
+def _resolve_run(preset, overrides, train_images, test_images, *, out_dir, steps, minutes, resume, backend, comm,
+                 say):
+    """The preset with ``overrides``, the checked options and images, the resume point: a
+    :class:`_Run`, or the summary of a run whose checkpoint is already at ``steps``."""
     p = _resolve(preset, overrides)
     check_run_limits(steps, minutes)
     check_train_config(p.train)
@@ -183,218 +260,324 @@ def train(preset, train_images, test_images=None, *, out_dir=None, steps=None, m
     train_images = check_pixels(train_images, "train_images", image_shape=p.model.image_shape)
     if test_images is not None:
         test_images = check_pixels(test_images, "test_images", image_shape=p.model.image_shape)
-
-    start, ck = 0, None
-    ckpt_path = os.path.join(out_dir, CKPT_NAME) if out_dir else None
-    if ckpt_path and resume and os.path.exists(ckpt_path):
-        ck = runfolder.load_for_resume(ckpt_path)
-        start = int(ck["step"])
-        explicit = set(overrides or {}) if isinstance(preset, str) and preset == ck["config"].get("preset") else None
-        p, notes = runfolder.reconcile(preset_from_config(ck["config"]), p, explicit, step=start, where=ckpt_path)
-        check_train_config(p.train)
-        if steps is not None and start >= steps:
-            say(f"{ckpt_path} is already at step {start} (asked: {steps} steps): nothing to do, nothing written. "
-                "Give a larger --steps (steps=) to continue, or --no-resume (resume=False) to start afresh.")
-            return {"preset": p.name, "steps": start, "steps_run": 0, "already_done": True, "skipped_steps": 0,
-                    "final_train_bpd": None, "history": [], "backend": backend, "checkpoint": ckpt_path}
-        for n in notes:
-            say(n)
-    tc = p.train
+    run = _Run(p, train_images, test_images, comm, say, out_dir, steps, minutes, backend)
+    if run.ckpt_path and resume and os.path.exists(run.ckpt_path):
+        done = _resume(run, preset, overrides)
+        if done is not None:
+            return done
+    tc = run.preset.train
     for name, n_img in (("batch_size", len(train_images)), ("init_batch_size", len(train_images))):
-        if getattr(tc, name) > n_img and (name == "batch_size" or ck is None):
+        if getattr(tc, name) > n_img and (name == "batch_size" or run.checkpoint is None):
             raise ConfigError(f"{name} {getattr(tc, name)} exceeds the {n_img} training images")
     if tc.batch_size % comm.size:
         raise ConfigError(f"--batch-size {tc.batch_size} (batch_size, the global batch) does not divide among the "
                           f"{comm.size} processes: each takes batch_size / {comm.size} images; choose a multiple "
                           f"of {comm.size}")
-    if p.model.n_bits < 8:
-        from flowpp_ref.datasets import reduce_bits
-        train_images = reduce_bits(train_images, p.model.n_bits)
-        test_images = None if test_images is None else reduce_bits(test_images, p.model.n_bits)
+    if run.preset.model.n_bits < 8:
+        run.train_images = reduce_bits(train_images, run.preset.model.n_bits)
+        run.test_images = None if test_images is None else reduce_bits(test_images, run.preset.model.n_bits)
+    return run
 
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-    if out_dir and comm.rank == 0:
-        stale = runfolder.remove_stale_temporaries(out_dir)
+
+def _resume(run, preset, overrides):
+    """Load ``run.ckpt_path`` (read only) and reconcile its options with the ones asked
+    (:func:`~flowpp_ref.runtime.runfolder.reconcile`). Returns the summary of a run that
+    has nothing left to do (the checkpoint is at ``steps`` or beyond), else None."""
+    ck = runfolder.load_for_resume(run.ckpt_path)
+    run.checkpoint, run.start = ck, int(ck["step"])
+    explicit = set(overrides or {}) if isinstance(preset, str) and preset == ck["config"].get("preset") else None
+    run.preset, notes = runfolder.reconcile(preset_from_config(ck["config"]), run.preset, explicit, step=run.start,
+                                            where=run.ckpt_path)
+    check_train_config(run.preset.train)
+    if run.steps is not None and run.start >= run.steps:
+        run.say(f"{run.ckpt_path} is already at step {run.start} (asked: {run.steps} steps): nothing to do, nothing "
+                "written. Give a larger --steps (steps=) to continue, or --no-resume (resume=False) to start afresh.")
+        return {"preset": run.preset.name, "steps": run.start, "steps_run": 0, "already_done": True,
+                "skipped_steps": 0, "final_train_bpd": None, "history": [], "backend": run.backend,
+                "checkpoint": run.ckpt_path}
+    for n in notes:
+        run.say(n)
+    return None
+
+
+def _remove_stale_temporaries(run):
+    """Rank 0: remove the temporary files an interrupted write left in the run folder."""
+    if run.out_dir and run.comm.rank == 0:
+        stale = runfolder.remove_stale_temporaries(run.out_dir)
         if stale:
-            say(f"removed {len(stale)} temporary file(s) left by an interrupted write in {out_dir}: {', '.join(stale)}")
-    model = build_model(p, backend, dtype)
+            run.say(f"removed {len(stale)} temporary file(s) left by an interrupted write in {run.out_dir}: "
+                    f"{', '.join(stale)}")
+
+
+def _build_state(run, dtype):
+    """Model, Adam and EMA (appendix 8.5): restored from the resumed checkpoint, or the
+    data-dependent init on the init batch, rank 0's result broadcast to every rank."""
+    p, tc, comm = run.preset, run.preset.train, run.comm
+    model = build_model(p, run.backend, dtype)
     xp = model.xp
     params = model.parameters()
     adam = Adam(params)
     ema = EMA(params, decay=tc.ema_decay)
-    if ck is not None:
-        _restore(model, adam, ema, ck, xp)
-        ema.decay = float(tc.ema_decay)             # a changed --ema-decay applies from here on
+    if run.checkpoint is not None:
+        _restore(model, adam, ema, run.checkpoint, xp)
+        ema.decay = float(tc.ema_decay)                 # a changed --ema-decay applies from here on
         params = model.parameters()
     else:
-        idx = np.random.default_rng([tc.seed, 99]).permutation(len(train_images))[:tc.init_batch_size]
-        model.data_init(train_images[idx], rng=step_rng(tc.seed, -1, xp))
+        idx = np.random.default_rng([tc.seed, 99]).permutation(len(run.train_images))[:tc.init_batch_size]
+        model.data_init(run.train_images[idx], rng=step_rng(tc.seed, -1, xp))
         params = model.parameters()
         dist.broadcast_arrays(comm, params)            # every rank starts from rank 0's init
         ema.load_state_dict({"decay": tc.ema_decay, "shadow": {k: v.copy() for k, v in params.items()}})
-    check_x = train_images[np.random.default_rng([tc.seed, 98]).permutation(len(train_images))[:min(tc.batch_size, 16)]]
-
-    dist.check_same_parameters(comm, params, where="after the init" if ck is None else f"after loading {ckpt_path}")
-    if out_dir and comm.rank == 0:
-        runfolder.truncate_log(os.path.join(out_dir, "log.jsonl"), start)
-    log = _Logger(os.path.join(out_dir, "log.jsonl") if out_dir and comm.rank == 0 else None)
+    n = len(run.train_images)
+    check_x = run.train_images[np.random.default_rng([tc.seed, 98]).permutation(n)[:min(tc.batch_size, 16)]]
+    dist.check_same_parameters(comm, params, where="after the init" if run.checkpoint is None
+                               else f"after loading {run.ckpt_path}")
     reducer = None
     if comm.size > 1:       # gradients + [loss, failed, time up, SIGINT, SIGTERM]: one all-reduce per step
         reducer = dist.FlatBuffer({k: v.shape for k, v in params.items()}, 5, xp, dtype)
-    history = []
-    state = {"bad": 0, "skipped": 0, "good_ckpt": (ckpt_path, start) if ck is not None else None, "deferred": False}
-    pending = []                    # (step, loss, grad norm, ok, lr) of steps not yet read back
-    total = steps if steps is not None else 10 ** 12
-    deadline = time.perf_counter() + 60 * minutes if minutes is not None else math.inf
-    bar = _progress(progress, start, total if steps is not None else None, p.name)
-    t_last, step = time.perf_counter(), start
+    return _State(model, adam, ema, params, reducer, check_x)
 
-    def last_good():
-        g = state["good_ckpt"]
+
+def train_step(st, run, step, *, time_up=False, signum=None):
+    """Optimiser step ``step + 1`` (appendix 8.5), all on the backend (no host sync).
+
+    Loss and gradients of the batch of ``step`` (on N ranks: this rank's shard, then the
+    mean over the ranks, :func:`_reduced_step`); the global gradient norm ||g||; Adam on
+    g * min(1, clip / ||g||) at the warm-up learning rate; the EMA of the parameters. A
+    step whose loss or ||g|| is not finite changes nothing (``apply=ok`` on the device).
+    Returns the pending scalars ``(step + 1, loss, ||g||, ok, lr)`` and, on N ranks,
+    (stop, signal) of the all-reduce (else ``(False, None)``).
+    """
+    tc, xp = run.preset.train, st.model.xp
+    idx = batch_indices(len(run.train_images), tc.batch_size, tc.seed, step)
+    if st.reducer is None:
+        loss, grads = shard_loss_and_grads(st.model, run.train_images, idx, seed=tc.seed, step=step, comm=run.comm)
+        stop, sig = False, None
+    else:
+        loss, grads, stop, sig = _reduced_step(st.model, run.train_images, idx, tc.seed, step, run.comm,
+                                               st.reducer, time_up, signum)
+    gnorm = global_grad_norm_array(grads)                        # ||g|| = sqrt(sum_i g_i^2), every parameter
+    ok = xp.isfinite(loss) & xp.isfinite(gnorm)                  # a skipped step changes nothing (no host sync)
+    lr = learning_rate(step + 1, tc)                             # warm-up, or a release schedule
+    st.adam.step(st.params, grads, lr, grad_scale=clip_scale(gnorm, tc.grad_clip), apply=ok)  # g min(1, c/||g||)
+    st.ema.update(st.params, apply=ok)                           # ema <- d ema + (1 - d) theta
+    return (step + 1, loss, gnorm, ok, lr), stop, sig
+
+
+def _run_steps(run, st, log, ckpts, guard):
+    """Steps until ``steps``, the time budget or a signal (on N ranks: after the step in
+    which some rank noticed either); scalars read back every ``log_every`` steps and before
+    a checkpoint. Returns the step reached."""
+    tc, step, stop = run.preset.train, run.start, False
+    deadline = time.perf_counter() + 60 * run.minutes if run.minutes is not None else math.inf
+    try:
+        with guard:
+            while step < run.total and not stop and (st.reducer is not None or
+                                                     (time.perf_counter() < deadline and not guard.requested)):
+                scalars, stop, sig = train_step(st, run, step, time_up=time.perf_counter() >= deadline,
+                                                signum=guard.requested)
+                if sig:
+                    guard.requested = guard.requested or sig    # some rank got it: all stop as interrupted
+                step = scalars[0]
+                log.add(scalars)
+                due_ckpt = ckpts.due(step)
+                if step % tc.log_every == 0 or step == run.total or due_ckpt:
+                    log.flush()                                  # the only host sync of the loop
+                if due_ckpt:
+                    ckpts.write(step, skipped=log.bad > 0)
+            log.flush()
+    except BaseException as e:
+        dist.abort_on_error(run.comm, e)          # an error only this rank saw: end every rank
+        raise
+    finally:
+        log.close_progress()
+    return step
+
+
+class _ScalarLog:
+    """The scalars (loss, gradient norm, finite flag, lr) of the steps not yet read back.
+
+    :meth:`flush` reads every pending step back in one host transfer, appends the
+    records to ``history`` and to ``log.jsonl`` (rank 0; truncated to the resumed step
+    when opened), calls ``on_step``, counts skipped steps and raises
+    :class:`TrainingDiverged` after ``max_bad_steps`` consecutive ones.
+    """
+
+    def __init__(self, run, xp, on_step, last_good, *, progress):
+        path = os.path.join(run.out_dir, runfolder.LOG_NAME) if run.out_dir and run.comm.rank == 0 else None
+        if path:
+            runfolder.truncate_log(path, run.start)
+        self.f = open(path, "a") if path else None
+        self.xp, self.tc, self.on_step, self.last_good = xp, run.preset.train, on_step, last_good
+        self.pending, self.history = [], []          # pending: (step, loss, grad norm, ok, lr) on the backend
+        self.bad = self.skipped = 0                  # consecutive / all skipped steps
+        self.bar = _progress(progress, run.start, run.steps, run.preset.name)
+        self.t_last = time.perf_counter()
+
+    def add(self, scalars):
+        self.pending.append(scalars)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def flush(self):
+        """Read the pending steps' scalars back (one host transfer), log them, count skipped steps."""
+        if not self.pending:
+            return
+        xp = self.xp
+        vals = to_numpy(xp.stack([xp.stack([lo.astype(xp.float64), gn, ok.astype(xp.float64)])
+                                  for _, lo, gn, ok, _ in self.pending]))
+        now = time.perf_counter()
+        n_ok = int(vals[:, 2].sum())
+        for (s, _, _, _, lr), (loss_f, gnorm, ok) in zip(self.pending, vals.tolist()):
+            if ok:
+                self._record(s, loss_f, gnorm, lr)
+            else:
+                self._skipped(s, loss_f, gnorm)
+        if self.history and self.history[-1]["step"] == self.pending[-1][0]:
+            last = self.history[-1]
+            last["img_per_s"] = n_ok * self.tc.batch_size / max(now - self.t_last, 1e-9)
+            self.write(last)
+            if self.bar is not None:
+                self.bar.set_postfix(bpd=f"{last['train_bpd']:.3f}", ips=f"{last['img_per_s']:.1f}")
+        self.t_last = now
+        self.pending.clear()
+
+    def _record(self, s, loss_f, gnorm, lr):
+        self.bad = 0
+        rec = {"step": s, "train_bpd": loss_f, "grad_norm": gnorm, "lr": lr}
+        self.history.append(rec)
+        if self.on_step is not None:
+            self.on_step(s, rec)
+
+    def _skipped(self, s, loss_f, gnorm):
+        self.bad += 1
+        self.skipped += 1
+        self.write({"step": s, "skipped": True, "loss": repr(loss_f), "grad_norm": repr(gnorm)})
+        if self.bar is not None:
+            self.bar.write(f"step {s}: non-finite loss/gradient ({loss_f}, {gnorm}); step skipped")
+        if self.bad >= self.tc.max_bad_steps:
+            e = TrainingDiverged(
+                f"{self.bad} consecutive steps with a non-finite loss or gradient (last at step {s}); "
+                f"{self.last_good()}. Lower the learning rate (--lr) or check the data.")
+            e.coordinated = True                # the same values on every rank
+            raise e
+
+    def write(self, rec):
+        if self.f:
+            self.f.write(json.dumps(rec) + "\n")
+            self.f.flush()
+
+    def close_progress(self):
+        if self.bar is not None:
+            self.bar.close()
+
+    def close(self):
+        if self.f:
+            self.f.close()
+
+
+class _Checkpoints:
+    """When and whether the run writes ``checkpoint.npz``: every ``checkpoint_every``
+    steps, postponed while the last step was skipped, only from parameters (training and
+    EMA) with a finite loss on the check batch, the one before kept as ``checkpoint-prev.npz``."""
+
+    def __init__(self, run, st):
+        self.run, self.st = run, st
+        self.good = (run.ckpt_path, run.start) if run.checkpoint is not None else None   # (path, step)
+        self.deferred = False
+
+    def due(self, step):
+        return bool(self.run.ckpt_path) and (step % self.run.preset.train.checkpoint_every == 0 or self.deferred)
+
+    def current(self, step):
+        return self.good == (self.run.ckpt_path, step)
+
+    def last_good(self):
+        """The sentence naming the last good checkpoint (and the one before), or that none exists."""
+        g, every = self.good, self.run.preset.train.checkpoint_every
         if g is None:
             return ("no checkpoint of this run was written (the first was due at step "
-                    f"{(start // tc.checkpoint_every + 1) * tc.checkpoint_every}), so there is nothing to resume")
+                    f"{(self.run.start // every + 1) * every}), so there is nothing to resume")
         prev = os.path.join(os.path.dirname(g[0]), runfolder.PREV_NAME)
         return (f"the last good checkpoint is {g[0]} (step {g[1]}, finite)"
                 + (f"; {prev} holds the one before" if os.path.exists(prev) else ""))
 
-    def flush():
-        """Read the pending steps' scalars back (one host transfer), log them, count skipped steps."""
-        nonlocal t_last
-        if not pending:
-            return
-        vals = to_numpy(xp.stack([xp.stack([lo.astype(xp.float64), gn, ok.astype(xp.float64)])
-                                  for _, lo, gn, ok, _ in pending]))
-        now = time.perf_counter()
-        n_ok = int(vals[:, 2].sum())
-        for (s, _, _, _, lr), (loss_f, gnorm, ok) in zip(pending, vals.tolist()):
-            if not ok:
-                state["bad"] += 1
-                state["skipped"] += 1
-                log.write({"step": s, "skipped": True, "loss": repr(loss_f), "grad_norm": repr(gnorm)})
-                if bar is not None:
-                    bar.write(f"step {s}: non-finite loss/gradient ({loss_f}, {gnorm}); step skipped")
-                if state["bad"] >= tc.max_bad_steps:
-                    e = TrainingDiverged(
-                        f"{state['bad']} consecutive steps with a non-finite loss or gradient (last at step {s}); "
-                        f"{last_good()}. Lower the learning rate (--lr) or check the data.")
-                    e.coordinated = True                # the same values on every rank
-                    raise e
-                continue
-            state["bad"] = 0
-            rec = {"step": s, "train_bpd": loss_f, "grad_norm": gnorm, "lr": lr}
-            history.append(rec)
-            if on_step is not None:
-                on_step(s, rec)
-        if history and history[-1]["step"] == pending[-1][0]:
-            history[-1]["img_per_s"] = n_ok * tc.batch_size / max(now - t_last, 1e-9)
-            log.write(history[-1])
-            if bar is not None:
-                bar.set_postfix(bpd=f"{history[-1]['train_bpd']:.3f}", ips=f"{history[-1]['img_per_s']:.1f}")
-        t_last = now
-        pending.clear()
-
-    def checkpoint(final=False):
-        """Write a checkpoint if the parameters are sound; else keep the last good one."""
-        if state["bad"]:
+    def write(self, step, *, skipped, final=False):
+        """Write a checkpoint if the parameters are sound; else keep the last good one. True if written."""
+        run, st = self.run, self.st
+        if skipped:
             if final:
-                say(f"the last step ({step}) was skipped, so no checkpoint of it was written; {last_good()}")
-            elif not state["deferred"]:
-                say(f"step {step}: checkpoint postponed (the last step was skipped); {last_good()}")
-            state["deferred"] = True
+                run.say(f"the last step ({step}) was skipped, so no checkpoint of it was written; {self.last_good()}")
+            elif not self.deferred:
+                run.say(f"step {step}: checkpoint postponed (the last step was skipped); {self.last_good()}")
+            self.deferred = True
             return False
-        nonlocal params
-        dist.check_same_parameters(comm, {**params, **{"ema/" + k: v for k, v in ema.shadow.items()}},
-                                   where=f"step {step}, before writing {ckpt_path}")
-        bad = _check_batch_failure(model, ema, check_x, tc.seed, xp)
-        params = model.parameters()              # use_ema put back copies: the loop must update those
+        dist.check_same_parameters(run.comm, {**st.params, **{"ema/" + k: v for k, v in st.ema.shadow.items()}},
+                                   where=f"step {step}, before writing {run.ckpt_path}")
+        bad = _check_batch_failure(st.model, st.ema, st.check_x, run.preset.train.seed, st.model.xp)
+        st.params = st.model.parameters()        # use_ema put back copies: the loop must update those
         if bad:
             e = TrainingDiverged(f"at step {step} the {bad} give a non-finite loss on the check batch, so no "
-                                 f"checkpoint was written; {last_good()}. Lower the learning rate (--lr).")
+                                 f"checkpoint was written; {self.last_good()}. Lower the learning rate (--lr).")
             e.coordinated = True
             raise e
-        if comm.rank == 0:
-            runfolder.keep_previous(ckpt_path)
-            _save(ckpt_path, model, adam, ema, step, p)
-        state["good_ckpt"], state["deferred"] = (ckpt_path, step), False
+        if run.comm.rank == 0:
+            runfolder.keep_previous(run.ckpt_path)
+            _save(run.ckpt_path, st.model, st.adam, st.ema, step, run.preset)
+        self.good, self.deferred = (run.ckpt_path, step), False
         return True
 
-    guard = runfolder.InterruptGuard(say)
-    try:
-        with guard:
-            stop = False
-            while step < total and not stop and (reducer is not None or
-                                                 (time.perf_counter() < deadline and not guard.requested)):
-                idx = batch_indices(len(train_images), tc.batch_size, tc.seed, step)
-                if reducer is None:
-                    loss, grads = shard_loss_and_grads(model, train_images, idx, seed=tc.seed, step=step, comm=comm)
-                else:
-                    loss, grads, stop, sig = _reduced_step(model, train_images, idx, tc.seed, step, comm, reducer,
-                                                           time.perf_counter() >= deadline, guard.requested)
-                    if sig:
-                        guard.requested = guard.requested or sig     # some rank got it: all stop as interrupted
-                gnorm = global_grad_norm_array(grads)
-                ok = xp.isfinite(loss) & xp.isfinite(gnorm)      # a skipped step changes nothing (no host sync)
-                step += 1
-                lr = learning_rate(step, tc)                  # warm-up, or a release schedule
-                adam.step(params, grads, lr, grad_scale=clip_scale(gnorm, tc.grad_clip), apply=ok)
-                ema.update(params, apply=ok)
-                pending.append((step, loss, gnorm, ok, lr))
-                if bar is not None:
-                    bar.update(1)
-                due_ckpt = ckpt_path and (step % tc.checkpoint_every == 0 or state["deferred"])
-                if step % tc.log_every == 0 or step == total or due_ckpt:
-                    flush()                                      # the only host sync of the loop
-                if due_ckpt:
-                    checkpoint()
-            flush()
-    except BaseException as e:
-        dist.abort_on_error(comm, e)          # an error only this rank saw: end every rank
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    skipped = state["skipped"]
-    steps_run = step - start
+
+def _finish(run, st, log, ckpts, guard, step):
+    """The final checkpoint; :class:`TrainingInterrupted` after a signal; else the test
+    bits/dim and ``val_inverr`` with the EMA parameters, ``summary.json`` and the summary."""
+    steps_run = step - run.start
     wrote = False
-    if ckpt_path and steps_run and state["good_ckpt"] != (ckpt_path, step):
-        wrote = checkpoint(final=True)
+    if run.ckpt_path and steps_run and not ckpts.current(step):
+        wrote = ckpts.write(step, skipped=log.bad > 0, final=True)
     if guard.requested:
-        import signal as _signal
-        name = _signal.Signals(guard.requested).name
         log.close()
-        where = (f"checkpoint written to {ckpt_path} (step {step})" if wrote or state["good_ckpt"] == (ckpt_path, step)
-                 else (last_good() if ckpt_path else "no out_dir, so no checkpoint"))
-        how = ("To continue, run the same command again (it resumes from the checkpoint); add --no-resume to "
-               "start afresh." if ckpt_path else "Give out_dir= to make a run resumable.")
-        raise TrainingInterrupted(f"{name} at step {step}: {where}. {how}", step=step, signum=guard.requested,
-                                  checkpoint=state["good_ckpt"][0] if state["good_ckpt"] else None)
-    summary = {"preset": p.name, "steps": step, "steps_run": steps_run, "skipped_steps": skipped,
-               "final_train_bpd": history[-1]["train_bpd"] if history else None,
-               "num_parameters": model.num_parameters(), "backend": backend}
+        raise _interruption(run, ckpts, step, guard.requested, wrote)
+    summary = {"preset": run.preset.name, "steps": step, "steps_run": steps_run, "skipped_steps": log.skipped,
+               "final_train_bpd": log.history[-1]["train_bpd"] if log.history else None,
+               "num_parameters": st.model.num_parameters(), "backend": run.backend}
     if steps_run == 0:
-        say(f"no optimiser step fitted in the time budget (minutes={minutes}); nothing written")
+        run.say(f"no optimiser step fitted in the time budget (minutes={run.minutes}); nothing written")
         log.close()
-        summary.update(history=history, model=model, ema=ema)
+        summary.update(history=log.history, model=st.model, ema=st.ema)
         return summary
-    if test_images is not None and len(test_images):
-        with use_ema(model, ema):
-            summary["test_bpd"] = evaluate(model, test_images, batch_size=tc.batch_size,
-                                           max_batches=tc.eval_batches, seed=tc.seed,
-                                           label=f"the test images at step {step}", comm=comm)["bpd"]
-            from flowpp_ref.training.evaluation import inverse_error      # issue 12: the release's val_inverr monitor
-            summary["val_inverr"] = inverse_error(model, test_images, batch_size=tc.batch_size,
-                                                  max_batches=tc.eval_batches, seed=tc.seed)
+    if run.test_images is not None and len(run.test_images):
+        summary.update(_test_scores(run, st, step))
         log.write({"step": step, "test_bpd": summary["test_bpd"], "val_inverr": summary["val_inverr"]})
     log.close()
-    summary["history"] = history
-    if out_dir and comm.rank == 0:
-        runfolder.atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(
-            {k: v for k, v in summary.items() if k != "history"}, indent=2, allow_nan=False))
-    summary["model"] = model
-    summary["ema"] = ema
+    if run.out_dir and run.comm.rank == 0:
+        runfolder.atomic_write_text(os.path.join(run.out_dir, "summary.json"),
+                                    json.dumps(summary, indent=2, allow_nan=False))
+    summary.update(history=log.history, model=st.model, ema=st.ema)
     return summary
+
+
+def _test_scores(run, st, step):
+    """Test bits/dim (the ELBO, :func:`~flowpp_ref.training.evaluation.evaluate`) and the
+    inverse's error ``val_inverr``, with the EMA parameters."""
+    tc = run.preset.train
+    with use_ema(st.model, st.ema):
+        bpd = evaluate(st.model, run.test_images, batch_size=tc.batch_size, max_batches=tc.eval_batches,
+                       seed=tc.seed, label=f"the test images at step {step}", comm=run.comm)["bpd"]
+        inverr = inverse_error(st.model, run.test_images, batch_size=tc.batch_size, max_batches=tc.eval_batches,
+                               seed=tc.seed)
+    return {"test_bpd": bpd, "val_inverr": inverr}
+
+
+def _interruption(run, ckpts, step, signum, wrote):
+    """The :class:`TrainingInterrupted` of a run stopped by ``signum`` after ``step``."""
+    name = _signal.Signals(signum).name
+    where = (f"checkpoint written to {run.ckpt_path} (step {step})" if wrote or ckpts.current(step)
+             else (ckpts.last_good() if run.ckpt_path else "no out_dir, so no checkpoint"))
+    how = ("To continue, run the same command again (it resumes from the checkpoint); add --no-resume to "
+           "start afresh." if run.ckpt_path else "Give out_dir= to make a run resumable.")
+    return TrainingInterrupted(f"{name} at step {step}: {where}. {how}", step=step, signum=signum,
+                               checkpoint=ckpts.good[0] if ckpts.good else None)
 
 
 def _reduced_step(model, images, idx, seed, step, comm, reducer, time_up, signum):
@@ -405,7 +588,6 @@ def _reduced_step(model, images, idx, seed, step, comm, reducer, time_up, signum
     zeros and failed = 1: every rank then raises together (that rank its own error,
     marked rank-local so it is reported; the others :class:`~flowpp_ref.runtime.distributed.PeerFailed`).
     """
-    import signal as _signal
     xp = model.xp
     err = None
     ctl = [0.0, float(bool(time_up)), float(signum == _signal.SIGINT), float(signum == _signal.SIGTERM)]
@@ -446,86 +628,9 @@ def _check_batch_failure(model, ema, check_x, seed, xp):
     return " and ".join(bad) or None
 
 
-class use_ema:
-    """Context manager: evaluate or sample with the EMA parameters, then restore."""
-
-    def __init__(self, model, ema):
-        self.model, self.ema = model, ema
-
-    def __enter__(self):
-        self.saved = {k: v.copy() for k, v in self.model.parameters().items()}
-        self.model.load_parameters({k: v.copy() for k, v in self.ema.state_dict()["shadow"].items()})
-        return self.model
-
-    def __exit__(self, *exc):
-        self.model.load_parameters(self.saved)
-        return False
-
-
-def evaluate(model, images, *, batch_size=64, max_batches=None, k=1, seed=0, label=None, progress=False,
-             comm=None):
-    """Mean test bits/dim over (up to ``max_batches``; None: all) batches; k > 1: the release's
-    importance-sampled bound (:func:`flowpp_ref.training.evaluation.evaluate_iw`: passes of ``batch_size``
-    (image, sample) pairs, float64 log-sum-exp, a progress bar on rank 0 if ``progress``).
-
-    The random numbers of sample j of image i come from a :class:`~flowpp_ref.training.keyed_rng.KeyedRNG`
-    keyed by (seed, j) and i, so the result does not depend on how the work is split:
-    with ``comm`` (default: :func:`flowpp_ref.runtime.distributed.get_comm`) of N ranks the
-    (batch, sample) pairs are dealt round-robin over the ranks (so the k samples of the
-    bound are spread over them too) and the log-weights summed in one all-reduce.
-
-    Raises :class:`NonFiniteResult` naming the batch (and ``label``, e.g. the checkpoint)
-    if any image's bits/dim is not finite: a result is a number or an error.
-    """
-    from flowpp_ref.core.backend import is_cupy
-    from flowpp_ref.model.objective import importance_sampled_log_prob
-    check_option("batch_size", batch_size)
-    check_option("max_batches", max_batches, none_ok=True)
-    check_option("k", k)
-    if comm is None:
-        comm = dist.get_comm(backend="cupy" if is_cupy(model.xp) else "numpy")
-    images = np.asarray(images)
-    n = len(images)
-    if n == 0:
-        raise ConfigError("evaluate: no images")
-    nb = math.ceil(n / batch_size)
-    if max_batches is not None:
-        nb = min(nb, max_batches)
-    m = min(n, nb * batch_size)
-    if k > 1:   # issue 12: the release's k-sample bound; issue 11: its passes spread over the ranks
-        from flowpp_ref.training.evaluation import evaluate_iw, iw_key
-        r = evaluate_iw(model, images[:m], k, key=iw_key(seed), rows=batch_size,
-                        progress=progress and comm.rank == 0, comm=comm)
-        if not (np.isfinite(r["bpd"]) and np.isfinite(r["bpd_sem"])):
-            raise NonFiniteResult(
-                f"the {k}-sample bits/dim of {label or 'the evaluation'} is not finite ({r['bpd']}): the "
-                "parameters are broken; use an earlier checkpoint (checkpoint-prev.npz of the run folder)")
-        return r
-    logw = np.zeros((k, m), dtype=np.float64)          # log-weights (ELBO samples), nats
-    for unit in range(comm.rank, nb * k, comm.size):
-        i, j = divmod(unit, k)
-        lo, hi = i * batch_size, min((i + 1) * batch_size, m)
-        rng = KeyedRNG(key_of(seed, 12345, j), np.arange(lo, hi), model.xp)
-        elbo, _ = model.elbo(model.prepare(images[lo:hi]), rng=rng, train=False)
-        logw[j, lo:hi] = to_numpy(elbo).astype(np.float64)
-    comm.allreduce(logw)
-    logp = importance_sampled_log_prob(logw) if k > 1 else logw[0]
-    v = -logp / (model.num_dims * math.log(2.0))
-    for i in range(nb):
-        vb = v[i * batch_size:(i + 1) * batch_size]
-        if not np.isfinite(vb).all():
-            raise NonFiniteResult(
-                f"bits/dim is not finite for {int((~np.isfinite(vb)).sum())} of the {len(vb)} images of batch {i} "
-                f"(images {i * batch_size}..{i * batch_size + len(vb) - 1}) of {label or 'the evaluation'}: the "
-                "parameters are broken; use an earlier checkpoint (checkpoint-prev.npz of the run folder)")
-    return {"bpd": float(v.mean()), "bpd_sem": float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0,
-            "num_images": int(len(v)), "k": int(k)}
-
-
 def _progress(enabled, start, total, name):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
     return tqdm(initial=start, total=total, desc=f"train {name}", unit="step", dynamic_ncols=True)
 
 
@@ -535,7 +640,6 @@ def _save(path, model, adam, ema, step, p):
 
 
 def _restore(model, adam, ema, ck, xp):
-    from flowpp_ref.core.backend import asarray
     model.load_parameters({k: asarray(v, xp) for k, v in ck["params"].items()})
     adam.load_state_dict(ck["optimizer_state"])
     ema.load_state_dict(ck["ema"])
@@ -543,7 +647,6 @@ def _restore(model, adam, ema, ck, xp):
 
 def load_model(checkpoint_path, backend="numpy", use_ema_params=True):
     """Rebuild the model of a checkpoint (EMA parameters by default)."""
-    from flowpp_ref.core.backend import asarray
     ck = load_checkpoint(checkpoint_path)
     p = preset_from_config(ck["config"])
     model = build_model(p, backend)

@@ -6,8 +6,8 @@ number of the update about to be applied (as :func:`flowpp_ref.training.optim.wa
 """
 from __future__ import annotations
 
-from flowpp_ref.training.optim import warmup_lr
 from flowpp_ref.model.release import SCHEDULES
+from flowpp_ref.training.optim import warmup_lr
 
 
 def learning_rate(step: int, tc) -> float:
