@@ -92,7 +92,8 @@ def worker_train(a):
 
     from flowpp_ref.core.backend import make_rng
     from flowpp_ref.model.presets import get_preset
-    from flowpp_ref.training.loop import evaluate, train, use_ema
+    from flowpp_ref.training.evaluation import evaluate, use_ema
+    from flowpp_ref.training.loop import train
 
     tr, te, used = load_cifar(a.data_dir)
     overrides = {"dequantization": a.dequant, "seed": a.seed}

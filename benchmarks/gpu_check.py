@@ -220,7 +220,8 @@ def stage_train(ctx):
 
     from flowpp_ref.core.backend import make_rng
     from flowpp_ref.cli.plotting import plot_training_curve, save_sample_grid
-    from flowpp_ref.training.loop import train, use_ema
+    from flowpp_ref.training.evaluation import use_ema
+    from flowpp_ref.training.loop import train
     dry = ctx["dry_run"]
     res = {"preset": "small"}
 

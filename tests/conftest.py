@@ -8,6 +8,11 @@ import inspect
 import os
 import re
 
+import flowpp_ref
+
+flowpp_ref.tune_threads()     # the thread-pool settings of the `flowpp` command, before NumPy loads (if not yet)
+
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings

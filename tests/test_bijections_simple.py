@@ -26,9 +26,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import TOL
-from flowpp_ref.bijections import (ChannelSplit, CheckerboardSplit, Compose, ImgProc, Inverse, Normalize,
-                                   Pointwise, Sigmoid, SpaceToDepth, TupleFlip, checkerboard_merge,
-                                   checkerboard_split, depth_to_space, factor_matrix, space_to_depth)
+from flowpp_ref.bijections import (ChannelSplit, CheckerboardSplit, Compose, ImgProc, Inverse, Normalize, Pointwise,
+                                   Sigmoid, SpaceToDepth, TupleFlip, checkerboard_merge, checkerboard_split,
+                                   depth_to_space, factor_matrix, space_to_depth)
 from flowpp_ref.core.gradcheck import gradcheck, random_scalar_loss
 from flowpp_ref.core.validation import FlowInputError
 

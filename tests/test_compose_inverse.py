@@ -19,8 +19,8 @@ from conftest import TOL
 from flowpp_ref.bijections import (ChannelSplit, CheckerboardSplit, Compose, ImgProc, Inverse, Normalize, Pointwise,
                                    Sigmoid, SpaceToDepth, TupleFlip)
 from flowpp_ref.core.gradcheck import gradcheck, random_scalar_loss
-from test_bijections_simple import (CASE_PARAMS, as_tuple, assert_struct_close, draw_values,
-                                    numerical_log_abs_det, setup_case)
+from test_bijections_simple import (CASE_PARAMS, as_tuple, assert_struct_close, draw_values, numerical_log_abs_det,
+                                    setup_case)
 
 F64 = TOL[np.float64]
 

@@ -22,11 +22,9 @@ from conftest import TOL
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flowpp_ref.bijections.coupling_transforms import (CLIP_EPS, affine_coupling_backward,
-                                                       affine_coupling_forward, affine_coupling_inverse,
-                                                       mixlogistic_coupling_backward,
-                                                       mixlogistic_coupling_forward,
-                                                       mixlogistic_coupling_inverse)
+from flowpp_ref.bijections.coupling_transforms import (CLIP_EPS, affine_coupling_backward, affine_coupling_forward,
+                                                       affine_coupling_inverse, mixlogistic_coupling_backward,
+                                                       mixlogistic_coupling_forward, mixlogistic_coupling_inverse)
 from flowpp_ref.core.gradcheck import gradcheck, random_scalar_loss, rel_error
 from flowpp_ref.kernels import kernels_enabled
 from flowpp_ref.bijections.mixlogistic import mixlogistic_cdf_pdf

@@ -18,8 +18,8 @@ from hypothesis.extra import numpy as hnp
 import flowpp_ref
 from flowpp_ref.datasets import cifar as data
 from flowpp_ref.datasets import default as default_data
-from flowpp_ref.datasets import (DataError, iterate_batches, load_cifar10, load_default_dataset,
-                                 load_imagenet32, reduce_bits, to_float)
+from flowpp_ref.datasets import (DataError, iterate_batches, load_cifar10, load_default_dataset, load_imagenet32,
+                                 reduce_bits, to_float)
 from flowpp_ref.cli.plotting import make_grid, plot_training_curve, save_sample_grid
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

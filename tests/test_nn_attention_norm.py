@@ -10,8 +10,8 @@ from hypothesis.extra import numpy as hnp
 
 from flowpp_ref.core.gradcheck import gradcheck, rel_error
 from flowpp_ref.kernels import kernels_enabled
-from flowpp_ref.nn.attention import (SelfAttention, softmax_backward_inplace, softmax_backward_ref,
-                                     softmax_inplace, softmax_ref)
+from flowpp_ref.nn.attention import (SelfAttention, softmax_backward_inplace, softmax_backward_ref, softmax_inplace,
+                                     softmax_ref)
 from flowpp_ref.nn.layernorm import (LayerNorm, layernorm_backward, layernorm_backward_ref, layernorm_forward,
                                      layernorm_forward_ref)
 from flowpp_ref.core.validation import FlowInputError

@@ -9,7 +9,7 @@ import pytest
 from flowpp_ref.runtime import checkpoint as ckpt_mod
 from flowpp_ref.runtime.checkpoint import CheckpointError, load_checkpoint, restore_rng, save_checkpoint
 from flowpp_ref.training.optim import (EMA, Adam, clip_grad_norm, clip_scale, global_grad_norm, global_grad_norm_array,
-                              warmup_lr)
+                                       warmup_lr)
 
 
 def _params(rng, dtype=np.float64):

@@ -39,14 +39,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from flowpp_ref.bijections.base import Bijection
+from flowpp_ref.bijections.coupling_transforms import (affine_coupling_backward, affine_coupling_forward,
+                                                       affine_coupling_inverse, mixlogistic_coupling_backward,
+                                                       mixlogistic_coupling_forward, mixlogistic_coupling_inverse)
 from flowpp_ref.core.backend import array_module
 from flowpp_ref.core.module import prefixed
-from flowpp_ref.nn.network import ConditioningNetwork
 from flowpp_ref.core.validation import FlowInputError, check_array
-from flowpp_ref.bijections.base import Bijection
-from flowpp_ref.bijections.coupling_transforms import (affine_coupling_backward, affine_coupling_forward, affine_coupling_inverse,
-                                  mixlogistic_coupling_backward, mixlogistic_coupling_forward,
-                                  mixlogistic_coupling_inverse)
+from flowpp_ref.nn.network import ConditioningNetwork
 
 LOGSCALE_MIN = -7.0   # the paper's clamp: ml_logscales = tf.maximum(ml_logscales, -7.)
 

@@ -61,9 +61,9 @@ loop checks its inputs once per step; see :mod:`flowpp_ref.core.validation`).
 """
 from __future__ import annotations
 
-from flowpp_ref.core.backend import array_module
 from flowpp_ref.bijections.mixlogistic import (_check_mix, mixlogistic_cdf_pdf, mixlogistic_cdf_pdf_backward,
-                           mixlogistic_invcdf)
+                                               mixlogistic_invcdf)
+from flowpp_ref.core.backend import array_module
 from flowpp_ref.core.validation import FlowInputError, check_array, check_finite
 
 CLIP_EPS = 1e-5   # the release clips the inverse-CDF target to [1e-5, 1 - 1e-5]

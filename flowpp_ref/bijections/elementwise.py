@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from flowpp_ref.bijections.base import Bijection
 from flowpp_ref.core.backend import array_module, to_numpy
 from flowpp_ref.core.validation import FlowInputError, check_array, check_finite, check_range
-from flowpp_ref.bijections.base import Bijection
 
 # ImgProc constants: [0, 256] -> [0.05, 0.95] -> logit space.
 IMG_MAX = 256.0

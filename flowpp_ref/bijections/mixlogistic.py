@@ -84,8 +84,10 @@ from __future__ import annotations
 import numpy as np
 
 from flowpp_ref.core.backend import array_module, is_cupy
-from flowpp_ref.kernels import use_kernels
 from flowpp_ref.core.validation import FlowInputError, check_array, check_finite
+from flowpp_ref.kernels import use_kernels
+from flowpp_ref.kernels.cuda import mixlogistic as ck
+from flowpp_ref.kernels.numba import mixlogistic as nk
 
 INVCDF_DEFAULTS = {
     np.dtype(np.float64): dict(tol=1e-10, max_iters=100),   # the release's values
@@ -332,13 +334,11 @@ def mixlogistic_cdf_pdf(x, logits, means, logscales):
     """
     _check_mix(x, logits, means, logscales)
     if _use_numba(x, logits, means, logscales):
-        from flowpp_ref.kernels.numba import mixlogistic as nk
         xf, lf, mf, sf = _flat(x, logits, means, logscales)
         outs = tuple(np.empty(xf.shape, dtype=x.dtype) for _ in range(3))
         nk.cdf_pdf_forward(xf, lf, mf, sf, *outs)
         return tuple(o.reshape(x.shape) for o in outs)
     if _use_cuda(x, logits, means, logscales):
-        from flowpp_ref.kernels.cuda import mixlogistic as ck
         outs = ck.cdf_pdf_forward(*_flat_xp(array_module(x), x, logits, means, logscales))
         return tuple(o.reshape(x.shape) for o in outs)
     return _ref_cdf_pdf(x, logits, means, logscales)
@@ -364,7 +364,6 @@ def mixlogistic_cdf_pdf_backward(x, logits, means, logscales, g_logF=None, g_log
             raise FlowInputError(f"{name}: expected shape {tuple(x.shape)}, got {tuple(g.shape)}")
         gs.append(g.astype(x.dtype, copy=False))
     if _use_numba(x, logits, means, logscales, *gs):
-        from flowpp_ref.kernels.numba import mixlogistic as nk
         K = logits.shape[-1]
         xf, lf, mf, sf = _flat(x, logits, means, logscales)
         gf = [np.ascontiguousarray(g).reshape(-1) for g in gs]
@@ -374,7 +373,6 @@ def mixlogistic_cdf_pdf_backward(x, logits, means, logscales, g_logF=None, g_log
         pshape = tuple(x.shape) + (K,)
         return dx.reshape(x.shape), dl.reshape(pshape), dm.reshape(pshape), ds.reshape(pshape)
     if _use_cuda(x, logits, means, logscales, *gs):
-        from flowpp_ref.kernels.cuda import mixlogistic as ck
         K = logits.shape[-1]
         dx, dl, dm, ds = ck.cdf_pdf_backward(*_flat_xp(xp, x, logits, means, logscales),
                                              *(xp.ascontiguousarray(g).reshape(-1) for g in gs))
@@ -420,7 +418,6 @@ def mixlogistic_invcdf(y, logits, means, logscales, method: str = "bisection",
         raise FlowInputError(f"tol must be >= 0 and max_iters >= 0, got tol={tol}, max_iters={max_iters}")
     n = int(y.size)
     if _use_numba(y, logits, means, logscales):
-        from flowpp_ref.kernels.numba import mixlogistic as nk
         yf, lf, mf, sf = _flat(y, logits, means, logscales)
         x = np.empty(yf.shape, dtype=y.dtype)
         evals = np.zeros(yf.shape, dtype=np.int64)
@@ -434,7 +431,6 @@ def mixlogistic_invcdf(y, logits, means, logscales, method: str = "bisection",
         x = x.reshape(y.shape)
         evals = evals.reshape(y.shape)
     elif method == "hybrid" and _use_cuda(y, logits, means, logscales):
-        from flowpp_ref.kernels.cuda import mixlogistic as ck
         x, evals, conv = ck.invcdf_hybrid(*_flat_xp(xp, y, logits, means, logscales), tol, max_iters)
         x, evals = x.reshape(y.shape), evals.reshape(y.shape)
         iters = int(evals.max()) if n else 0

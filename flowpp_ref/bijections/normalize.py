@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from flowpp_ref.bijections.base import Bijection
 from flowpp_ref.core.backend import array_module, asarray
 from flowpp_ref.core.validation import FlowInputError, check_array, check_finite
-from flowpp_ref.bijections.base import Bijection
 
 NORMALIZE_EPS = 1e-8   # added to the batch variance in data_init (as in the release)
 

@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from flowpp_ref.bijections.base import Bijection
 from flowpp_ref.core.backend import array_module, asarray, is_cupy, to_numpy
 from flowpp_ref.core.validation import FlowInputError, check_array
-from flowpp_ref.bijections.base import Bijection
 
 EPS64 = float(np.finfo(np.float64).eps)
 

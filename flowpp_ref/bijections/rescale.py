@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import math
 
-from flowpp_ref.core.backend import array_module
 from flowpp_ref.bijections.base import Bijection
+from flowpp_ref.core.backend import array_module
 
 
 class Rescale(Bijection):

@@ -17,9 +17,9 @@ channel axis).
 """
 from __future__ import annotations
 
+from flowpp_ref.bijections.base import Bijection, zeros_logdet
 from flowpp_ref.core.backend import array_module
 from flowpp_ref.core.validation import FlowInputError, check_array
-from flowpp_ref.bijections.base import Bijection, zeros_logdet
 
 
 # ------------------------------------------------------------------ checks

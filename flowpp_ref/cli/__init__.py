@@ -6,11 +6,12 @@
 """
 import sys
 
+from flowpp_ref.runtime.threads import tune_threads  # imports neither NumPy nor numba
+
 
 def main(argv=None):
     """Entry point of the ``flowpp`` script: tunes the CPU thread pools before NumPy loads
     (:func:`flowpp_ref.runtime.threads.tune_threads`), then runs the command."""
-    from flowpp_ref.runtime.threads import tune_threads
     tune_threads()
     from flowpp_ref.cli.commands import main as run
     return run(sys.argv[1:] if argv is None else argv)

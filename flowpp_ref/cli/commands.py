@@ -9,48 +9,53 @@ traceback. The checks live in :mod:`flowpp_ref.cli.args`, the ranges in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import sys
 
 import numpy as np
 
+from flowpp_ref import datasets
 from flowpp_ref.cli import args as cli_args
 from flowpp_ref.cli.args import UsageError
-from flowpp_ref.model.presets import PRESETS
+from flowpp_ref.cli.plotting import plot_training_curve, save_sample_grid
+from flowpp_ref.core.backend import make_rng
+from flowpp_ref.datasets import DataError, block_average, reduce_bits
+from flowpp_ref.model.presets import PRESETS, ModelConfig, TrainConfig, get_preset
+from flowpp_ref.runtime import distributed, runfolder
+from flowpp_ref.runtime.distributed import launched_rank
+from flowpp_ref.training.evaluation import evaluate, use_ema
+from flowpp_ref.training.loop import load_model, train
 
 
 def _load_data(args, split):
-    from flowpp_ref import datasets as data
     if args.data == "default":
-        return data.load_default_dataset(split)[0]
+        return datasets.load_default_dataset(split)[0]
     if args.data == "cifar10":
         if not args.data_dir:
             raise UsageError("--data cifar10 needs --data-dir (a folder with cifar-10-batches-py/ "
                              "or cifar-10-python.tar.gz)")
-        return data.load_cifar10(args.data_dir, split)[0]
+        return datasets.load_cifar10(args.data_dir, split)[0]
     if args.data == "imagenet32":
         if not args.data_dir:
             raise UsageError("--data imagenet32 needs --data-dir (a folder with the downsampled ImageNet npz files)")
-        from flowpp_ref import datasets
         try:                                         # train_data_batch_*.npz / val_data.npz, memory-mapped
             return datasets.load_imagenet64(args.data_dir, split, cache_dir=getattr(args, "cache_dir", None), size=32)
-        except data.DataError as e:
+        except datasets.DataError as e:
             raise UsageError(f"--data imagenet32: {e}") from None
-    if args.data in _RELEASE_DATA:                   # issue 12: the release's other data sets, the user's own
+    if args.data in _RELEASE_DATA:                   # the release's other data sets, the user's own
         return _load_release_data(args, split)
     raise UsageError(f"unknown --data {args.data!r}")
 
 
-# ---- issue 12: ImageNet 64x64, CelebA (.npy at n bits), a user's images -------------------
+# ---- ImageNet 64x64, CelebA (.npy at n bits), a user's images -----------------------------
 _RELEASE_DATA = ("imagenet64", "celeba", "images")
 
 
 def _load_release_data(args, split):
-    import re
 
-    from flowpp_ref import datasets
-    from flowpp_ref.datasets import DataError
     path = args.data_dir
     if not path:
         raise UsageError(f"--data {args.data} needs --data-dir: " + {
@@ -82,29 +87,15 @@ def _load_release_data(args, split):
 
 
 def _overrides(args):
-    o = {}
-    for key in ("batch_size", "init_batch_size", "lr", "warmup_steps", "seed", "checkpoint_every", "n_bits", "filters", "blocks",
-                "components", "dropout_p", "ema_decay", "eval_batches"):
-        v = getattr(args, key, None)
-        if v is not None:
-            o[key] = v
-    if getattr(args, "dequantization", None):
-        o["dequantization"] = args.dequantization
-    if getattr(args, "coupling", None):
-        o["coupling"] = args.coupling
-    if getattr(args, "no_attention", False):
-        o["use_attention"] = False
-    if getattr(args, "mixture_dtype", None):            # issue 12
-        o["mixture_dtype"] = args.mixture_dtype
-    if getattr(args, "mixer", None):
-        o["mixer"] = args.mixer
-    return o
+    """The preset fields given on the command line (:func:`flowpp_ref.cli.args.overrides_from_args`)."""
+    return cli_args.overrides_from_args(args, (TrainConfig, ModelConfig))
 
 
-def _add_common(p):
+def _add_common(p, seed=True):
     p.add_argument("--backend", default=os.environ.get("FLOWPP_BACKEND", "numpy"), choices=["numpy", "cupy"],
                    help="array backend: numpy (CPU, numba kernels) or cupy (GPU) [default: $FLOWPP_BACKEND or numpy]")
-    p.add_argument("--seed", type=int, default=None, help="random seed (parameters, batches, noise) [preset: 0]")
+    if seed:                                   # train passes seed=False: its TrainConfig options hold --seed
+        cli_args.add_config_options(p, TrainConfig, names=("seed",))
     cli_args.add_debug(p)
 
 
@@ -123,7 +114,7 @@ def _add_data(p):
 
 
 def _add_distributed(p):
-    # --- data parallel (issue 11): see flowpp_ref/runtime/distributed.py ---
+    # data parallel: flowpp_ref.runtime.distributed
     g = p.add_argument_group("data parallel (run under mpiexec -n N or srun)")
     g.add_argument("--distributed", default=None, choices=["auto", "single", "mpi", "nccl"],
                    help="communicator: 'auto' uses MPI (NCCL with --backend cupy) when started by mpiexec/srun "
@@ -134,7 +125,6 @@ def _add_distributed(p):
 
 
 def _comm(args):
-    from flowpp_ref.runtime import distributed
     t = getattr(args, "comm_timeout", None)
     if t is not None and not t > 0:
         raise UsageError(f"--comm-timeout must be > 0 seconds, got {t:g}")
@@ -153,35 +143,16 @@ def build_parser():
                    "samples.png, summary.json) [runs/flowpp]")
     t.add_argument("--steps", type=int, default=None, help="total optimiser steps (resumed ones included)")
     t.add_argument("--minutes", type=float, default=None, help="wall-clock budget in minutes")
-    t.add_argument("--batch-size", type=int, default=None, help="training batch size [preset]")
-    t.add_argument("--init-batch-size", type=int, default=None,
-                   help="images in the data-dependent init batch [preset: 128 for the paper presets]")
-    t.add_argument("--lr", type=float, default=None, help="peak learning rate after warm-up [preset: 1e-3]")
-    t.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps [preset]")
-    t.add_argument("--ema-decay", type=float, default=None, help="EMA decay of the evaluation parameters [preset]")
-    t.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints [preset]")
-    t.add_argument("--eval-batches", type=int, default=None, help="test batches evaluated at the end [preset]")
-    t.add_argument("--n-bits", type=int, default=None, choices=[3, 5, 8], help="bits per pixel [8]")
-    t.add_argument("--filters", type=int, default=None, help="coupling network width [preset]")
-    t.add_argument("--blocks", type=int, default=None, help="blocks per coupling network [preset]")
-    t.add_argument("--components", type=int, default=None, help="logistic mixture components [preset]")
-    t.add_argument("--dropout-p", type=float, default=None, help="dropout probability [preset]")
-    t.add_argument("--dequantization", choices=["variational", "uniform"], default=None,
-                   help="ablation: 'uniform' replaces the variational dequantizer")
-    t.add_argument("--coupling", choices=["mixlogistic", "affine"], default=None,
-                   help="ablation: 'affine' replaces the logistic-mixture CDF coupling")
-    t.add_argument("--no-attention", action="store_true", help="ablation: convolutions only in the couplings")
-    t.add_argument("--mixer", choices=["attention", "gated-nin"], default=None,
-                   help="what fills the attention slot: 'gated-nin' is the release's no-attention ablation "
-                        "(abl_noattn.py, same parameter count; --no-attention instead drops the slot) [preset]")
-    t.add_argument("--mixture-dtype", choices=["float32", "float64"], default=None,
-                   help="dtype of the mixture CDF/PDF, its inverse and backward inside the float32 model "
-                        "[float32]")
     t.add_argument("--samples", type=int, default=64, help="images in the sample grid written at the end [64]")
     t.add_argument("--no-resume", action="store_true", help="start afresh even if OUT/checkpoint.npz exists "
                    "(its checkpoints and log are then replaced)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_common(t)
+    _add_common(t, seed=False)
+    # every TrainConfig / ModelConfig field declared with option(...): flowpp_ref.model.presets
+    said = ("An option not given keeps the value of --preset; [preset, else D]: D where the preset does not "
+            "set it.")
+    cli_args.add_config_options(t.add_argument_group("training options", said), TrainConfig)
+    cli_args.add_config_options(t.add_argument_group("model options", said), ModelConfig)
     _add_distributed(t)
 
     e = sub.add_parser("eval", help="bits/dim of a checkpoint on a test set (EMA parameters)")
@@ -216,7 +187,6 @@ def _fit_default(args, x, shape, say=False):
     images block-averaged to the preset's size (:func:`flowpp_ref.datasets.block_average`), said
     once. Any other data set, or a size that is no whole divisor of 32, is left as it is
     (and refused by the shape check that follows)."""
-    from flowpp_ref.datasets import block_average
     h, w, c = shape
     if (args.data != "default" or x is None or tuple(x.shape[1:]) == tuple(shape) or c != x.shape[3]
             or h >= x.shape[1] or x.shape[1] % h or x.shape[2] % w):
@@ -228,14 +198,15 @@ def _fit_default(args, x, shape, say=False):
 
 
 def cmd_train(args, preset=None, data_kind=None):
-    from flowpp_ref.cli.plotting import plot_training_curve, save_sample_grid
-    from flowpp_ref.training.loop import train, use_ema
-    from flowpp_ref.core.backend import make_rng
-    from flowpp_ref.model.presets import get_preset
     preset = preset or args.preset
     ov = _overrides(args)
     comm = _comm(args)                                     # first: NCCL picks this process's GPU
     cli_args.check_train_args(args, preset, ov, comm=comm)            # before any work
+    with runfolder.RunFolderLock(args.out, "train", comm=comm):      # until the curve and samples are written
+        return _train(args, preset, ov, comm)
+
+
+def _train(args, preset, ov, comm):
     shape = get_preset(preset, **ov).model.image_shape
     train_x = _fit_default(args, _load_data(args, "train"), shape, say=comm.rank == 0)
     cli_args.check_images_fit(train_x.shape, shape, f"--preset {preset}", args.data)
@@ -262,15 +233,31 @@ def cmd_train(args, preset=None, data_kind=None):
     return s
 
 
+def _output_lock(path, purpose, comm=None):
+    """The lock of the folder that ``path`` is written into when that folder is a run folder
+    (:func:`flowpp_ref.runtime.runfolder.is_run_folder`; rank 0 decides for every rank),
+    else (or for no ``path``) a context that does nothing: an eval/sample writing into a
+    folder a training run is using is refused (:class:`~flowpp_ref.runtime.runfolder.RunFolderBusy`);
+    reading a checkpoint of that folder is not."""
+    folder = (os.path.dirname(path) or ".") if path else None
+    flag = np.array([1.0 if folder and runfolder.is_run_folder(folder) else 0.0])
+    if comm is not None and comm.size > 1:
+        comm.broadcast(flag)                                # every rank takes the same branch
+    return runfolder.RunFolderLock(folder, purpose, comm=comm) if flag[0] else contextlib.nullcontext()
+
+
 def cmd_eval(args):
-    from flowpp_ref.training.loop import evaluate, load_model
     comm = _comm(args)
+    with _output_lock(args.out, "eval", comm):                # refused at once in a run folder in use
+        return _eval(args, comm)
+
+
+def _eval(args, comm):
     model, p, _ = load_model(args.checkpoint, backend=args.backend)
     x = _load_data(args, "test")
     x = _fit_default(args, x, p.model.image_shape)
     cli_args.check_images_fit(x.shape, p.model.image_shape, f"checkpoint {args.checkpoint}", args.data)
     if p.model.n_bits < 8:
-        from flowpp_ref.datasets import reduce_bits
         x = reduce_bits(x, p.model.n_bits)
     r = evaluate(model, x, batch_size=args.batch_size, max_batches=args.max_batches, k=args.k,
                  seed=args.seed or 0, progress=args.k > 1 and not args.no_progress,
@@ -287,16 +274,13 @@ def cmd_eval(args):
 
 
 def cmd_sample(args):
-    from flowpp_ref.runtime.distributed import launched_rank
     if launched_rank() != 0:                                # under mpiexec: rank 0 samples
         return None
-    from flowpp_ref.core.backend import make_rng
-    from flowpp_ref.cli.plotting import save_sample_grid
-    from flowpp_ref.training.loop import load_model
-    model, _, _ = load_model(args.checkpoint, backend=args.backend)
-    imgs, dt = model.sample(args.n, rng=make_rng(args.seed or 0, model.xp), temperature=args.temperature,
-                            return_time=True)
-    save_sample_grid(imgs, args.out, nrow=int(np.ceil(np.sqrt(args.n))))
+    with _output_lock(args.out, "sample"):                   # refused at once in a run folder in use
+        model, _, _ = load_model(args.checkpoint, backend=args.backend)
+        imgs, dt = model.sample(args.n, rng=make_rng(args.seed or 0, model.xp), temperature=args.temperature,
+                                return_time=True)
+        save_sample_grid(imgs, args.out, nrow=int(np.ceil(np.sqrt(args.n))))
     print(f"sampled {args.n} images in {dt:.3f} s -> {args.out}")
     return imgs
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import os
 
+import numba
+
 SAFE_FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 NUMBA_OPTS = dict(cache=True, nogil=True, fastmath=SAFE_FASTMATH)
 
@@ -55,7 +57,6 @@ def choose_threading_layer() -> None:
     GNU OpenMP is not fork-safe: a process forked after the first parallel kernel (not exec'd)
     must not run parallel kernels; flowpp_ref forks nowhere.
     """
-    import numba
     if numba.config.THREADING_LAYER != "default":
         return
     try:

@@ -22,17 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from flowpp_ref.bijections import (
-    ChannelSplit,
-    CheckerboardSplit,
-    Compose,
-    ImgProc,
-    Inverse,
-    Normalize,
-    Pointwise,
-    SpaceToDepth,
-    TupleFlip,
-)
+from flowpp_ref.bijections import (ChannelSplit, CheckerboardSplit, Compose, ImgProc, Inverse, Normalize, Pointwise,
+                                   SpaceToDepth, TupleFlip)
 from flowpp_ref.bijections.coupling import AffineAttnCoupling, MixLogisticAttnCoupling
 from flowpp_ref.bijections.rescale import Rescale
 from flowpp_ref.model.presets import ModelConfig

@@ -24,13 +24,13 @@ import dataclasses
 
 import numpy as np
 
-from flowpp_ref.core.backend import array_module
 from flowpp_ref.bijections import CheckerboardSplit, Compose, Inverse, Sigmoid
+from flowpp_ref.core.backend import array_module
 from flowpp_ref.core.module import Module, prefixed
+from flowpp_ref.model.architecture import coupling_stage  # the same block structure as the main flow
+from flowpp_ref.model.objective import standard_normal_logprob
 from flowpp_ref.nn import Conv2d, GatedResNet
 from flowpp_ref.nn.layernorm import LayerNorm
-from flowpp_ref.model.architecture import coupling_stage   # the same block structure as the main flow
-from flowpp_ref.model.objective import standard_normal_logprob
 
 
 class UniformDequantizer(Module):

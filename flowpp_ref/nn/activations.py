@@ -22,8 +22,14 @@ from __future__ import annotations
 import numpy as np
 
 from flowpp_ref.core.backend import array_module, is_cupy
-from flowpp_ref.kernels import use_kernels
 from flowpp_ref.core.validation import FlowInputError, check_array
+from flowpp_ref.kernels import use_kernels
+from flowpp_ref.kernels.cuda.layers import concat_elu as concat_elu_cuda
+from flowpp_ref.kernels.cuda.layers import concat_elu_backward as concat_elu_backward_cuda
+from flowpp_ref.kernels.cuda.layers import gate as gate_cuda
+from flowpp_ref.kernels.cuda.layers import gate_backward as gate_backward_cuda
+from flowpp_ref.kernels.numba.activations import (concat_elu_backward_numba, concat_elu_numba, gate_backward_numba,
+                                                  gate_numba)
 
 
 # ------------------------------------------------------------------ helpers
@@ -78,10 +84,8 @@ def concat_elu_forward(x):
     """Math: elu(concat[x, -x]). Shapes: [..., C] -> [..., 2C]. Cache: x (reference)."""
     _check_last_axis(x, "concat_elu input")
     if _use_numba(x):
-        from flowpp_ref.kernels.numba.activations import concat_elu_numba
         return concat_elu_numba(x), x
     if _use_cuda(x):
-        from flowpp_ref.kernels.cuda.layers import concat_elu as concat_elu_cuda
         return concat_elu_cuda(x), x
     return concat_elu_reference(x), x
 
@@ -93,10 +97,8 @@ def concat_elu_backward(dout, cache):
         raise FlowInputError(f"concat_elu backward: dout has shape {tuple(dout.shape)}, expected "
                              f"{(*x.shape[:-1], 2 * x.shape[-1])}")
     if _use_numba(x) and array_module(dout) is np:
-        from flowpp_ref.kernels.numba.activations import concat_elu_backward_numba
         return concat_elu_backward_numba(dout, x)
     if _use_cuda(x, dout):
-        from flowpp_ref.kernels.cuda.layers import concat_elu_backward as concat_elu_backward_cuda
         return concat_elu_backward_cuda(dout, x)
     return concat_elu_backward_reference(dout, x)
 
@@ -135,10 +137,8 @@ def gate_forward(x):
     """Math: h1 * sigmoid(h2). Shapes: [..., 2C] -> [..., C]. Cache: x (reference)."""
     _check_gate_input(x)
     if _use_numba(x):
-        from flowpp_ref.kernels.numba.activations import gate_numba
         return gate_numba(x), x
     if _use_cuda(x):
-        from flowpp_ref.kernels.cuda.layers import gate as gate_cuda
         return gate_cuda(x), x
     return gate_reference(x), x
 
@@ -150,10 +150,8 @@ def gate_backward(dout, cache):
         raise FlowInputError(f"gate backward: dout has shape {tuple(dout.shape)}, expected "
                              f"{(*x.shape[:-1], x.shape[-1] // 2)}")
     if _use_numba(x) and array_module(dout) is np:
-        from flowpp_ref.kernels.numba.activations import gate_backward_numba
         return gate_backward_numba(dout, x)
     if _use_cuda(x, dout):
-        from flowpp_ref.kernels.cuda.layers import gate_backward as gate_backward_cuda
         return gate_backward_cuda(dout, x)
     return gate_backward_reference(dout, x)
 

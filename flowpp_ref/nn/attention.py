@@ -53,9 +53,12 @@ from __future__ import annotations
 import numpy as np
 
 from flowpp_ref.core.backend import array_module
-from flowpp_ref.kernels import use_kernels
 from flowpp_ref.core.module import Module, prefixed
 from flowpp_ref.core.validation import FlowInputError, check_array
+from flowpp_ref.kernels import use_kernels
+from flowpp_ref.kernels.cuda import attention as cuda_attention
+from flowpp_ref.kernels.numba import attention as numba_attention
+from flowpp_ref.kernels.numba.softmax import softmax_backward_rows_inplace, softmax_rows_inplace
 from flowpp_ref.nn.activations import gate_backward, gate_forward
 from flowpp_ref.nn.dropout import Dropout
 from flowpp_ref.nn.weightnorm import NIN
@@ -85,7 +88,6 @@ def _use_numba(xp, a):
 def softmax_inplace(s):
     xp = array_module(s)
     if _use_numba(xp, s):
-        from flowpp_ref.kernels.numba.softmax import softmax_rows_inplace
         softmax_rows_inplace(s.reshape(-1, s.shape[-1]))
         return s
     return softmax_ref(s)
@@ -94,7 +96,6 @@ def softmax_inplace(s):
 def softmax_backward_inplace(w, dw):
     xp = array_module(dw)
     if _use_numba(xp, dw) and w.flags.c_contiguous:
-        from flowpp_ref.kernels.numba.softmax import softmax_backward_rows_inplace
         softmax_backward_rows_inplace(w.reshape(-1, w.shape[-1]), dw.reshape(-1, dw.shape[-1]))
         return dw
     return softmax_backward_ref(w, dw)
@@ -130,9 +131,7 @@ def fused_attention_forward(q, k, v, out=None):
     """
     xp = array_module(q)
     if xp is np:
-        from flowpp_ref.kernels.numba import attention as numba_attention
         return numba_attention.attention_forward(q, k, v, out=out)
-    from flowpp_ref.kernels.cuda import attention as cuda_attention
     return cuda_attention.attention_forward(q, k, v, out=out)
 
 
@@ -140,9 +139,7 @@ def fused_attention_backward(q, k, v, a, lse, dA, dq=None, dk=None, dv=None):
     """(dq, dk, dv) of the fused attention (weights recomputed from q, k, lse), into dq/dk/dv if given."""
     xp = array_module(q)
     if xp is np:
-        from flowpp_ref.kernels.numba import attention as numba_attention
         return numba_attention.attention_backward(q, k, v, a, lse, dA, dq=dq, dk=dk, dv=dv)
-    from flowpp_ref.kernels.cuda import attention as cuda_attention
     return cuda_attention.attention_backward(q, k, v, a, lse, dA, dq=dq, dk=dk, dv=dv)
 
 

@@ -24,12 +24,15 @@ CuPy arrays the CUDA kernels of :mod:`flowpp_ref.kernels.cuda.layers` (not verif
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from flowpp_ref.core.backend import array_module, asarray, is_cupy
-from flowpp_ref.kernels import use_kernels
 from flowpp_ref.core.module import Module
 from flowpp_ref.core.validation import FlowInputError, check_array
+from flowpp_ref.kernels import use_kernels
+from flowpp_ref.kernels.cuda import layers as cuda_layers
+from flowpp_ref.kernels.numba import layernorm as numba_layernorm
 
 
 # ------------------------------------------------------------------ reference
@@ -69,17 +72,16 @@ def layernorm_forward(x, g, b, eps=1e-5):
     """``(out, xhat, rstd)``: numba kernel for NumPy arrays, CUDA kernel for CuPy arrays, else the reference."""
     xp = array_module(x)
     if _cuda_ok(xp, x):
-        from flowpp_ref.kernels.cuda import layers as cuda_layers
         return cuda_layers.layernorm_forward(x, g, b, eps)
     if not _numba_ok(xp, x):
         return layernorm_forward_ref(x, g, b, eps)
-    from flowpp_ref.kernels.numba import layernorm as k
     c = x.shape[-1]
     x2 = np.ascontiguousarray(x).reshape(-1, c)
     out = np.empty_like(x2)
     xhat = np.empty_like(x2)
     rstd = np.empty(x2.shape[0], dtype=x.dtype)
-    kern = k.layernorm_forward_parallel if x2.size >= k.PARALLEL_MIN_SIZE else k.layernorm_forward_serial
+    parallel = x2.size >= numba_layernorm.PARALLEL_MIN_SIZE
+    kern = numba_layernorm.layernorm_forward_parallel if parallel else numba_layernorm.layernorm_forward_serial
     kern(x2, g.astype(x.dtype, copy=False), b.astype(x.dtype, copy=False), float(eps), out, xhat, rstd)
     lead = x.shape[:-1]
     return out.reshape(x.shape), xhat.reshape(x.shape), rstd.reshape(lead + (1,))
@@ -89,23 +91,20 @@ def layernorm_backward(dout, xhat, rstd, g):
     """``(dx, dg, db)``: numba kernel for NumPy arrays, CUDA kernel for CuPy arrays, else the reference."""
     xp = array_module(dout)
     if _cuda_ok(xp, dout):
-        from flowpp_ref.kernels.cuda import layers as cuda_layers
         return cuda_layers.layernorm_backward(dout, xhat, rstd, g)
     if not _numba_ok(xp, dout):
         return layernorm_backward_ref(dout, xhat, rstd, g)
-    import numba
 
-    from flowpp_ref.kernels.numba import layernorm as k
     c = dout.shape[-1]
     d2 = np.ascontiguousarray(dout).reshape(-1, c)
     h2 = np.ascontiguousarray(xhat).reshape(-1, c)
     r1 = np.ascontiguousarray(rstd).reshape(-1)
     dx = np.empty_like(d2)
-    par = d2.size >= k.PARALLEL_MIN_SIZE
+    par = d2.size >= numba_layernorm.PARALLEL_MIN_SIZE
     parts = max(1, min(numba.get_num_threads(), d2.shape[0])) if par else 1
     dg_part = np.zeros((parts, c), dtype=np.float64)
     db_part = np.zeros((parts, c), dtype=np.float64)
-    kern = k.layernorm_backward_parallel if par else k.layernorm_backward_serial
+    kern = numba_layernorm.layernorm_backward_parallel if par else numba_layernorm.layernorm_backward_serial
     kern(d2, h2, r1, g.astype(dout.dtype, copy=False), dx, dg_part, db_part)
     dt = dout.dtype
     return dx.reshape(dout.shape), dg_part.sum(0).astype(dt), db_part.sum(0).astype(dt)

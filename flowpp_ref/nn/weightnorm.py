@@ -30,10 +30,11 @@ import threading
 
 import numpy as np
 
-from flowpp_ref.core.backend import asarray, array_module
-from flowpp_ref.kernels import use_kernels
+from flowpp_ref.core.backend import array_module, asarray
 from flowpp_ref.core.module import Module
 from flowpp_ref.core.validation import FlowInputError, check_array
+from flowpp_ref.kernels import use_kernels
+from flowpp_ref.kernels.numba.conv import gather_cols, shift_sum
 
 DDI_EPS = 1e-8   # the paper's epsilon in init_scale / sqrt(v + 1e-8)
 
@@ -183,7 +184,6 @@ def _workspace(shape, dtype):
 def _conv_forward_thin(x, W, b):
     """The convolution through the kernels of :mod:`flowpp_ref.kernels.numba.conv` (see its docstring):
     matmul then ``shift_sum`` when Cout < Cin, else ``gather_cols`` then matmul."""
-    from flowpp_ref.kernels.numba.conv import gather_cols, shift_sum
     kh, kw, C, Co = W.shape
     B, H, Wd, _ = x.shape
     T, shifts = kh * kw, tap_shifts(kh, kw)
@@ -202,7 +202,6 @@ def _conv_forward_thin(x, W, b):
 
 def _conv_backward_thin(dout, x, W):
     """(dx, dW) through the kernels of :mod:`flowpp_ref.kernels.numba.conv` (formulas in its docstring)."""
-    from flowpp_ref.kernels.numba.conv import gather_cols, shift_sum
     kh, kw, C, Co = W.shape
     B, H, Wd, _ = x.shape
     T, shifts = kh * kw, tap_shifts(kh, kw)

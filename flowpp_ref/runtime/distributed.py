@@ -50,6 +50,8 @@ import traceback
 
 import numpy as np
 
+from flowpp_ref.core.backend import array_module, to_numpy
+
 DEFAULT_TIMEOUT = 1800.0
 KINDS = ("auto", "single", "mpi", "nccl")
 _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS")
@@ -256,13 +258,11 @@ def _host_view(buf):
         if not buf.flags.c_contiguous:
             raise DistributedError("MPI buffers must be contiguous")
         return buf, False
-    from flowpp_ref.core.backend import to_numpy
     return np.ascontiguousarray(to_numpy(buf)), True
 
 
 def _back(host, dev, buf):
     if dev:
-        from flowpp_ref.core.backend import array_module
         buf[...] = array_module(buf).asarray(host)
     return buf
 
@@ -351,7 +351,6 @@ def broadcast_arrays(comm, arrays: dict, root=0) -> dict:
     if comm.size == 1 or not arrays:
         return arrays
     xp_arr = next(iter(arrays.values()))
-    from flowpp_ref.core.backend import array_module
     fb = FlatBuffer({k: v.shape for k, v in arrays.items()}, 0, array_module(xp_arr), np.float64
                     if any(v.dtype == np.float64 for v in arrays.values()) else xp_arr.dtype)
     fb.pack(arrays, [])
@@ -364,7 +363,6 @@ def broadcast_arrays(comm, arrays: dict, root=0) -> dict:
 
 def parameter_digest(arrays: dict) -> str:
     """A hex digest of a dict of arrays (names, shapes, dtypes and bytes, in sorted order)."""
-    from flowpp_ref.core.backend import to_numpy
     h = hashlib.blake2b(digest_size=8)
     for k in sorted(arrays):
         a = np.ascontiguousarray(to_numpy(arrays[k]))

@@ -21,6 +21,8 @@ import hashlib
 import os
 import warnings
 
+from numba.core import caching, config
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _KERNELS_INIT = os.path.join(os.path.dirname(_HERE), "__init__.py")     # NUMBA_OPTS live there
 
@@ -45,7 +47,6 @@ def install_source_keyed_cache(folder: str, extra: tuple = ()) -> bool:
     """
     folder = os.path.realpath(folder)
     try:
-        from numba.core import caching, config
         impl = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl")
         base = getattr(caching, "InTreeCacheLocator", None) or getattr(caching, "_InTreeCacheLocator")
         locators = impl._locator_classes

@@ -128,15 +128,16 @@ import math
 
 import numba
 import numpy as np
-from numba.core import types
 from llvmlite import ir
+from numba.core import types
 from numba.extending import intrinsic, overload
 
 from flowpp_ref.kernels import NUMBA_OPTS, choose_threading_layer
 from flowpp_ref.kernels.numba import fastexp
 from flowpp_ref.kernels.numba.fastexp import EXACT_OPTS, fast_exp
+from flowpp_ref.kernels.numba.simd import (add16, exp2_16, fma16, load16, max16, mul16, splat16, store16, sub16,
+                                           transpose16x16)
 from flowpp_ref.kernels.numba.views import borrow
-from flowpp_ref.kernels.numba.simd import add16, exp2_16, fma16, load16, max16, mul16, splat16, store16, sub16, transpose16x16
 
 choose_threading_layer()
 
