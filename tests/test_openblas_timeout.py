@@ -46,7 +46,8 @@ def test_left_alone_when_numpy_is_already_loaded():
 
 
 # ---------------------------------------------------------------- numba's threading layer, libgomp's spin
-_LAYER = ("import flowpp_ref; changed = flowpp_ref.tune_threads()\nimport numba, numpy as np, os\n"
+_LAYER = ("import flowpp_ref, sys; changed = flowpp_ref.tune_threads() if 'tune' in sys.argv else []\n"
+          "import numba, numpy as np, os\n"
           "import flowpp_ref.kernels.numba.layernorm  # a kernel module: it picks the layer\n"
           "@numba.njit(parallel=True)\n"
           "def f(x):\n"
@@ -56,11 +57,12 @@ _LAYER = ("import flowpp_ref; changed = flowpp_ref.tune_threads()\nimport numba,
           "print(numba.threading_layer(), os.environ.get('GOMP_SPINCOUNT'), changed)")
 
 
-def _layer_after(extra):
+def _layer_after(extra, tune=True):
     env = {k: v for k, v in os.environ.items()
            if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "NUMBA_THREADING_LAYER")}
     env.update(extra)
-    r = subprocess.run([sys.executable, "-c", _LAYER], env=env, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", _LAYER] + (["tune"] if tune else []), env=env, capture_output=True,
+                       text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout.strip().splitlines()[-1]
 
@@ -73,7 +75,15 @@ def _has_gnu_openmp():
     return omppool.openmp_vendor in ("GNU", "Intel")
 
 
-def test_openmp_layer_with_a_short_spin_by_default():
+def test_without_a_bounded_spin_the_kernels_use_workqueue_and_nothing_is_set():
+    # libgomp's default spin fights OpenBLAS for the cores: without GOMP_SPINCOUNT / OMP_WAIT_POLICY
+    # (no tune_threads() call, nothing from the user) the kernels run on numba's workqueue layer
+    assert _layer_after({}, tune=False) == "workqueue None []"
+    assert _layer_after({"OMP_WAIT_POLICY": "passive"}, tune=False).split()[0] == (
+        "omp" if _has_gnu_openmp() else "workqueue")
+
+
+def test_openmp_layer_with_a_short_spin_after_tune_threads():
     out = _layer_after({})
     want = "omp" if _has_gnu_openmp() else "workqueue"
     assert out.startswith(f"{want} 3000 "), out

@@ -43,7 +43,7 @@ def kernels_enabled(flag: bool):
 
 
 def choose_threading_layer() -> None:
-    """numba's threading layer for the ``parallel=True`` kernels: OpenMP where it loads, else workqueue.
+    """numba's threading layer for the ``parallel=True`` kernels.
 
     Called by the kernel modules that have parallel kernels, before their first launch. Respects
     a layer chosen by the user (``NUMBA_THREADING_LAYER`` or ``numba.config.THREADING_LAYER``).
@@ -51,17 +51,24 @@ def choose_threading_layer() -> None:
     OpenMP (libgomp) starts a parallel loop with its workers still spinning, while numba's
     workqueue layer puts its workers to sleep and wakes them at every launch. libgomp's idle
     workers spin for a long time by default, and on a few cores they and OpenBLAS's take the
-    cores from each other between every matrix product and kernel; the ``flowpp`` command
-    therefore calls :func:`flowpp_ref.runtime.threads.tune_threads`, which shortens the spin
-    (``GOMP_SPINCOUNT``) unless the user chose a spin or wait policy.
+    cores from each other between every matrix product and kernel. So:
+
+    * OpenMP where libgomp loads and its spin is bounded: ``GOMP_SPINCOUNT`` or
+      ``OMP_WAIT_POLICY`` is set, by the user or by :func:`flowpp_ref.runtime.threads.tune_threads`
+      (which the ``flowpp`` command calls first);
+    * otherwise workqueue, which never spins (slower launches, but no fight over the cores).
+
     GNU OpenMP is not fork-safe: a process forked after the first parallel kernel (not exec'd)
     must not run parallel kernels; flowpp_ref forks nowhere.
     """
     if numba.config.THREADING_LAYER != "default":
         return
-    try:
-        from numba.np.ufunc import omppool
-        ok = omppool.openmp_vendor in ("GNU", "Intel")
-    except ImportError:
-        ok = False
+    bounded_spin = "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ
+    ok = False
+    if bounded_spin:
+        try:
+            from numba.np.ufunc import omppool
+            ok = omppool.openmp_vendor in ("GNU", "Intel")
+        except ImportError:
+            ok = False
     numba.config.THREADING_LAYER = "omp" if ok else "workqueue"

@@ -124,7 +124,7 @@ class FlowPP(Module):
     # -------------------------------------------------------------- evaluation
     def bits_per_dim(self, x, *, rng, k: int = 1):
         """Per-image bits/dim (host float64 array) of the batch ``x``: the ELBO for k = 1,
-        else the importance-weighted bound with k samples of the dequantizer (sec. 3.1),
+        else the importance-weighted bound with k samples of the dequantizer (Burda et al., 2016),
         drawn from ``rng`` in passes of ``len(x)`` (image, sample) pairs
         (:func:`flowpp_ref.training.evaluation.importance_weighted_bpd`)."""
         return importance_weighted_bpd(self, x, k, rng=rng, rows=max(len(x), 1))

@@ -1,6 +1,7 @@
 """Evaluation: the importance-weighted bound with k samples per image, and the inverse's error.
 
-For an image x and k dequantization samples u_j ~ q(u|x) (sec. 3.1, Burda et al.)::
+For an image x and k dequantization samples u_j ~ q(u|x) (the bound of sec. 3.1 tightened as in
+Burda et al., 2016; the release evaluates it with k = 4096)::
 
     w_j      = log p(x + u_j) - log q(u_j|x)                 (one ELBO term per sample)
     log P(x) >= log (1/k) sum_j exp(w_j)                      (tighter as k grows; k = 1: the ELBO)
@@ -25,7 +26,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from flowpp_ref.core.backend import is_cupy, make_rng, to_numpy
 from flowpp_ref.runtime import distributed as dist
@@ -110,6 +110,7 @@ def importance_weighted_bpd(model, images, k: int, *, rng=None, key=None, rows: 
     bar = None
     if progress:
         size = comm.size if comm is not None else 1
+        from tqdm.auto import tqdm          # loaded only when a bar is shown (it warns in Jupyter without widgets)
         bar = tqdm(total=-(-n * k // size), desc=f"eval k={k}", unit="sample", dynamic_ncols=True)
     for img, w in log_weight_passes(model, images, k, rng=rng, key=key, rows=rows, comm=comm):
         with np.errstate(invalid="ignore"):                           # a NaN weight stays NaN (reported by evaluate)

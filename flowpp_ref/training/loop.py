@@ -65,7 +65,6 @@ import sys
 import time
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from flowpp_ref.core.backend import asarray, get_xp, make_rng, to_numpy
 from flowpp_ref.core.validation import check_pixels
@@ -631,6 +630,7 @@ def _check_batch_failure(model, ema, check_x, seed, xp):
 def _progress(enabled, start, total, name):
     if not enabled:
         return None
+    from tqdm.auto import tqdm              # loaded only when a bar is shown (it warns in Jupyter without widgets)
     return tqdm(initial=start, total=total, desc=f"train {name}", unit="step", dynamic_ncols=True)
 
 
