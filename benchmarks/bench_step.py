@@ -81,6 +81,16 @@ CONFIGS = {"cpu-bench": CPU_BENCH_FIELDS, "small": {}}
 SIDES = ("ours", "baseline", "twin", "twin-sdpa")
 
 
+def _fp(name: str, new: str, old: str):
+    """``name`` from flowpp_ref module ``new`` (today's layout) or ``old`` (the flat layout of an
+    older checkout, the baseline), by the layout of the flowpp_ref package this process imports."""
+    import importlib
+
+    import flowpp_ref
+    flat = not os.path.isdir(os.path.join(os.path.dirname(flowpp_ref.__file__), "training"))
+    return getattr(importlib.import_module("flowpp_ref." + (old if flat else new)), name)
+
+
 # ----------------------------------------------------------------- worker helpers
 def blas_info():
     """Which BLAS runs: threadpoolctl's report if installed, else OpenBLAS asked through ctypes."""
@@ -111,7 +121,7 @@ def blas_info():
 
 
 def _preset(a):
-    from flowpp_ref.model.presets import get_preset
+    get_preset = _fp("get_preset", "model.presets", "presets")
     p = get_preset("small", **CONFIGS[a.config])
     if a.config == "cpu-bench":                 # this checkout: the explicit fields are the preset
         try:
@@ -126,7 +136,7 @@ def _preset(a):
 def _load(a):
     import numpy as np
 
-    from flowpp_ref.training.loop import build_model
+    build_model = _fp("build_model", "training.loop", "train")
     z = np.load(a.path)
     model = build_model(_preset(a))
     model.load_parameters({k[2:]: z[k] for k in z.files if k.startswith("p:")})
@@ -136,9 +146,9 @@ def _load(a):
 def worker_init(a):
     import numpy as np
 
-    from flowpp_ref.core.backend import make_rng
-    from flowpp_ref.datasets import load_default_dataset
-    from flowpp_ref.training.loop import build_model
+    make_rng = _fp("make_rng", "core.backend", "backend")
+    load_default_dataset = _fp("load_default_dataset", "datasets", "data")
+    build_model = _fp("build_model", "training.loop", "train")
     p = _preset(a)
     imgs = load_default_dataset("train")[0]
     if tuple(imgs.shape[1:]) != tuple(p.model.image_shape):
@@ -170,7 +180,7 @@ def worker_numpy(a):
 
     import numpy as np
 
-    from flowpp_ref.core.backend import make_rng
+    make_rng = _fp("make_rng", "core.backend", "backend")
     model, x = _load(a)
     gen = np.random.default_rng(1)
     timed = time_numpy_steps(model, x, gen, a.repeats)

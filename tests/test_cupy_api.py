@@ -29,7 +29,7 @@ return 0-d device arrays where NumPy returns scalars; dtype promotion of Python 
 the values and the launches of the CUDA kernels. Those need the GPU machine
 (``benchmarks/gpu_check.py``).
 
-The CUDA sources (every ``flowpp_ref.kernels`` module with an argument-free ``cuda_source()``) are
+The CUDA sources (every ``flowpp_ref.kernels.cuda`` module with an argument-free ``cuda_source()``) are
 compiled here too: with NVRTC, the compiler CuPy's ``RawModule`` uses (where libnvrtc can
 be loaded; it needs no GPU either), and with ``nvcc`` where it is on PATH.
 """
@@ -65,7 +65,7 @@ GENERATOR_METHODS = {m for m in dir(np.random.Generator)
 HOST_RNG_FUNCTIONS = {
     ("bijections/pointwise.py", "__init__"):
         "raises TypeError unless rng is a host np.random.Generator; W0 is drawn on the host, then asarray",
-    ("data.py", "iterate_batches"):
+    ("datasets/common.py", "iterate_batches"):
         "batch order: documented (and checked) to take a host np.random.Generator; the images stay on the host",
 }
 
@@ -354,13 +354,13 @@ def test_signatures_parse_from_cython_docstrings():
 
 # ------------------------------------------------------------------ CUDA sources
 def _cuda_modules():
-    import flowpp_ref.kernels as k
+    import flowpp_ref.kernels.cuda as k
     mods = []
     for info in pkgutil.iter_modules(k.__path__):
-        m = importlib.import_module(f"flowpp_ref.kernels.{info.name}")
+        m = importlib.import_module(f"flowpp_ref.kernels.cuda.{info.name}")
         fn = getattr(m, "cuda_source", None)
         if callable(fn) and not [p for p in inspect.signature(fn).parameters.values()
-                                 if p.default is p.empty]:   # cuda_build.cuda_source(text, entries) is the builder
+                                 if p.default is p.empty]:   # build.cuda_source(text, entries) is the builder
             mods.append(m)
     return mods
 
@@ -370,7 +370,7 @@ CUDA_MODULES = _cuda_modules()
 
 def test_cuda_sources_are_found():
     names = {m.__name__.rsplit(".", 1)[1] for m in CUDA_MODULES}
-    assert {"cuda_mixlogistic", "cuda_layers", "cuda_attention"} <= names, names
+    assert {"mixlogistic", "layers", "attention"} <= names, names
 
 
 def _nvrtc():
