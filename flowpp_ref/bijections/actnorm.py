@@ -39,9 +39,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from flowpp_ref.bijections.base import Bijection
+from flowpp_ref.bijections.base import Bijection, as_channel_list
 from flowpp_ref.core.backend import array_module, asarray
-from flowpp_ref.core.validation import FlowInputError, check_array, check_finite
+from flowpp_ref.core.validation import FlowInputError, check_finite
 
 ACTNORM_EPS = 1e-6   # added to the per-channel std in data_init (Glow's release)
 
@@ -92,26 +92,7 @@ class ChannelActNorm(Bijection):
 
     def _as_list(self, x, name):
         """The input as a list of 4-d arrays, checked against the declared channel counts."""
-        if self.is_tuple:
-            if not isinstance(x, tuple):
-                raise FlowInputError(f"{name}: expected a tuple of {len(self.channels)} arrays [B, H, W, C_i] "
-                                     f"with C_i = {self.channels}, got one array of shape "
-                                     f"{tuple(getattr(x, 'shape', ()))}")
-            if len(x) != len(self.channels):
-                raise FlowInputError(f"{name}: expected a tuple of {len(self.channels)} arrays, got {len(x)}")
-            xs = list(x)
-        else:
-            if isinstance(x, tuple):
-                raise FlowInputError(f"{name}: expected one array [B, H, W, {self.channels[0]}], got a tuple of "
-                                     f"shapes {[tuple(getattr(a, 'shape', ())) for a in x]}")
-            xs = [x]
-        for i, (a, C) in enumerate(zip(xs, self.channels)):
-            check_array(a, name, ndim=4)
-            if a.shape[3] != C:
-                raise FlowInputError(f"{name}: element {i} must have {C} channels, got shape {tuple(a.shape)}")
-            if a.shape[0] != xs[0].shape[0]:
-                raise FlowInputError(f"{name}: batch sizes differ, shapes {[tuple(b.shape) for b in xs]}")
-        return xs
+        return as_channel_list(x, self.channels, self.is_tuple, name)
 
     def _pack(self, outs):
         return tuple(outs) if self.is_tuple else outs[0]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from flowpp_ref.core.backend import array_module
 from flowpp_ref.core.module import Module, add_grads, prefixed
+from flowpp_ref.core.validation import FlowInputError, check_array
 
 
 def first(x):
@@ -45,6 +46,30 @@ def batch_size(x) -> int:
 def zeros_logdet(x):
     a = first(x)
     return array_module(a).zeros((a.shape[0],), dtype=a.dtype)
+
+
+def as_channel_list(x, channels, is_tuple: bool, name: str):
+    """``x`` (one array, or a tuple of ``len(channels)`` arrays when ``is_tuple``) as a list of
+    4-d arrays ``[B, H, W, channels[i]]`` with one batch size; :class:`FlowInputError` otherwise."""
+    if is_tuple:
+        if not isinstance(x, tuple):
+            raise FlowInputError(f"{name}: expected a tuple of {len(channels)} arrays [B, H, W, C_i] "
+                                 f"with C_i = {channels}, got one array of shape {tuple(getattr(x, 'shape', ()))}")
+        if len(x) != len(channels):
+            raise FlowInputError(f"{name}: expected a tuple of {len(channels)} arrays, got {len(x)}")
+        xs = list(x)
+    else:
+        if isinstance(x, tuple):
+            raise FlowInputError(f"{name}: expected one array [B, H, W, {channels[0]}], got a tuple of "
+                                 f"shapes {[tuple(getattr(a, 'shape', ())) for a in x]}")
+        xs = [x]
+    for i, (a, C) in enumerate(zip(xs, channels)):
+        check_array(a, name, ndim=4)
+        if a.shape[3] != C:
+            raise FlowInputError(f"{name}: element {i} must have {C} channels, got shape {tuple(a.shape)}")
+        if a.shape[0] != xs[0].shape[0]:
+            raise FlowInputError(f"{name}: batch sizes differ, shapes {[tuple(b.shape) for b in xs]}")
+    return xs
 
 
 def tuple_add(a, b):

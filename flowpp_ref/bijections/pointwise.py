@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from flowpp_ref.bijections.base import Bijection
+from flowpp_ref.bijections.base import Bijection, as_channel_list
 from flowpp_ref.core.backend import array_module, asarray, is_cupy, to_numpy
-from flowpp_ref.core.validation import FlowInputError, check_array
+from flowpp_ref.core.validation import FlowInputError
 
 EPS64 = float(np.finfo(np.float64).eps)
 
@@ -116,26 +116,8 @@ class Pointwise(Bijection):
         return f"W{i}" if self.is_tuple else "W"
 
     def _as_list(self, x, name):
-        if self.is_tuple:
-            if not isinstance(x, tuple):
-                raise FlowInputError(f"{name}: expected a tuple of {len(self.channels)} arrays [B, H, W, C_i] "
-                                     f"with C_i = {self.channels}, got one array of shape "
-                                     f"{tuple(getattr(x, 'shape', ()))}")
-            if len(x) != len(self.channels):
-                raise FlowInputError(f"{name}: expected a tuple of {len(self.channels)} arrays, got {len(x)}")
-            xs = list(x)
-        else:
-            if isinstance(x, tuple):
-                raise FlowInputError(f"{name}: expected one array [B, H, W, {self.channels[0]}], got a tuple of "
-                                     f"shapes {[tuple(getattr(a, 'shape', ())) for a in x]}")
-            xs = [x]
-        for i, (a, C) in enumerate(zip(xs, self.channels)):
-            check_array(a, name, ndim=4)
-            if a.shape[3] != C:
-                raise FlowInputError(f"{name}: element {i} must have {C} channels, got shape {tuple(a.shape)}")
-            if a.shape[0] != xs[0].shape[0]:
-                raise FlowInputError(f"{name}: batch sizes differ, shapes {[tuple(b.shape) for b in xs]}")
-        return xs
+        """The input as a list of 4-d arrays, checked against the declared channel counts."""
+        return as_channel_list(x, self.channels, self.is_tuple, name)
 
     def _pack(self, outs):
         return tuple(outs) if self.is_tuple else outs[0]
