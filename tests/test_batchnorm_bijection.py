@@ -365,3 +365,64 @@ def test_backend_matches_numpy(xp):
         for k, v in ref.parameters().items():
             np.testing.assert_allclose(to_numpy(dev.params[k]), v, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(to_numpy(dev.inverse(asarray(x, xp))[0]), ref.inverse(x)[0], rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- data parallelism: synchronised statistics
+class _ThreadComm:
+    """Two (or more) threads as the processes of a data-parallel run: allreduce sums in place."""
+
+    def __init__(self, rank, shared):
+        self.rank, self.size, self._shared = rank, shared["size"], shared
+
+    def allreduce(self, buf):
+        sh = self._shared
+        sh["slots"][self.rank] = buf.copy()
+        sh["barrier"].wait()
+        total = sum(sh["slots"])
+        sh["barrier"].wait()                    # everyone has read the slots before they are reused
+        buf[...] = total
+
+
+def test_synced_batch_statistics_equal_the_one_process_step():
+    """Two shards with comm set: forward outputs, log-dets, dL/dx, parameter gradients (summed over the
+    shards) and the running statistics equal those of one process on the whole batch."""
+    import threading
+    rng = np.random.default_rng(40)
+    C = 3
+    x = rng.standard_normal((6, 3, 2, C)) * 2 + 1
+    dy, dld = rng.standard_normal(x.shape), rng.standard_normal(6)
+    ref = BatchNormFlow(C, dtype=np.float64)
+    ref.params["log_gamma"][...] = [0.2, -0.1, 0.3]
+    y, ld, cache = ref.forward(x, train=True)
+    dx, _, g = ref.backward(dy, dld, cache)
+
+    shared = {"size": 2, "slots": [None, None], "barrier": threading.Barrier(2)}
+    out = [None, None]
+    layers = []
+    for r in range(2):
+        bn = BatchNormFlow(C, dtype=np.float64)
+        bn.params["log_gamma"][...] = [0.2, -0.1, 0.3]
+        bn.comm = _ThreadComm(r, shared)
+        layers.append(bn)
+
+    def run(r):
+        sl = slice(3 * r, 3 * r + 3)
+        yr, ldr, cr = layers[r].forward(x[sl], train=True)
+        out[r] = (yr, ldr, *layers[r].backward(dy[sl], dld[sl], cr))
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    np.testing.assert_allclose(np.concatenate([o[0] for o in out]), y, atol=1e-12)
+    np.testing.assert_allclose(np.concatenate([o[1] for o in out]), ld, atol=1e-12)
+    np.testing.assert_allclose(np.concatenate([o[2] for o in out]), dx, atol=1e-12)
+    for k in ("log_gamma", "beta"):
+        np.testing.assert_allclose(out[0][4][k] + out[1][4][k], g[k], atol=1e-12)
+    for k in ("running_mean", "running_var"):
+        np.testing.assert_allclose(layers[0].params[k], ref.params[k], atol=1e-12)
+        np.testing.assert_array_equal(layers[0].params[k], layers[1].params[k])
+    # without the communicator the shards' statistics differ from the whole batch's
+    alone = BatchNormFlow(C, dtype=np.float64)
+    alone.params["log_gamma"][...] = [0.2, -0.1, 0.3]
+    assert np.abs(alone.forward(x[:3], train=True)[0] - y[:3]).max() > 1e-3

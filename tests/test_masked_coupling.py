@@ -356,3 +356,78 @@ def test_bad_inputs_raise_flow_input_error():
         MaskedAffineCoupling((2, 2, 2), LinearNet(2, 4), parity=2)
     with pytest.raises(TypeError, match=r"no forward\(\)"):
         MaskedAffineCoupling((2, 2, 2), object())
+
+
+# ---------------------------------------------------------------- compact channel coupling
+def make_compact_coupling(shape, parity, scale, dtype=np.float64, seed=0):
+    """compact=True: a 3x3 Conv2d net reading the C/2 kept channels, outputting for the C/2 transformed."""
+    C = shape[2]
+    rng = np.random.default_rng(seed)
+    conv = Conv2d(C // 2, _out_channels(C // 2, scale), 3, rng=rng, dtype=dtype)
+    conv.params["b"] = (0.3 * rng.standard_normal(conv.params["b"].shape)).astype(dtype)
+    b = MaskedAffineCoupling(shape, conv, "channel", parity, scale, compact=True, dtype=dtype)
+    if scale == "realnvp":
+        b.params["scale"] = rng.uniform(0.5, 1.5, C // 2).astype(dtype)
+    return b
+
+
+@pytest.mark.parametrize("scale", SCALE_KINDS)
+@pytest.mark.parametrize("parity", [0, 1])
+@settings(max_examples=15, deadline=None)
+@given(data=st.data())
+def test_invertibility_compact_channel_coupling(parity, scale, data):
+    C = data.draw(st.sampled_from([2, 4, 6]), label="C")
+    b = make_compact_coupling((4, 2, C), parity, scale, seed=data.draw(st.integers(0, 2 ** 31 - 1), label="seed"))
+    x = data.draw(hnp.arrays(np.float64, (2, 4, 2, C), elements=st.floats(-3, 3, allow_nan=False)), label="x")
+    y, ld, _ = b.forward(x)
+    kept = slice(0, C // 2) if parity == 0 else slice(C // 2, C)
+    np.testing.assert_array_equal(y[..., kept], x[..., kept])       # the kept half passes unchanged
+    xr, ld_inv = b.inverse(y)
+    np.testing.assert_allclose(xr, x, atol=1e-10)
+    _assert_logdet_zero_sum(ld, ld_inv, 1e-10)
+
+
+@pytest.mark.parametrize("scale", SCALE_KINDS)
+@pytest.mark.parametrize("parity", [0, 1])
+def test_compact_gradcheck_and_equals_the_masked_coupling_with_the_zero_inputs_removed(parity, scale):
+    shape = (4, 4, 4)
+    b = make_compact_coupling(shape, parity, scale, seed=21 + parity)
+    x = np.random.default_rng(22).uniform(-2, 2, (2, *shape))
+    y, ld, cache = b.forward(x)
+    loss_fn, dy, dld = random_scalar_loss(y, ld, seed=6)
+    dx, _, grads = b.backward(dy, dld, cache)
+    params = b.parameters()
+    assert set(grads) == set(params)
+    gradcheck(lambda: loss_fn(*b.forward(x)[:2]), {"x": x, **params}, {"x": dx, **grads},
+              tol=TOL[np.float64]["grad"])
+    # the masked coupling whose net reads all C channels (zero weights on the transformed ones) and
+    # outputs for all C (the kept outputs unused) is the same map
+    C, half = 4, 2
+    keep = np.arange(C) < half if parity == 0 else np.arange(C) >= half
+    conv = b.net.layer
+    wide = Conv2d(C, _out_channels(C, scale), 3, rng=np.random.default_rng(0), dtype=np.float64)
+    Wc = conv.params["g"] * conv.params["V"] / np.sqrt((conv.params["V"] ** 2).sum(axis=(0, 1, 2)))
+    V = np.zeros((3, 3, C, wide.out_channels))
+    out_idx = np.flatnonzero(~keep)                      # the transformed channels' slots in the wide output
+    cols = (list(out_idx) if scale == "additive" else list(out_idx) + list(out_idx + C))
+    V[:, :, np.flatnonzero(keep)[:, None], cols] = Wc
+    bias = np.zeros(wide.out_channels)
+    bias[cols] = conv.params["b"]
+    g = np.sqrt((V ** 2).sum(axis=(0, 1, 2)))
+    wide.params.update(V=np.where(g > 0, V, 1.0), g=np.where(g > 0, g, 0.0), b=bias)   # W = g V / |V| = V
+    m = MaskedAffineCoupling(shape, wide, "channel", parity, scale, dtype=np.float64)
+    if scale == "realnvp":
+        sc = np.ones(C)
+        sc[out_idx] = b.params["scale"]
+        m.params["scale"] = sc
+    ym, ldm, _ = m.forward(x)
+    np.testing.assert_allclose(ym, y, atol=1e-12)
+    np.testing.assert_allclose(ldm, ld, atol=1e-12)
+
+
+def test_compact_needs_the_channel_mask_and_a_half_width_net():
+    with pytest.raises(ValueError, match="channel mask"):
+        MaskedAffineCoupling((4, 4, 4), Conv2d(2, 4, 3, rng=np.random.default_rng(0)), "checkerboard",
+                             compact=True)
+    with pytest.raises(FlowInputError, match="reads 4 channels"):
+        MaskedAffineCoupling((4, 4, 4), Conv2d(4, 8, 3, rng=np.random.default_rng(0)), "channel", compact=True)

@@ -45,10 +45,19 @@ the data-parallel parameter check -- carry them without a separate buffer mechan
 NOT trained: :meth:`backward` returns exact zeros for them, and Adam with a gradient that is
 always zero keeps ``m = v = 0`` and updates by ``lr * 0 / (0 + eps) = 0``; the gradient-norm
 clipping adds 0. They are updated in place (``a[...] = ...``) so that every holder of the
-arrays (the training loop's ``params`` dict, Adam) sees the new values. Consequences for the
+arrays (the training loop's ``params`` dict, Adam) sees the new values. Consequence for the
 caller: the EMA of the parameters also averages the running statistics (a second, slower
-average); in data-parallel training each process updates them from its own shard, so they
-differ between processes unless the batch statistics are all-reduced first.
+average).
+
+Data parallelism (synchronised batch statistics): with ``self.comm`` set to a communicator of
+:mod:`flowpp_ref.runtime.distributed` whose ``size > 1`` (the training loop sets it on every
+BatchNormFlow of a data-parallel run), the statistics of a training-mode forward are those of the
+*global* batch: per channel, the sums ``sum x`` and the count are all-reduced, then
+``sum (x - mu)^2``; the backward all-reduces ``sum g``, ``sum g xhat`` and ``sum_b dL/dlogdet``, the
+only batch-wide terms of ``dL/dx`` below (with N, B the global counts). Each process then computes
+exactly the batch-wide map of the one-process step on its shard of the images, and the running
+statistics stay equal on every process (the parameter check at each checkpoint compares them).
+Three small all-reduces per layer and step, each of 2C + 2 numbers at most.
 
 Data-dependent init (:meth:`BatchNormFlow.data_init`): sets ``running_mean``/``running_var``
 to the statistics of the init batch (not a momentum step), leaves ``log_gamma``/``beta``
@@ -105,6 +114,7 @@ class BatchNormFlow(Bijection):
         self.eps = float(eps)
         self.affine = bool(affine)
         self.dtype = np.dtype(dtype)
+        self.comm = None            # a data-parallel communicator: global batch statistics (module docstring)
         C = self.channels
         if self.affine:
             self.params["log_gamma"] = asarray(np.zeros(C), xp, self.dtype)
@@ -147,6 +157,36 @@ class BatchNormFlow(Bijection):
             b = batch.astype(run.dtype)
             run[...] = xp.where(xp.isfinite(b), m * run + (1.0 - m) * b, run)
 
+    def _synced(self) -> bool:
+        return self.comm is not None and self.comm.size > 1
+
+    def _global_sum(self, parts):
+        """The arrays ``parts`` (1-d) summed over the processes of ``self.comm``, in one all-reduce (float64)."""
+        xp = array_module(parts[0])
+        buf = xp.concatenate([xp.asarray(p, dtype=np.float64).reshape(-1) for p in parts])
+        self.comm.allreduce(buf)
+        out, i = [], 0
+        for p in parts:
+            n = int(np.prod(p.shape))
+            out.append(buf[i:i + n].reshape(p.shape))
+            i += n
+        return out
+
+    def _batch_stats(self, x):
+        """(mu, var, N, B) of the batch: this process's, or the global batch's when synced."""
+        B, H, W, _ = x.shape
+        if not self._synced():
+            mu = x.mean(axis=_AXES)                                  # mu_c = mean_{b,h,w} x
+            d = x - mu
+            return mu, (d * d).mean(axis=_AXES), B * H * W, B       # var_c = mean_{b,h,w} (x - mu)^2
+        xp = array_module(x)
+        s1, nb = self._global_sum([x.sum(axis=_AXES), xp.asarray([B * H * W, B], dtype=np.float64)])
+        n, b = nb[0], nb[1]                                          # global N = sum B H W, global B
+        mu = (s1 / n).astype(x.dtype)
+        d = x - mu
+        (s2,) = self._global_sum([(d * d).sum(axis=_AXES)])
+        return mu, (s2 / n).astype(x.dtype), n, b
+
     # ----------------------------------------------------------- forward
     def forward(self, x, context=None, *, train=False, rng=None):
         self._check(x, "BatchNormFlow.forward")
@@ -156,9 +196,8 @@ class BatchNormFlow(Bijection):
             if B * H * W < 2:
                 raise FlowInputError(f"BatchNormFlow.forward (train=True): needs at least 2 values per channel "
                                      f"(B*H*W >= 2) for batch statistics, got shape {tuple(x.shape)}")
-            mu = x.mean(axis=_AXES)                                  # mu_c = mean_{b,h,w} x
+            mu, var, n, b = self._batch_stats(x)
             d = x - mu
-            var = (d * d).mean(axis=_AXES)                           # var_c = mean_{b,h,w} (x - mu)^2
             self._update_running(mu, var)
         else:
             mu = self.params["running_mean"].astype(x.dtype, copy=False)
@@ -169,7 +208,10 @@ class BatchNormFlow(Bijection):
         _, gamma, beta = self._affine(x.dtype)
         y = xhat if gamma is None else xhat * gamma + beta           # y = xhat exp(log_gamma) + beta
         logdet = self._logdet(var, B, H * W, x.dtype, xp, 1.0)
-        return y, logdet, {"train": bool(train), "xhat": xhat, "r": r}
+        cache = {"train": bool(train), "xhat": xhat, "r": r}
+        if train and self._synced():
+            cache.update(n=n, b=b)                                   # the global counts N, B
+        return y, logdet, cache
 
     def backward(self, dy, dlogdet, cache):
         xhat, r = cache["xhat"], cache["r"]
@@ -182,7 +224,13 @@ class BatchNormFlow(Bijection):
             # through mu and var:  dx = r (g - mean(g) - xhat mean(g xhat))        (means over b, h, w)
             # log-det term:        dlogdet_b/dvar_c = -0.5 H W / (var_c + eps),  dvar_c/dx = 2 (x - mu) / N
             #                      => dx += -0.5 H W D r^2 * 2 (x - mu) / N = -D xhat r / B      (N = B H W)
-            dx = r * (g - g.mean(axis=_AXES) - xhat * (g * xhat).mean(axis=_AXES)) - (D / B) * (xhat * r)
+            if "n" in cache:                                         # synced: global sums, global N and B
+                sg, sgx, Dg = self._global_sum([g.sum(axis=_AXES), (g * xhat).sum(axis=_AXES), D.reshape(1)])
+                n, dt = cache["n"], dy.dtype
+                dx = (r * (g - (sg / n).astype(dt) - xhat * (sgx / n).astype(dt))
+                      - (Dg / cache["b"]).astype(dt) * (xhat * r))
+            else:
+                dx = r * (g - g.mean(axis=_AXES) - xhat * (g * xhat).mean(axis=_AXES)) - (D / B) * (xhat * r)
         else:
             dx = g * r                                               # dx = dy gamma r
         grads = {}

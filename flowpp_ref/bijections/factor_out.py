@@ -55,6 +55,7 @@ import math
 
 import numpy as np
 
+from flowpp_ref.bijections.actnorm import ChannelActNorm
 from flowpp_ref.bijections.base import Bijection
 from flowpp_ref.core.backend import array_module, asarray, make_rng
 from flowpp_ref.core.validation import FlowInputError, check_array
@@ -235,3 +236,46 @@ class FactorOut(Bijection):
 
     def __repr__(self):
         return f"FactorOut(channels={self.channels}, learned_prior={self.learned_prior})"
+
+
+class LearnedTopPrior(ChannelActNorm):
+    """Glow's learned prior of the top latent (the release's ``learntop``), as a bijection.
+
+    Glow's top latent ``h`` [B, H, W, C] has the prior ``N(mu_c, exp(logs_c)^2)`` with per-channel
+    ``mu``, ``logs`` (its release: a zero-initialised convolution of a zero tensor, i.e. its bias
+    ``[2C]`` times ``exp(3 logs')``: a constant per channel). Scoring ``h`` under that prior equals
+    mapping it to ``z = (h - mu) exp(-logs)`` and scoring ``z`` under N(0, I)::
+
+        log N(h; mu, exp(logs)^2) = log N(z; 0, I) - H W sum_c logs_c
+
+    which is :class:`~flowpp_ref.bijections.actnorm.ChannelActNorm` ``z = (h + b) exp(s)`` with
+    ``b = -mu``, ``s = -logs`` (log-det ``H W sum_c s_c``). This class is that actnorm, zero-initialised
+    (the prior starts at N(0, I), as the release's zero convolution) and *without* the data-dependent
+    init (a prior is learned, not fitted to the init batch): :meth:`data_init` only runs forward.
+    Sampling at temperature T: ``z ~ N(0, T^2 I)`` through the inverse gives
+    ``h = mu + T exp(logs) eps`` (Glow's ``eps_std``).
+
+    Parameters ``b`` [C] (= -mu) and ``logs`` [C] (= -log sigma of the prior); math and backward
+    as ChannelActNorm.
+    """
+
+    def __init__(self, channels, *, xp=np, dtype=np.float32):
+        if not isinstance(channels, (int, np.integer)) or isinstance(channels, bool):
+            raise ValueError(f"channels must be an int, got {channels!r}")  # noqa: TRY004
+        super().__init__(int(channels), xp=xp, dtype=dtype)
+
+    def data_init(self, x, context=None):
+        """No data-dependent init: the prior is learned from zero; returns the forward output."""
+        return self.forward(x, context)[0]
+
+    def __repr__(self):
+        return f"LearnedTopPrior(channels={self.channels[0]})"
+
+
+def exact_inverse(flow, z, caches, context=None):
+    """``flow.inverse(z)`` of a ``Compose`` whose FactorOut layers get back the ``z2`` their forward
+    factored out (``caches``: the Compose's forward cache): the exact reconstruction of the forward's
+    input. Without FactorOut layers this is ``flow.inverse(z)[0]``."""
+    for f, c in zip(reversed(flow.flows), reversed(caches)):
+        z = f.inverse(z, context, z2=c["z2"])[0] if isinstance(f, FactorOut) else f.inverse(z, context)[0]
+    return z

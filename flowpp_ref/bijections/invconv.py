@@ -59,6 +59,7 @@ from __future__ import annotations
 import numpy as np
 
 from flowpp_ref.bijections.base import Bijection
+from flowpp_ref.bijections.pointwise import Pointwise
 from flowpp_ref.core.backend import array_module, asarray, is_cupy, to_numpy
 from flowpp_ref.core.validation import FlowInputError, check_array
 
@@ -226,3 +227,27 @@ class InvConv1x1LU(Bijection):
 
     def __repr__(self):
         return f"InvConv1x1LU(channels={self.channels})"
+
+
+class InvConv1x1(Pointwise):
+    """Glow's invertible 1x1 convolution in its full-matrix form (Glow sec. 3.2; the release's
+    ``invertible_1x1_conv``, the form its CIFAR-10 run used): ``y = x @ W`` per pixel with a learned
+    C x C matrix ``W``, ``logdet = H * W_img * log|det W|`` (``slogdet`` in float64, O(C^3) per call),
+    initialised as a random rotation (``log|det W| = 0``).
+
+    The math, backward and checks are those of :class:`~flowpp_ref.bijections.pointwise.Pointwise`
+    (Flow++'s 1x1 convolution, which differs only in its noisy-identity init); this class fixes the
+    init to Glow's and takes one array. :class:`InvConv1x1LU` is the same map parametrised as
+    ``P L (U + diag s)``, whose log-det costs O(C).
+
+    Args: channels C (int); rng: host ``np.random.Generator`` (required); xp, dtype.
+    Parameter: ``W`` [C, C].
+    """
+
+    def __init__(self, channels, *, rng, xp=np, dtype=np.float32):
+        if not isinstance(channels, (int, np.integer)) or isinstance(channels, bool):
+            raise ValueError(f"channels must be an int (single array input only), got {channels!r}")  # noqa: TRY004
+        super().__init__(int(channels), rng=rng, noisy_identity_init=None, xp=xp, dtype=dtype)
+
+    def __repr__(self):
+        return f"InvConv1x1(channels={self.channels[0]})"

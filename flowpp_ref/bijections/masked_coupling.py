@@ -38,6 +38,14 @@ The elementwise map is the same, so this module reuses ``affine_coupling_forward
 of :mod:`flowpp_ref.bijections.coupling_transforms` with ``a = u * log s`` and ``b = u * t``
 (``exp(0) x + 0 = x`` on the kept entries; dL/da, dL/db there are multiplied by u).
 
+Compact channel coupling (``compact=True``, channel mask only): the network reads the C/2 kept channels
+alone and outputs parameters for the C/2 transformed ones (``[B, H, W, C]`` = raw and shift, or
+``[B, H, W, C/2]`` additive), which is how RealNVP's and Glow's releases implement the channel coupling
+(split, not mask). The map is the masked one with the network's weights on the always-zero inputs and its
+unused outputs removed: ``a = embed(log s)``, ``b = embed(t)`` (zeros on the kept channels), and in the
+backward ``dL/dlog s``, ``dL/dt`` are the transformed channels of ``dL/da``, ``dL/db``, and the network's
+input gradient is added to the kept channels of ``dL/dx``. The RealNVP ``scale`` then has C/2 entries.
+
 Conditioning network ``net``: any object with ``forward(x_in, context=None, *, train, rng) -> (h, cache)``,
 ``backward(dh, cache) -> (dx_in, dcontext, grads)`` and ``parameters()``, e.g.
 :class:`~flowpp_ref.nn.network.ConditioningNetwork` with ``out_channels = 2C`` (``C`` for additive).
@@ -161,7 +169,8 @@ class MaskedAffineCoupling(Bijection):
     Shapes: x [B, H, W, C] -> y [B, H, W, C]; logdet (B,).
     """
 
-    def __init__(self, shape, net, mask="checkerboard", parity=0, scale="realnvp", *, xp=np, dtype=np.float32):
+    def __init__(self, shape, net, mask="checkerboard", parity=0, scale="realnvp", *, compact=False, xp=np,
+                 dtype=np.float32):
         super().__init__()
         if not (isinstance(shape, (tuple, list)) and len(shape) == 3):
             raise ValueError(f"shape must be (H, W, C), got {shape!r}")
@@ -178,32 +187,39 @@ class MaskedAffineCoupling(Bijection):
         self.mask_kind, self.parity, self.scale_kind = mask, int(parity), scale
         mb = make_mask(mask, self.shape, parity)                # raises FlowInputError for an odd C
         self.mask = asarray(mb.astype(np.float64), xp, dtype)   # m: 1 = kept, 0 = transformed (not a parameter)
-        self.net_out_channels = C if scale == "additive" else 2 * C
+        if compact and mask != "channel":
+            raise ValueError("compact=True needs the channel mask (the network reads the kept channels)")
+        self.compact = bool(compact)
+        half = slice(0, C // 2), slice(C // 2, C)
+        self._keep, self._tr = (half if self.parity == 0 else half[::-1]) if self.compact else (None, None)
+        self.width = C // 2 if self.compact else C              # the channels the network's heads cover
+        self.net_out_channels = self.width if scale == "additive" else 2 * self.width
         self.net = self.add("net", as_conditioning_net(net))
         n_in, n_out = getattr(self.net, "in_channels", None), getattr(self.net, "out_channels", None)
-        if n_in is not None and int(n_in) != C:
+        if n_in is not None and int(n_in) != self.width:
             raise FlowInputError(f"MaskedAffineCoupling: the conditioning network reads {n_in} channels, "
-                                 f"but the input has C = {C}")
+                                 f"but it is given {self.width} (C = {C}, compact={self.compact})")
         if n_out is not None and int(n_out) != self.net_out_channels:
             raise FlowInputError(self._out_msg(f"{n_out} channels"))
         if scale == "realnvp":
-            self.params["scale"] = asarray(np.ones(C), xp, dtype)
+            self.params["scale"] = asarray(np.ones(self.width), xp, dtype)
 
     @classmethod
     def with_network(cls, shape, filters, blocks, mask="checkerboard", parity=0, scale="realnvp", *, rng,
-                     xp=np, dtype=np.float32, **net_kwargs):
+                     compact=False, xp=np, dtype=np.float32, **net_kwargs):
         """A coupling whose net is a :class:`~flowpp_ref.nn.network.ConditioningNetwork` with the right
         output width (``net_kwargs`` go to it, e.g. ``use_attention=False``)."""
-        C = int(shape[2])
-        out = C if scale == "additive" else 2 * C
-        net = ConditioningNetwork(tuple(shape), out, filters, blocks, rng=rng, xp=xp, dtype=dtype, **net_kwargs)
-        return cls(shape, net, mask, parity, scale, xp=xp, dtype=dtype)
+        H, W, C = (int(v) for v in shape)
+        width = C // 2 if compact else C
+        out = width if scale == "additive" else 2 * width
+        net = ConditioningNetwork((H, W, width), out, filters, blocks, rng=rng, xp=xp, dtype=dtype, **net_kwargs)
+        return cls(shape, net, mask, parity, scale, compact=compact, xp=xp, dtype=dtype)
 
     # ------------------------------------------------------------- helpers
     def _out_msg(self, got):
         what = "shift" if self.scale_kind == "additive" else "log-scale raw and shift"
         return (f"MaskedAffineCoupling(scale={self.scale_kind!r}): the conditioning network must output "
-                f"{self.net_out_channels} channels ({what} for C = {self.shape[2]}), got {got}")
+                f"{self.net_out_channels} channels ({what} for {self.width} transformed channels), got {got}")
 
     def _check(self, x, name):
         check_array(x, f"MaskedAffineCoupling.{name} input", ndim=4)
@@ -214,14 +230,25 @@ class MaskedAffineCoupling(Bijection):
     def _m(self, x):
         return self.mask.astype(x.dtype, copy=False)
 
+    def _net_input(self, x):
+        """What the network reads: m * x, or the kept channels (compact)."""
+        if self.compact:
+            return array_module(x).ascontiguousarray(x[..., self._keep])
+        return self._m(x) * x
+
+    def _embed(self, v):
+        """[B, H, W, C/2] on the transformed channels -> [B, H, W, C], zeros on the kept ones (compact)."""
+        out = array_module(v).zeros((*v.shape[:3], self.shape[2]), dtype=v.dtype)
+        out[..., self._tr] = v
+        return out
+
     def _heads(self, x_in, h):
         """h -> (a = u log s, b = u t, d log s / d raw, tanh(raw) or None)."""
         B = x_in.shape[0]
-        C = self.shape[2]
+        C = self.width
         if tuple(h.shape) != (B, *self.shape[:2], self.net_out_channels):
             raise FlowInputError(self._out_msg(f"an output of shape {tuple(h.shape)}"))
         xp = array_module(h)
-        u = 1 - self._m(x_in)
         th = None
         if self.scale_kind == "additive":
             t = h
@@ -238,12 +265,15 @@ class MaskedAffineCoupling(Bijection):
                 v = raw + GLOW_SHIFT
                 logs = -softplus(-v)                             # log sigmoid(v) = -softplus(-v)
                 dlr = sigmoid(-v)                                # d log sigmoid(v) / dv = sigmoid(-v)
+        if self.compact:
+            return self._embed(logs), self._embed(t), dlr, th    # a = embed(log s), b = embed(t)
+        u = 1 - self._m(x_in)
         return u * logs, u * t, dlr, th
 
     # ------------------------------------------------------------- protocol
     def forward(self, x, context=None, *, train=False, rng=None):
         self._check(x, "forward")
-        h, ncache = self.net.forward(self._m(x) * x, context, train=train, rng=rng)   # NN(m * x)
+        h, ncache = self.net.forward(self._net_input(x), context, train=train, rng=rng)   # NN(m * x)
         a, b, dlr, th = self._heads(x, h)
         y, logdet, tcache = affine_coupling_forward(x, a, b)     # y = exp(u log s) x + u t; logdet = sum u log s
         return y, logdet, {"x": x, "net": ncache, "transform": tcache, "dlogs_draw": dlr, "tanh": th}
@@ -255,27 +285,32 @@ class MaskedAffineCoupling(Bijection):
         u = 1 - m
         gt = affine_coupling_backward(dy, dlogdet, cache["transform"])
         # gt["e"] = dy exp(a): m dy + u dy s;  gt["a"] = dy exp(a) x + g;  gt["b"] = dy
-        dt = u * gt["b"]                                         # dL/dt = u dy
+        tr = (lambda v: v[..., self._tr]) if self.compact else (lambda v: u * v)
+        dt = tr(gt["b"])                                         # dL/dt = u dy
         grads = {}
         if self.scale_kind == "additive":
             dh = dt
         else:
-            dlogs = u * gt["a"]                                  # dL/dlog s = u (dy x s + g)
+            dlogs = tr(gt["a"])                                  # dL/dlog s = u (dy x s + g)
             draw = dlogs * cache["dlogs_draw"]                   # chain through the scale function
             dh = xp.concatenate([draw, dt], axis=-1)
             if self.scale_kind == "realnvp":
                 # dL/dscale_c = sum_{b,h,w} dL/dlog s * tanh(raw)
-                dsc = (dlogs * cache["tanh"]).reshape(-1, self.shape[2]).sum(axis=0)
+                dsc = (dlogs * cache["tanh"]).reshape(-1, self.width).sum(axis=0)
                 grads["scale"] = dsc.astype(self.params["scale"].dtype, copy=False)
         dxm, dctx, gnet = self.net.backward(dh, cache["net"])
-        dx = gt["e"] + m * dxm                                   # identity/scale path + m * NN'(m x)^T dh
+        if self.compact:                                         # the net read the kept channels
+            dx = gt["e"].copy()
+            dx[..., self._keep] += dxm
+        else:
+            dx = gt["e"] + m * dxm                               # identity/scale path + m * NN'(m x)^T dh
         grads.update(prefixed("net", gnet))
         return dx, dctx, grads
 
     def inverse(self, y, context=None):
         self._check(y, "inverse")
         check_finite(y, "MaskedAffineCoupling.inverse input")   # inverse only (one host sync): not on the training path
-        h, _ = self.net.forward(self._m(y) * y, context)         # m * y = m * x
+        h, _ = self.net.forward(self._net_input(y), context)     # m * y = m * x
         a, b, _, _ = self._heads(y, h)
         return affine_coupling_inverse(y, a, b)                  # x = (y - u t) exp(-u log s); -sum u log s
 
@@ -283,10 +318,10 @@ class MaskedAffineCoupling(Bijection):
         """Data-dependent init of the network on m * x (when it has one); returns y (eval mode)."""
         self._check(x, "data_init")
         if callable(getattr(self.net, "data_init", None)):
-            self.net.data_init(self._m(x) * x, context)
+            self.net.data_init(self._net_input(x), context)
         return self.forward(x, context)[0]
 
     def __repr__(self):
         return (f"MaskedAffineCoupling(shape={self.shape}, mask={self.mask_kind!r}, parity={self.parity}, "
-                f"scale={self.scale_kind!r}, net={self.net!r})")
+                f"scale={self.scale_kind!r}, compact={self.compact}, net={self.net!r})")
 

@@ -15,11 +15,13 @@ Backward, with c = dL/dELBO_b = -1 / (B D ln 2)::
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
 import numpy as np
 
+from flowpp_ref.bijections.factor_out import FactorOut
 from flowpp_ref.core.backend import array_module, asarray, to_numpy
 from flowpp_ref.core.module import Module, prefixed
 from flowpp_ref.core.validation import FlowInputError, check_finite
@@ -28,6 +30,24 @@ from flowpp_ref.model.dequantization import UniformDequantizer, VariationalDequa
 from flowpp_ref.model.objective import standard_normal_logprob
 from flowpp_ref.model.presets import ModelConfig
 from flowpp_ref.training.evaluation import importance_weighted_bpd
+
+
+@contextlib.contextmanager
+def _factor_outs_drawing(flow, rng, temperature):
+    """Every FactorOut in ``flow`` draws from ``rng`` at ``temperature`` inside the block (restored after)."""
+    found, stack = [], [flow]
+    while stack:
+        m = stack.pop()
+        if isinstance(m, FactorOut):
+            found.append((m, m.sample_rng, m.temperature))
+        stack.extend(m.children.values())
+    try:
+        for m, _, _ in found:
+            m.sample_rng, m.temperature = rng, float(temperature)
+        yield
+    finally:
+        for m, r, t in found:
+            m.sample_rng, m.temperature = r, t
 
 
 class FlowPP(Module):
@@ -43,13 +63,20 @@ class FlowPP(Module):
         self.dtype = np.dtype(dtype)
         self._xp = xp
         rng = np.random.default_rng(seed)
-        if cfg.dequantization == "variational":
-            self.dequant = self.add("dequant", VariationalDequantizer(cfg, rng=rng, xp=xp, dtype=dtype))
-        else:
-            self.dequant = self.add("dequant", UniformDequantizer())
-        self.flow = self.add("flow", build_main_flow(cfg, rng=rng, xp=xp, dtype=dtype))
+        dequant, flow, self.latent_shape = self._build(cfg, rng, xp, dtype)
+        self.dequant = self.add("dequant", dequant)
+        self.flow = self.add("flow", flow)
         self.num_dims = int(np.prod(cfg.image_shape))
         self.levels = 2 ** cfg.n_bits
+
+    def _build(self, cfg, rng, xp, dtype):
+        """(dequantizer, main flow, latent shape (H, W, C)) drawn from ``rng``; the lineage's models
+        (:mod:`flowpp_ref.model.lineage`) override this and inherit everything else."""
+        if cfg.dequantization == "variational":
+            dequant = VariationalDequantizer(cfg, rng=rng, xp=xp, dtype=dtype)
+        else:
+            dequant = UniformDequantizer()
+        return dequant, build_main_flow(cfg, rng=rng, xp=xp, dtype=dtype), cfg._check_layout()
 
     @property
     def xp(self):
@@ -133,13 +160,16 @@ class FlowPP(Module):
     def sample(self, n: int, *, rng, temperature: float = 1.0, return_time: bool = False):
         """Draw z ~ N(0, T^2 I), invert the flow, quantise to uint8 images [n,H,W,C].
 
+        In a multi-scale flow (RealNVP, Glow) every factored-out half is drawn from its prior at the
+        same temperature T from ``rng`` (:class:`~flowpp_ref.bijections.factor_out.FactorOut`).
         Values of the inverse flow outside [0, 2^n_bits) (ImgProc's inverse spans
         about [-14, 270]) are clipped to the pixel range when quantised; images with
         n_bits < 8 are scaled back to 0..255 for display.
         """
         t0 = time.perf_counter()
-        z = rng.standard_normal((n, *self.cfg._check_layout()), dtype=self.dtype) * self.dtype.type(temperature)
-        y = self.flow.sample_inverse(z, None)                 # the inverse flow, no log-dets
+        z = rng.standard_normal((n, *self.latent_shape), dtype=self.dtype) * self.dtype.type(temperature)
+        with _factor_outs_drawing(self.flow, rng, temperature):
+            y = self.flow.sample_inverse(z, None)             # the inverse flow, no log-dets
         xp = array_module(y)
         x = xp.clip(xp.floor(y), 0, self.levels - 1)
         img = (x * (256 // self.levels)).astype(np.uint8)

@@ -13,9 +13,12 @@ Ablations (paper, Table 2) are switches on any preset:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from flowpp_ref.model.release import RELEASE
+
+FAMILIES = ("flowpp", "realnvp", "glow")
 from flowpp_ref.runtime.options import Range, check_model_config, config_class, option
 
 
@@ -32,8 +35,9 @@ class ModelConfig:
     blocks: int = option(10, help="blocks per coupling network", range=Range(int, 1))
     components: int = option(32, help="logistic mixture components", range=Range(int, 1))
     dropout_p: float = option(0.2, help="dropout probability", range=Range(float, 0, 1, hi_open=True))
-    coupling: str = option("mixlogistic", choices=("mixlogistic", "affine"),
-                           help="ablation: 'affine' replaces the logistic-mixture CDF coupling")
+    coupling: str = option("mixlogistic", choices=("mixlogistic", "affine", "additive"),
+                           help="ablation: 'affine' replaces the logistic-mixture CDF coupling; realnvp/glow: "
+                                "'affine' or 'additive' (NICE)")
     with_affine: bool = True               # exp(a) * logit(F(e)) + b; False drops exp(a), b
     use_attention: bool = option(True, flag="--no-attention",
                                  help="ablation: convolutions only in the couplings (use_attention=False)")
@@ -64,6 +68,15 @@ class ModelConfig:
     mixture_dtype: str | None = option(None, choices=("float32", "float64"), none_means="float32",
                                        help="dtype of the mixture CDF/PDF, its inverse and backward inside "
                                             "the float32 model")
+    # ---- the flows Flow++ improves on (flowpp_ref.model.lineage); filters, blocks, coupling, n_bits and
+    # dequantization ("uniform") apply to them too, the other fields above do not ----
+    family: str = option("flowpp", choices=FAMILIES,
+                         help="model family: 'flowpp', or the flows it improves on, 'realnvp' and 'glow'")
+    levels: int = option(3, help="realnvp/glow: scales of the multi-scale architecture", range=Range(int, 1))
+    depth: int = option(32, help="glow: steps per level; realnvp: couplings per mask type in a scale",
+                        range=Range(int, 1))
+    invconv: str = option("full", choices=("full", "lu"),
+                          help="glow: the invertible 1x1 convolution as a full matrix or LU-decomposed")
 
     def main_layout(self) -> tuple:
         if self.layout is None:
@@ -89,6 +102,11 @@ class ModelConfig:
         """``self`` if every option field lies in its range or choices and the layout fits the
         image shape; else ValueError (:class:`~flowpp_ref.runtime.options.ConfigError` for an option)."""
         check_model_config(self)
+        if self.family != "flowpp":
+            return self._validate_lineage()
+        if self.coupling == "additive":
+            raise ValueError("coupling='additive' is a RealNVP/Glow option (family='realnvp' or 'glow'); Flow++'s "
+                             "couplings are 'mixlogistic' or 'affine'")
         h, w, c = self.image_shape
         if self.layout is not None:
             self._check_layout()
@@ -99,6 +117,19 @@ class ModelConfig:
                              "(checkerboard split, squeeze, then checkerboard split again)")
         if self.dequant_filters % 4:
             raise ValueError(f"dequant_filters must be divisible by the 4 attention heads, got {self.dequant_filters}")
+        return self
+
+    def _validate_lineage(self):
+        h, w, _ = self.image_shape
+        squeezes = self.levels if self.family == "glow" else self.levels - 1
+        if h % 2 ** squeezes or w % 2 ** squeezes or (self.family == "realnvp" and (h * w) // 4 ** squeezes < 2):
+            raise ValueError(f"image_shape {self.image_shape}: {self.family} with levels={self.levels} squeezes "
+                             f"{squeezes} times, so H and W must be divisible by {2 ** squeezes}")
+        if self.coupling not in ("affine", "additive"):
+            raise ValueError(f"family={self.family!r}: coupling must be 'affine' or 'additive', got {self.coupling!r}")
+        if self.dequantization != "uniform":
+            raise ValueError(f"family={self.family!r}: dequantization must be 'uniform' (as in the RealNVP and "
+                             f"Glow papers), got {self.dequantization!r}")
         return self
 
 
@@ -117,6 +148,10 @@ class TrainConfig:
     ema_decay: float = option(0.999, help="EMA decay of the evaluation parameters",
                               range=Range(float, 0, 1, hi_open=True))
     seed: int = option(0, help="random seed (parameters, batches, noise)", range=Range(int, 0, 2 ** 31 - 1))
+    optimizer: str = option("adam", choices=("adam", "adamax"),
+                            help="'adam' (Flow++, RealNVP) or 'adamax' (Glow's release)")
+    beta2: float = option(0.999, help="second-moment decay of Adam / Adamax", range=Range(float, 0, 1, hi_open=True),
+                          cli=False)
     max_bad_steps: int = option(10, help="consecutive non-finite steps before the run stops", range=Range(int, 1),
                                 cli=False)
     log_every: int = option(10, help="steps between host syncs of the loss", range=Range(int, 1), cli=False)
@@ -256,6 +291,46 @@ PRESETS.update({
         "the 64x64 layout, 12 blocks; lr 1e-5 after a 50K warm-up, then constant; batch 48 (init 64) over "
         "8 processes", image_shape=(128, 128, 3), n_bits=5, **{**_IN64, "layout": _LAYOUT_128, "blocks": 12},
         train=_release_train("celeba128-5bit")),
+})
+
+# ----------------------------------------------------------------------------------
+# The flows Flow++ improves on (flowpp_ref.model.lineage). Each setting names its source: RealNVP's
+# paper (Dinh et al. 2017, sec. 4.1; its public release has no CIFAR-10 configuration) and Glow's
+# release command for CIFAR-10 (README of openai/glow: ``--n_level 3 --depth 32 --flow_permutation 2
+# --flow_coupling 1 --learntop --lr 0.001``, defaults of its train.py for the rest).
+_CIFAR_TRAIN_IMAGES = 50_000
+
+PRESETS.update({
+    "realnvp-cifar10": _p(
+        "realnvp-cifar10", "RealNVP's CIFAR-10 model (paper sec. 4.1: '8 residual blocks, 64 feature maps, and "
+        "downscale only once'; 3 checkerboard couplings, squeeze, 3 channel couplings, factor-out, then 4 "
+        "checkerboard couplings; log s = scale * tanh; batch norm on each coupling's output); Adam, lr 1e-3, "
+        "batch 64 (sec. 4.1). Not in the paper, flowpp-ref's defaults: no warm-up, EMA 0.999 for evaluation, "
+        "gradient clip 1; RealNVP's L2 penalty (5e-5 on the weight-norm scales) is not implemented",
+        family="realnvp", levels=2, depth=3, filters=64, blocks=8, coupling="affine", dequantization="uniform",
+        dropout_p=0.0, train=TrainConfig(batch_size=64, init_batch_size=256, lr=1e-3, warmup_steps=0)),
+    "glow-cifar10": _p(
+        "glow-cifar10", "Glow's CIFAR-10 run (its README: 3 levels, depth 32, invertible 1x1 convolution, affine "
+        "coupling, learned top prior, lr 1e-3; train.py defaults: width 512, Adamax with beta2 = 1 - 1/(steps "
+        "per epoch) and a Polyak average of the same decay, warm-up 10 epochs, batch 64 on each of 8 GPUs = "
+        "512, init batch 256). Not in the release: the gradient clip 1 (flowpp-ref's default)",
+        family="glow", levels=3, depth=32, filters=512, coupling="affine", dequantization="uniform",
+        dropout_p=0.0, invconv="full",
+        train=TrainConfig(batch_size=512, init_batch_size=256, lr=1e-3, optimizer="adamax",
+                          beta2=1 - 1 / math.ceil(_CIFAR_TRAIN_IMAGES / 512),
+                          ema_decay=1 - 1 / math.ceil(_CIFAR_TRAIN_IMAGES / 512),
+                          warmup_steps=10 * math.ceil(_CIFAR_TRAIN_IMAGES / 512), processes=8)),
+    "realnvp-small": _p(
+        "realnvp-small", "CPU-friendly RealNVP: realnvp-cifar10's layout (2 scales, 3 + 3 couplings, then 4) "
+        "with 2 residual blocks of 16 feature maps", family="realnvp", levels=2, depth=3, filters=16, blocks=2,
+        coupling="affine", dequantization="uniform", dropout_p=0.0,
+        train=TrainConfig(batch_size=16, init_batch_size=32, warmup_steps=50, lr=1e-3, ema_decay=0.99,
+                          checkpoint_every=100, log_every=5)),
+    "glow-small": _p(
+        "glow-small", "CPU-friendly Glow: glow-cifar10's layout and optimiser at 3 levels of depth 4, width 32",
+        family="glow", levels=3, depth=4, filters=32, coupling="affine", dequantization="uniform", dropout_p=0.0,
+        train=TrainConfig(batch_size=16, init_batch_size=32, warmup_steps=50, lr=1e-3, optimizer="adamax",
+                          beta2=0.999, ema_decay=0.99, checkpoint_every=100, log_every=5)),
 })
 
 # preset -> key of flowpp_ref.model.release.RELEASE

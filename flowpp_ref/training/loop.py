@@ -69,7 +69,9 @@ import numpy as np
 from flowpp_ref.core.backend import asarray, get_xp, make_rng, to_numpy
 from flowpp_ref.core.validation import check_pixels
 from flowpp_ref.datasets import reduce_bits
+from flowpp_ref.bijections.batchnorm import BatchNormFlow
 from flowpp_ref.model import FlowPP
+from flowpp_ref.model.lineage import model_class
 from flowpp_ref.model.presets import ModelConfig, Preset, TrainConfig, get_preset
 from flowpp_ref.runtime import distributed as dist
 from flowpp_ref.runtime import runfolder
@@ -78,7 +80,7 @@ from flowpp_ref.runtime.options import ConfigError, check_model_config, check_ru
 from flowpp_ref.runtime.runfolder import TrainingInterrupted  # noqa: F401  (re-exported)
 from flowpp_ref.training.evaluation import evaluate, inverse_error, use_ema
 from flowpp_ref.training.keyed_rng import KeyedRNG, key_of
-from flowpp_ref.training.optim import EMA, Adam, clip_scale, global_grad_norm_array, warmup_lr  # noqa: F401
+from flowpp_ref.training.optim import OPTIMIZERS, EMA, Adam, clip_scale, global_grad_norm_array, warmup_lr  # noqa: F401
 from flowpp_ref.training.schedules import learning_rate
 
 CKPT_NAME = "checkpoint.npz"
@@ -141,7 +143,18 @@ def preset_from_config(d: dict) -> Preset:
 
 
 def build_model(p: Preset, backend="numpy", dtype=np.float32) -> FlowPP:
-    return FlowPP(p.model, seed=p.train.seed, xp=get_xp(backend), dtype=dtype)
+    """The model of ``p.model.family`` (:class:`FlowPP`, or RealNVP / Glow of :mod:`flowpp_ref.model.lineage`)."""
+    return model_class(p.model)(p.model, seed=p.train.seed, xp=get_xp(backend), dtype=dtype)
+
+
+def _share_batch_statistics(model, comm):
+    """Data parallel: every BatchNormFlow normalises with the global batch's statistics (its ``comm``)."""
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        if isinstance(m, BatchNormFlow):
+            m.comm = comm
+        stack.extend(m.children.values())
 
 
 @dataclasses.dataclass
@@ -313,9 +326,11 @@ def _build_state(run, dtype):
     data-dependent init on the init batch, rank 0's result broadcast to every rank."""
     p, tc, comm = run.preset, run.preset.train, run.comm
     model = build_model(p, run.backend, dtype)
+    if comm.size > 1:
+        _share_batch_statistics(model, comm)
     xp = model.xp
     params = model.parameters()
-    adam = Adam(params)
+    adam = OPTIMIZERS[tc.optimizer](params, beta2=tc.beta2)
     ema = EMA(params, decay=tc.ema_decay)
     if run.checkpoint is not None:
         _restore(model, adam, ema, run.checkpoint, xp)

@@ -1,4 +1,4 @@
-"""Optimisation: Adam, linear learning-rate warm-up, global gradient-norm clipping, EMA.
+"""Optimisation: Adam (and Glow's Adamax), linear learning-rate warm-up, global gradient-norm clipping, EMA.
 
 The recipe of the paper (appendix 8.5): Adam, learning rate
 warmed up linearly to 1e-3 over 200 steps, gradients clipped to a global norm of 1,
@@ -119,17 +119,22 @@ class Adam:
             g = _like(g, p)
             if grad_scale is not None:
                 g = g * _scalar(grad_scale, p.dtype)
-            # (xp.asarray: NumPy turns 0-d results into scalars; the state stays arrays)
-            m_new = xp.asarray(m * self.beta1 + (1.0 - self.beta1) * g)        # m = b1 m + (1 - b1) g
-            v_new = xp.asarray(v * self.beta2 + (1.0 - self.beta2) * (g * g))  # v = b2 v + (1 - b2) g^2
-            denom = xp.sqrt(v_new) * _scalar(inv_sqrt_bc2, p.dtype) + self.eps  # sqrt(v_hat) + eps
-            upd = (_scalar(step_size, p.dtype) * m_new / denom).astype(p.dtype, copy=False)  # lr m_hat / (...)
+            m_new, v_new, upd = self._update(xp, p, m, v, g, step_size, inv_sqrt_bc2)
             if apply is None:
                 p -= upd
                 self.m[k], self.v[k] = m_new, v_new
             else:
                 p -= xp.where(apply, upd, p.dtype.type(0))
                 self.m[k], self.v[k] = xp.where(apply, m_new, m), xp.where(apply, v_new, v)
+
+    def _update(self, xp, p, m, v, g, step_size, inv_sqrt_bc2):
+        """(m_new, v_new, the update subtracted from p) of one parameter."""
+        # (xp.asarray: NumPy turns 0-d results into scalars; the state stays arrays)
+        m_new = xp.asarray(m * self.beta1 + (1.0 - self.beta1) * g)        # m = b1 m + (1 - b1) g
+        v_new = xp.asarray(v * self.beta2 + (1.0 - self.beta2) * (g * g))  # v = b2 v + (1 - b2) g^2
+        denom = xp.sqrt(v_new) * _scalar(inv_sqrt_bc2, p.dtype) + self.eps  # sqrt(v_hat) + eps
+        upd = (_scalar(step_size, p.dtype) * m_new / denom).astype(p.dtype, copy=False)  # lr m_hat / (...)
+        return m_new, v_new, upd
 
     def state_dict(self) -> dict:
         """``{"t", "beta1", "beta2", "eps", "m": {...}, "v": {...}}`` (arrays on their backend, not copied)."""
@@ -156,6 +161,32 @@ class Adam:
         self.t = t
         self.m = {k: (_to(a, *spec[k][:2]) if k in spec else a).copy() for k, a in m.items()}
         self.v = {k: (_to(a, *spec[k][:2]) if k in spec else a).copy() for k, a in v.items()}
+
+
+# ------------------------------------------------------------------------ Adamax
+class Adamax(Adam):
+    """Adamax as Glow's release implements it (its ``optim.adamax``, the optimiser of its CIFAR-10 run).
+
+    Math, per parameter p with gradient g, at update t = 1, 2, ...::
+
+        m <- beta1 m + (1 - beta1) g
+        v <- max(beta2 v, |g|)                                  (the infinity norm, Kingma & Ba sec. 7.1)
+        p <- p - lr sqrt(1 - beta2^t) / (1 - beta1^t) * m / (v + eps)
+
+    The factor ``sqrt(1 - beta2^t)`` is the release's (it reuses Adam's bias correction); Kingma &
+    Ba's Adamax has ``lr / (1 - beta1^t)`` alone. Glow sets ``beta2 = 1 - 1 / (steps per epoch)``,
+    the decay of its Polyak average too. State and ``step`` arguments as :class:`Adam`.
+    """
+
+    def _update(self, xp, p, m, v, g, step_size, inv_sqrt_bc2):
+        m_new = xp.asarray(m * self.beta1 + (1.0 - self.beta1) * g)        # m = b1 m + (1 - b1) g
+        v_new = xp.asarray(xp.maximum(v * self.beta2, xp.abs(g)))          # v = max(b2 v, |g|)
+        # lr sqrt(1 - b2^t) / (1 - b1^t) = step_size / inv_sqrt_bc2
+        upd = _scalar(step_size, p.dtype) / _scalar(inv_sqrt_bc2, p.dtype) * m_new / (v_new + self.eps)
+        return m_new, v_new, upd.astype(p.dtype, copy=False)
+
+
+OPTIMIZERS = {"adam": Adam, "adamax": Adamax}
 
 
 # ------------------------------------------------------------------- schedule
