@@ -8,6 +8,8 @@ Modes (made-up 4x4 images, the tiny preset, dropout on so that the per-image mas
   process), (6) sharded evaluation (k = 1 and k = 3) of (3)'s model. Rank 0 writes OUT/*.
 * ``cli OUT FAULT STEP ARGS...``: ``flowpp train ARGS`` (cli.main) with rank 1 made to
   ``raise`` / ``kill`` (SIGKILL) / ``hang`` in the step STEP (1-based); FAULT ``none``: no fault.
+* ``lineage OUT``: 4 float64 training steps of a tiny RealNVP (batch norm with synchronised
+  statistics) and a tiny Glow; rank 0 writes OUT/lineage.json (losses) and OUT/{family}.npz (parameters).
 * ``nccl OUT``: (GPU, never run so far) the NCCL communicator on CuPy buffers (all-reduce and
   broadcast against their expected values), then 4 float64 training steps with ``--backend cupy``;
   rank 0 writes OUT/nccl.json.
@@ -126,10 +128,37 @@ def nccl_run(out):
                        "losses": [r["train_bpd"] for r in s["history"]]}, f)
 
 
+def lineage_preset(family):
+    """A tiny RealNVP / Glow on the 4x4 images (batch 8: 4 images a rank)."""
+    from flowpp_ref.model.presets import ModelConfig, Preset, TrainConfig
+    m = ModelConfig(image_shape=(4, 4, 3), family=family, levels=2, depth=2, filters=4, blocks=1, coupling="affine",
+                    dequantization="uniform", dropout_p=0.0)
+    return Preset(f"tiny-{family}", m, TrainConfig(batch_size=8, init_batch_size=16, warmup_steps=2, lr=3e-3,
+                                                    checkpoint_every=4, log_every=1, eval_batches=1,
+                                                    optimizer="adamax" if family == "glow" else "adam"))
+
+
+def lineage(out):
+    from flowpp_ref.runtime import distributed as dist
+    from flowpp_ref.training.loop import train
+    comm = dist.get_comm()
+    r = {}
+    for fam in ("realnvp", "glow"):
+        s = train(lineage_preset(fam), images(), steps=4, progress=False, dtype=np.float64)
+        r[fam] = [h["train_bpd"] for h in s["history"]]
+        if comm.rank == 0:
+            np.savez(os.path.join(out, f"{fam}.npz"), **{k: np.asarray(v) for k, v in s["model"].parameters().items()})
+    if comm.rank == 0:
+        with open(os.path.join(out, "lineage.json"), "w") as f:
+            json.dump(r, f)
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     if mode == "suite":
         suite(out, sys.argv[3])
+    elif mode == "lineage":
+        lineage(out)
     elif mode == "nccl":
         nccl_run(out)
     elif mode == "cli":

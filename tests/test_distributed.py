@@ -220,6 +220,26 @@ def test_two_process_runs_reproduce_the_one_process_losses(suite, one_process_f6
 
 @needs_mpi
 @pytest.mark.slow
+def test_two_process_realnvp_with_batch_norm_and_glow_equal_one_process(tmp_path):
+    """RealNVP's batch norms use the global batch's statistics (BatchNormFlow.comm): 2 ranks of 4 images
+    reproduce the one-process losses and parameters, running statistics included."""
+    from flowpp_ref.training.loop import train
+    r, _ = mpirun("lineage", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    with open(tmp_path / "lineage.json") as f:
+        res = json.load(f)
+    for fam in ("realnvp", "glow"):
+        s = train(W.lineage_preset(fam), W.images(), steps=4, progress=False, dtype=np.float64)
+        np.testing.assert_allclose(res[fam], [h["train_bpd"] for h in s["history"]], rtol=1e-10, err_msg=fam)
+        z = np.load(tmp_path / f"{fam}.npz")
+        params = s["model"].parameters()
+        assert set(z.files) == set(params)
+        for k, v in params.items():
+            np.testing.assert_allclose(z[k], v, rtol=1e-9, atol=1e-12, err_msg=f"{fam} {k}")
+
+
+@needs_mpi
+@pytest.mark.slow
 def test_checkpoints_resume_across_process_counts(suite, one_process_f64):
     """2 ranks -> 1 and 1 -> 2: the resumed run continues the uninterrupted one."""
     from flowpp_ref.training.loop import train

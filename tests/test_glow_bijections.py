@@ -468,3 +468,48 @@ def test_bad_input_raises(call, match):
 def test_bad_constructor_arguments(call, exc):
     with pytest.raises(exc):
         call()
+
+
+# ---------------------------------------------------------------- InvConv1x1 (full), LearnedTopPrior, Rescale offset
+def test_invertibility_of_the_full_invconv_and_its_random_rotation_init():
+    from flowpp_ref.bijections import InvConv1x1
+    f = InvConv1x1(6, rng=np.random.default_rng(0), dtype=np.float64)
+    W = f.params["W"]
+    np.testing.assert_allclose(W @ W.T, np.eye(6), atol=1e-12)          # a rotation: log|det W| = 0
+    x = np.random.default_rng(1).standard_normal((2, 3, 3, 6))
+    y, ld, _ = f.forward(x)
+    np.testing.assert_allclose(ld, 0, atol=1e-12)
+    f.params["W"] = W + 0.3 * np.random.default_rng(2).standard_normal((6, 6))
+    y, ld, _ = f.forward(x)
+    np.testing.assert_allclose(ld, 9 * np.linalg.slogdet(f.params["W"])[1], rtol=1e-10)   # H W log|det W|
+    xr, ldi = f.inverse(y)
+    np.testing.assert_allclose(xr, x, atol=1e-10)
+    np.testing.assert_allclose(ldi, -ld, rtol=1e-10)
+    with pytest.raises(ValueError, match="single array"):
+        InvConv1x1((3, 3), rng=np.random.default_rng(0))
+
+
+def test_learned_top_prior_scores_the_gaussian_it_stands_for_and_is_not_data_initialised():
+    from flowpp_ref.bijections import LearnedTopPrior
+    from flowpp_ref.model.objective import standard_normal_logprob
+    C = 4
+    p = LearnedTopPrior(C, dtype=np.float64)
+    h = np.random.default_rng(3).standard_normal((3, 2, 2, C)) * 2 + 5
+    np.testing.assert_array_equal(p.data_init(h), h)                     # no fit to the batch: still N(0, I)
+    mu, logs = np.array([0.5, -1.0, 2.0, 0.0]), np.array([0.1, -0.3, 0.7, 0.0])
+    p.params["b"], p.params["logs"] = -mu, -logs                          # b = -mu, s = -log sigma
+    z, ld, _ = p.forward(h)
+    direct = (-0.5 * ((h - mu) / np.exp(logs)) ** 2 - logs - 0.5 * np.log(2 * np.pi)).reshape(3, -1).sum(1)
+    np.testing.assert_allclose(standard_normal_logprob(z) + ld, direct, rtol=1e-12)
+
+
+def test_invertibility_of_rescale_with_an_offset():
+    from flowpp_ref.bijections import Rescale
+    f = Rescale(1 / 256, offset=-0.5)
+    x = np.random.default_rng(4).uniform(0, 256, (2, 2, 2, 3))
+    y, ld, _ = f.forward(x)
+    np.testing.assert_allclose(y, x / 256 - 0.5, rtol=1e-12)
+    np.testing.assert_allclose(ld, 12 * np.log(1 / 256), rtol=1e-12)
+    np.testing.assert_allclose(f.inverse(y)[0], x, rtol=1e-12)
+    with pytest.raises(ValueError, match="offset must be finite"):
+        Rescale(2.0, offset=float("nan"))

@@ -226,6 +226,7 @@ def _train(args, preset, ov, comm):
         save_sample_grid(imgs, os.path.join(args.out, "samples.png"), nrow=int(np.ceil(np.sqrt(n))))
         wrote.insert(3, "samples.png")
     bpd = s["final_train_bpd"]
+    print(f"{preset} ({model.cfg.family}): {s['num_parameters']:,} parameters")
     print(f"steps {s['steps']}  final train bits/dim " + (f"{bpd:.4f}" if bpd is not None else "- (no step logged)")
           + (f"  test bits/dim (EMA) {s['test_bpd']:.4f}" if "test_bpd" in s else "")
           + (f"  sampling {n} images: {dt:.2f} s" if dt is not None else ""))
