@@ -100,7 +100,7 @@ def test_choices_are_offered_by_argparse_and_checked_by_the_library(capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["train", "--coupling", "spline"])
     assert e.value.code == 2 and "argument --coupling: invalid choice: 'spline'" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match=r"coupling must be 'mixlogistic' or 'affine', got 'spline'"):
+    with pytest.raises(ConfigError, match=r"coupling must be 'mixlogistic', 'affine' or 'additive', got 'spline'"):
         get_preset("tiny", coupling="spline")
     with pytest.raises(ConfigError, match=r"mixture_dtype must be None, 'float32' or 'float64', got 'float16'"):
         get_preset("tiny", mixture_dtype="float16")
