@@ -41,6 +41,12 @@ Both: each coupling's network reads the kept half of the channels in the channel
 (``compact=True``), as the releases do; the checkerboard couplings read the masked input.
 Sampling (``sample(n, rng=, temperature=T)``): the top latent and every factored-out half are drawn at
 temperature T (Glow's ``eps_std``), through :class:`~flowpp_ref.bijections.factor_out.FactorOut`.
+
+Data parallelism: the training loop gives every BatchNormFlow the run's communicator, so RealNVP's batch
+norms use the global batch's statistics (:mod:`flowpp_ref.bijections.batchnorm`).
+
+CuPy: these models use only array code shared with the rest (no kernel of their own). **Not verified on a
+GPU**: no device was available when they were written.
 """
 from __future__ import annotations
 

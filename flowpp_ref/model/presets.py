@@ -6,6 +6,10 @@ authors' release, each citing its file (see the block "The release's launchers" 
 architecture (every bijection and layer type) but shrink widths, depths and the mixture
 so that they train on a CPU.
 
+The flows Flow++ improves on (``family="realnvp"`` / ``"glow"``, :mod:`flowpp_ref.model.lineage`):
+``realnvp-cifar10`` and ``glow-cifar10`` (their papers' CIFAR-10 models; RealNVP 6,052,041 parameters
+here, Glow 44,052,816), ``realnvp-small`` and ``glow-small`` for the CPU.
+
 Ablations (paper, Table 2) are switches on any preset:
 ``dequantization="uniform"``, ``coupling="affine"``, ``use_attention=False``;
 ``n_bits`` (8, 5, 3) reduces the pixel depth.
