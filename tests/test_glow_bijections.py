@@ -489,7 +489,7 @@ def test_invertibility_of_the_full_invconv_and_its_random_rotation_init():
         InvConv1x1((3, 3), rng=np.random.default_rng(0))
 
 
-def test_learned_top_prior_scores_the_gaussian_it_stands_for_and_is_not_data_initialised():
+def test_invertibility_of_the_learned_top_prior_which_scores_its_gaussian_and_is_not_data_initialised():
     from flowpp_ref.bijections import LearnedTopPrior
     from flowpp_ref.model.objective import standard_normal_logprob
     C = 4
@@ -501,6 +501,9 @@ def test_learned_top_prior_scores_the_gaussian_it_stands_for_and_is_not_data_ini
     z, ld, _ = p.forward(h)
     direct = (-0.5 * ((h - mu) / np.exp(logs)) ** 2 - logs - 0.5 * np.log(2 * np.pi)).reshape(3, -1).sum(1)
     np.testing.assert_allclose(standard_normal_logprob(z) + ld, direct, rtol=1e-12)
+    hr, ldi = p.inverse(z)
+    np.testing.assert_allclose(hr, h, rtol=1e-12)
+    np.testing.assert_allclose(ldi, -ld, rtol=1e-12)
 
 
 def test_invertibility_of_rescale_with_an_offset():
