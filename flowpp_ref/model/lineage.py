@@ -37,6 +37,15 @@ Couplings: ``s = sigmoid(raw + 2)`` ("affine") or ``log s = 0`` ("additive"), th
 :class:`~flowpp_ref.nn.glow_net.GlowCouplingNet` (conv3x3-actnorm-ReLU-conv1x1-actnorm-ReLU-zero conv,
 ``filters`` wide); no alternating mask: the 1x1 convolution mixes the channels between couplings.
 
+Differences from Glow's release (its ``model.py``/``tfops.py``), each a parametrisation of the same
+function class or a border effect: its coupling computes ``y2 = (z2 + t) * s`` with ``t, s`` interleaved in
+``h`` (``h[..., 0::2]``, ``h[..., 1::2]``), ours ``y2 = z2 * s + t`` with ``h = [raw, t]``; its 3x3
+convolutions append an edge-indicator input channel (``add_edge_padding``), ours pad with zeros; its
+learned top prior is a zero convolution of a zero tensor (per-channel except at the border pixels, through
+that edge channel), ours per-channel everywhere. Parameters of ``glow-cifar10``: 44,052,816 here; by our
+count of the release's layers, 550,788 more there (the edge channels, 466,884; the top prior's convolution
+weights, 83,904), 44,603,604 in all.
+
 Both: each coupling's network reads the kept half of the channels in the channel couplings
 (``compact=True``), as the releases do; the checkerboard couplings read the masked input.
 Sampling (``sample(n, rng=, temperature=T)``): the top latent and every factored-out half are drawn at
