@@ -53,6 +53,9 @@ def _factor_outs_drawing(flow, rng, temperature):
 class FlowPP(Module):
     """Flow++: dequantizer + main flow, with a hand-written gradient of the bits/dim loss.
 
+    RealNVP and Glow (:mod:`flowpp_ref.model.lineage`) subclass it: they override :meth:`_build`
+    (uniform dequantizer, their own flow and latent shape) and inherit the rest.
+
     Parameters are drawn from ``np.random.default_rng(seed)`` on the host and moved
     to the backend ``xp``, so a NumPy and a CuPy model built with one seed are equal.
     """
