@@ -516,3 +516,13 @@ def test_invertibility_of_rescale_with_an_offset():
     np.testing.assert_allclose(f.inverse(y)[0], x, rtol=1e-12)
     with pytest.raises(ValueError, match="offset must be finite"):
         Rescale(2.0, offset=float("nan"))
+
+
+def test_actnorm_data_init_updates_the_parameter_arrays_in_place():
+    """A parameter dict taken before the init (an optimiser's) holds the initialised values."""
+    f = ChannelActNorm(3, dtype=np.float64)
+    before = f.parameters()
+    x = np.random.default_rng(5).standard_normal((4, 2, 2, 3)) * 3 + 1
+    f.data_init(x)
+    assert before["b"] is f.params["b"] and before["logs"] is f.params["logs"]
+    np.testing.assert_allclose(before["b"], -x.mean(axis=(0, 1, 2)), rtol=1e-12)

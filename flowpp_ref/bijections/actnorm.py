@@ -171,9 +171,9 @@ class ChannelActNorm(Bijection):
             m = a64.mean(axis=(0, 1, 2))                        # mean over (B, H, W)
             sd = xp.sqrt(((a64 - m) ** 2).mean(axis=(0, 1, 2)))  # population std (ddof 0)
             b_name, s_name = self._names(i)
-            self.params[b_name] = (-m).astype(self.dtype)       # b = -mean
-            # logs = log(scale / (std + eps))
-            self.params[s_name] = xp.log(self.scale / (sd + ACTNORM_EPS)).astype(self.dtype)
+            # in place, so that a dict of the parameters taken before the init (an optimiser's) sees them
+            self.params[b_name][...] = (-m).astype(self.dtype)                                  # b = -mean
+            self.params[s_name][...] = xp.log(self.scale / (sd + ACTNORM_EPS)).astype(self.dtype)  # log(scale/(std+eps))
         return self.forward(x, context)[0]
 
     def __repr__(self):
