@@ -256,7 +256,9 @@ class LearnedTopPrior(ChannelActNorm):
     ``h = mu + T exp(logs) eps`` (Glow's ``eps_std``).
 
     Parameters ``b`` [C] (= -mu) and ``logs`` [C] (= -log sigma of the prior); math and backward
-    as ChannelActNorm.
+    as ChannelActNorm. Difference from the release: its zero convolution also reads the edge-padding
+    channel of its 3x3 convolutions, so there the border pixels' prior may differ from the interior's;
+    here it is one Gaussian per channel at every pixel.
     """
 
     def __init__(self, channels, *, xp=np, dtype=np.float32):
