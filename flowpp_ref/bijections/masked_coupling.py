@@ -281,11 +281,17 @@ class MaskedAffineCoupling(Bijection):
     def backward(self, dy, dlogdet, cache):
         x = cache["x"]
         xp = array_module(x)
-        m = self._m(x)
-        u = 1 - m
         gt = affine_coupling_backward(dy, dlogdet, cache["transform"])
         # gt["e"] = dy exp(a): m dy + u dy s;  gt["a"] = dy exp(a) x + g;  gt["b"] = dy
-        tr = (lambda v: v[..., self._tr]) if self.compact else (lambda v: u * v)
+        if self.compact:                                         # the transformed channels of dL/da, dL/db
+            def tr(v):
+                return v[..., self._tr]
+        else:
+            m = self._m(x)
+            u = 1 - m
+
+            def tr(v):
+                return u * v
         dt = tr(gt["b"])                                         # dL/dt = u dy
         grads = {}
         if self.scale_kind == "additive":

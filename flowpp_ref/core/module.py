@@ -70,6 +70,12 @@ class Module:
                 raise KeyError(f"{type(self).__name__} has no parameter {head!r}")
             self.params[head] = value
 
+    def modules(self):
+        """This module and every module below it, depth first (parents before children)."""
+        yield self
+        for child in self.children.values():
+            yield from child.modules()
+
     def num_parameters(self) -> int:
         return int(sum(int(np.prod(v.shape)) for v in self.parameters().values()))
 

@@ -35,12 +35,7 @@ from flowpp_ref.training.evaluation import importance_weighted_bpd
 @contextlib.contextmanager
 def _factor_outs_drawing(flow, rng, temperature):
     """Every FactorOut in ``flow`` draws from ``rng`` at ``temperature`` inside the block (restored after)."""
-    found, stack = [], [flow]
-    while stack:
-        m = stack.pop()
-        if isinstance(m, FactorOut):
-            found.append((m, m.sample_rng, m.temperature))
-        stack.extend(m.children.values())
+    found = [(m, m.sample_rng, m.temperature) for m in flow.modules() if isinstance(m, FactorOut)]
     try:
         for m, _, _ in found:
             m.sample_rng, m.temperature = rng, float(temperature)

@@ -149,12 +149,9 @@ def build_model(p: Preset, backend="numpy", dtype=np.float32) -> FlowPP:
 
 def _share_batch_statistics(model, comm):
     """Data parallel: every BatchNormFlow normalises with the global batch's statistics (its ``comm``)."""
-    stack = [model]
-    while stack:
-        m = stack.pop()
+    for m in model.modules():
         if isinstance(m, BatchNormFlow):
             m.comm = comm
-        stack.extend(m.children.values())
 
 
 @dataclasses.dataclass
