@@ -199,6 +199,7 @@ def worker_torch(a):
     host_model.load_parameters(params)
     dev = a.torch_device
     cuda = dev.startswith("cuda")
+    _set_tf32(torch, a.tf32)
     twin = TorchFlowPP(host_model, dtype=torch.float32, device=dev).train()
     rng = TorchDeviceRNG(3, dev)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -216,7 +217,7 @@ def worker_torch(a):
             times.append(time.perf_counter() - t0)
     return dict(step=_stats(times), loss=float(loss.detach().cpu()),
                 peak_allocated_mb=(torch.cuda.max_memory_allocated() / 2 ** 20) if cuda else None,
-                torch=torch.__version__, device=torch.cuda.get_device_name() if cuda else "cpu")
+                torch=torch.__version__, device=torch.cuda.get_device_name() if cuda else "cpu", **_tf32_flags(torch))
 
 
 # ------------------------------------------------------------------ one coupling layer (part 3)
@@ -264,6 +265,7 @@ def worker_coupling_torch(a):
     bc, cfg = _coupling_cfg(a.setting)
     dev = a.torch_device
     cuda = dev.startswith("cuda")
+    _set_tf32(torch, a.tf32)
     params, c, e, dy_c, dy_e, dl = bc._load(a.path)
     mod = bc._torch_module(params, cfg).to(dev).train()
     tc = torch.from_numpy(c).to(dev).requires_grad_(True)
@@ -285,7 +287,16 @@ def worker_coupling_torch(a):
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
     return dict(step=_stats(times), peak_allocated_mb=(torch.cuda.max_memory_allocated() / 2 ** 20) if cuda else None,
-                device=torch.cuda.get_device_name() if cuda else "cpu")
+                device=torch.cuda.get_device_name() if cuda else "cpu", **_tf32_flags(torch))
+
+
+def _set_tf32(torch, mode):
+    """``off``: convolutions and matmuls in full float32 (as CuPy runs ours); ``on``: TF32 tensor cores for both."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = (mode == "on")
+
+
+def _tf32_flags(torch):
+    return dict(tf32_matmul=bool(torch.backends.cuda.matmul.allow_tf32), tf32_cudnn=bool(torch.backends.cudnn.allow_tf32))
 
 
 # ------------------------------------------------------------------ driver
@@ -306,6 +317,8 @@ def main(argv=None):
                     help="small at B=64 + one cifar10-paper coupling layer, sampling 8 and 64, 1 warm-up + 3 steps")
     ap.add_argument("--dry-run", action="store_true",
                     help="the plumbing on the CPU: NumPy + torch CPU, tiny preset, small coupling, B=4")
+    ap.add_argument("--tf32", default="off,on",
+                    help="the twin's precision, one run per value: off (full float32, as CuPy runs ours), on (TF32)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--preset", default=None, help=argparse.SUPPRESS)
@@ -335,8 +348,9 @@ def main(argv=None):
                 ["--data-dir", a.data_dir] if a.data_dir else [])
             init = _run_worker(["--worker", "init", *common])
             ours = _run_worker(["--worker", "ours", *common, "--sample-sizes", a.sample_sizes if i == 0 else ""])
-            twin = _run_worker(["--worker", "torch", *common])
-            run = dict(preset=preset, init=init, ours=ours, torch=twin,
+            twins = {m: _run_worker(["--worker", "torch", *common, "--tf32", m]) for m in a.tf32.split(",")}
+            twin = twins[a.tf32.split(",")[0]]
+            run = dict(preset=preset, init=init, ours=ours, torch=twin, torch_by_tf32=twins,
                        ratio_min=ours["step"]["min_s"] / twin["step"]["min_s"],
                        ratio_median=ours["step"]["median_s"] / twin["step"]["median_s"])
             results["runs"].append(run)
@@ -347,8 +361,10 @@ def main(argv=None):
             print(f"  PyTorch twin      : step {twin['step']['min_s'] * 1e3:8.1f} ms (median "
                   f"{twin['step']['median_s'] * 1e3:.1f}), peak allocated {twin['peak_allocated_mb'] or 0:.0f} MB, "
                   f"loss {twin['loss']:.4f}")
-            print(f"  ratio ours / torch: {run['ratio_min']:.2f}x (min), {run['ratio_median']:.2f}x (median); "
-                  f"target <= 1.5x")
+            print(f"  ratio ours / torch (TF32 {a.tf32.split(',')[0]}): {run['ratio_min']:.2f}x (min), "
+                  f"{run['ratio_median']:.2f}x (median); target <= 1.2x")
+            for m, t in twins.items():
+                print(f"  PyTorch twin, TF32 {m:3s}: step {t['step']['min_s'] * 1e3:8.1f} ms, loss {t['loss']:.4f}")
             for n, s in ours.get("sampling", {}).items():
                 print(f"  sampling {n:>3s} images: {s['min_s']:.3f} s (median {s['median_s']:.3f})"
                       + ("; target < 0.1 s (paper: 0.32 s on a 1080 Ti)" if n == "8" else ""))
@@ -358,8 +374,9 @@ def main(argv=None):
                       "--warmup", str(a.warmup), "--repeats", str(a.repeats), *dev]
             _run_worker(["--worker", "coupling_init", *common])
             ours = _run_worker(["--worker", "coupling_ours", *common])
-            twin = _run_worker(["--worker", "coupling_torch", *common])
-            run = dict(setting=setting, batch=a.coupling_batch, ours=ours, torch=twin,
+            twins = {m: _run_worker(["--worker", "coupling_torch", *common, "--tf32", m]) for m in a.tf32.split(",")}
+            twin = twins[a.tf32.split(",")[0]]
+            run = dict(setting=setting, batch=a.coupling_batch, ours=ours, torch=twin, torch_by_tf32=twins,
                        ratio_min=ours["step"]["min_s"] / twin["step"]["min_s"],
                        ratio_median=ours["step"]["median_s"] / twin["step"]["median_s"])
             results["coupling"].append(run)

@@ -174,8 +174,41 @@ def test_cuda_kernels_match_reference_on_gpu():
         fr = ml.mixlogistic_cdf_pdf(x, l, m, s)
         br = ml.mixlogistic_cdf_pdf_backward(x, l, m, s, *g)
         yr = ml.mixlogistic_invcdf(cupy.clip(cupy.exp(fr[0]), 1e-5, 1 - 1e-5), l, m, s, method="hybrid")[0]
-    for a, b in zip(fk + bk + (yk,), fr + br + (yr,)):
+    for a, b in zip(fk + bk, fr + br):
         np.testing.assert_allclose(cupy.asnumpy(a), cupy.asnumpy(b), rtol=1e-9, atol=1e-9)
+    _assert_same_inverse(cupy.asnumpy(yk), cupy.asnumpy(yr), *(cupy.asnumpy(v) for v in (l, m, s)))
+
+
+def test_inverse_comparison_allows_flat_cdf_and_catches_a_wrong_root():
+    """The GPU comparison's rule, on the host: numba's inverse vs the reference, then one planted error."""
+    from flowpp_ref.kernels import kernels_enabled
+    x, l, m, s = _params(np.random.default_rng(3), 2000, 8, np.float64)
+    with kernels_enabled(False):
+        y = np.clip(np.exp(ml.mixlogistic_cdf_pdf(x, l, m, s)[0]), 1e-5, 1 - 1e-5)
+        yr = ml.mixlogistic_invcdf(y, l, m, s, method="hybrid")[0]
+    yk = yr.copy()
+    yk[1202] += 0.0024                   # inside the flat stretch the H200 run met: still an exact inverse
+    _assert_same_inverse(yk, yr, l, m, s)
+    yk[7] += 1e-3                        # a steep point: a wrong inverse
+    with pytest.raises(AssertionError):
+        _assert_same_inverse(yk, yr, l, m, s)
+
+
+def _assert_same_inverse(yk, yr, l, m, s):
+    """Two inverse CDFs agree: the same F(x) everywhere; the same x where F is not flat there.
+
+    Where the mixture's density is ~0 over an interval (a gap between components), F is constant
+    to float64 precision on it and every x in it is an exact inverse: the H200 run found one such
+    element 0.0024 apart (F equal to 1e-16).
+    """
+    from flowpp_ref.kernels import kernels_enabled
+    with kernels_enabled(False):
+        fk, _, dk = ml.mixlogistic_cdf_pdf(yk, l, m, s)
+        fr, _, dr = ml.mixlogistic_cdf_pdf(yr, l, m, s)
+    np.testing.assert_allclose(np.exp(fk), np.exp(fr), rtol=1e-9, atol=1e-12)
+    steep = np.minimum(dk, dr) > np.log(1e-6)          # log densities: x is well determined there
+    assert steep.mean() > 0.9
+    np.testing.assert_allclose(yk[steep], yr[steep], rtol=1e-9, atol=1e-9)
 
 
 # ------------------------------------------------------------ concat_elu, gate, layer norm

@@ -40,7 +40,9 @@ needs_mpi = pytest.mark.skipif(MPIEXEC is None, reason=f"2-process tests need MP
 
 def mpirun(*args, n=2, timeout=300, env=None):
     e = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), NUMBA_NUM_THREADS="1",
-             OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", FLOWPP_DISTRIBUTED="auto")
+             OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", FLOWPP_DISTRIBUTED="auto",
+             # Open MPI's mpiexec refuses root (as on the GPU machine) unless told twice; MPICH ignores these
+             OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     e.update(env or {})
     t0 = time.monotonic()
     r = subprocess.run([MPIEXEC, "-n", str(n), sys.executable, os.path.join(HERE, "mpi_worker.py"), *args],
