@@ -28,7 +28,7 @@ def nvcc_compile(source: str, directory, name: str):
 
 
 def call(lib, name, n, *args):
-    """lib.name(n, *args): NumPy arrays (C-contiguous) as pointers, np.float64 / np.int32 as scalars."""
+    """lib.name(n, *args): NumPy arrays (C-contiguous) as pointers, np.float64 / np.int32 / np.int64 as scalars."""
     conv = []
     for a in args:
         if isinstance(a, np.ndarray):
@@ -38,6 +38,8 @@ def call(lib, name, n, *args):
             conv.append(ctypes.c_double(float(a)))
         elif isinstance(a, np.int32):
             conv.append(ctypes.c_int(int(a)))
+        elif isinstance(a, np.int64):
+            conv.append(ctypes.c_longlong(int(a)))
         else:
             raise TypeError(type(a))
     getattr(lib, name)(ctypes.c_longlong(n), *conv)

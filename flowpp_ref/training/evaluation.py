@@ -28,7 +28,7 @@ import math
 import numpy as np
 
 from flowpp_ref.bijections.factor_out import exact_inverse
-from flowpp_ref.core.backend import is_cupy, make_rng, to_numpy
+from flowpp_ref.core.backend import is_cupy, rng_for, to_numpy
 from flowpp_ref.runtime import distributed as dist
 from flowpp_ref.runtime.options import ConfigError, check_option
 from flowpp_ref.training.keyed_rng import KeyedRNG, key_of
@@ -45,7 +45,9 @@ class use_ema:
         self.model, self.ema = model, ema
 
     def __enter__(self):
-        self.saved = {k: v.copy() for k, v in self.model.parameters().items()}
+        # the model's own arrays are set aside untouched and put back as they are (the fused optimiser's
+        # parameters are views of its flat buffer, and stay so)
+        self.saved = self.model.parameters()
         self.model.load_parameters({k: v.copy() for k, v in self.ema.state_dict()["shadow"].items()})
         return self.model
 
@@ -187,7 +189,7 @@ def inverse_error(model, images, *, batch_size=64, max_batches=None, seed=0):
     with ``y = x + u`` the dequantized images (u from the dequantizer, eval mode) and f the
     main flow (its inverse as configured, ``ModelConfig.inverse_method``; the factored-out halves of
     RealNVP / Glow passed back, :func:`~flowpp_ref.bijections.factor_out.exact_inverse`). A float."""
-    rng = make_rng(int(seed) + 54321, model.xp)
+    rng = rng_for(np.random.default_rng(int(seed) + 54321), model.xp)     # the same noise on every backend
     n = len(images)
     nb = math.ceil(n / batch_size)
     if max_batches:

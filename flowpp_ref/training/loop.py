@@ -66,7 +66,7 @@ import time
 
 import numpy as np
 
-from flowpp_ref.core.backend import asarray, get_xp, make_rng, to_numpy
+from flowpp_ref.core.backend import asarray, get_xp, make_rng, rng_for, to_numpy
 from flowpp_ref.core.validation import check_pixels
 from flowpp_ref.datasets import reduce_bits
 from flowpp_ref.bijections.batchnorm import BatchNormFlow
@@ -80,6 +80,7 @@ from flowpp_ref.runtime.options import ConfigError, check_model_config, check_ru
 from flowpp_ref.runtime.runfolder import TrainingInterrupted  # noqa: F401  (re-exported)
 from flowpp_ref.training.evaluation import evaluate, inverse_error, use_ema
 from flowpp_ref.training.keyed_rng import KeyedRNG, key_of
+from flowpp_ref.training.fused import FusedUpdate
 from flowpp_ref.training.optim import OPTIMIZERS, EMA, Adam, clip_scale, global_grad_norm_array, warmup_lr  # noqa: F401
 from flowpp_ref.training.schedules import learning_rate
 
@@ -92,8 +93,9 @@ class TrainingDiverged(RuntimeError):
 
 
 def step_rng(seed: int, step: int, xp=np):
-    """The generator of step ``step``: a pure function of (seed, step)."""
-    return make_rng(int(seed) * 1_000_003 + int(step) + 1, xp)
+    """The generator of step ``step``: a pure function of (seed, step), drawn on the host (NumPy's PCG64)
+    and copied to the backend, so the data-dependent init is the same on NumPy and CuPy."""
+    return rng_for(np.random.default_rng(int(seed) * 1_000_003 + int(step) + 1), xp)
 
 
 def shard_loss_and_grads(model, images, idx, *, seed, step, comm, train=True):
@@ -187,6 +189,7 @@ class _State:
     params: dict                        # the arrays Adam and the EMA update in place
     reducer: object                     # the all-reduce buffer of a data-parallel run, else None
     check_x: np.ndarray                 # the check batch a checkpoint's parameters must pass
+    fused: FusedUpdate                  # clipping + Adam + EMA in one pass over flat buffers
 
 
 def train(preset, train_images, test_images=None, *, out_dir=None, steps=None, minutes=None, backend="numpy",
@@ -346,7 +349,8 @@ def _build_state(run, dtype):
     reducer = None
     if comm.size > 1:       # gradients + [loss, failed, time up, SIGINT, SIGTERM]: one all-reduce per step
         reducer = dist.FlatBuffer({k: v.shape for k, v in params.items()}, 5, xp, dtype)
-    return _State(model, adam, ema, params, reducer, check_x)
+    fused = FusedUpdate(model, adam, ema)             # parameters, moments and shadow now live in flat buffers
+    return _State(model, adam, ema, model.parameters(), reducer, check_x, fused)
 
 
 def train_step(st, run, step, *, time_up=False, signum=None):
@@ -359,7 +363,7 @@ def train_step(st, run, step, *, time_up=False, signum=None):
     Returns the pending scalars ``(step + 1, loss, ||g||, ok, lr)`` and, on N ranks,
     (stop, signal) of the all-reduce (else ``(False, None)``).
     """
-    tc, xp = run.preset.train, st.model.xp
+    tc = run.preset.train
     idx = batch_indices(len(run.train_images), tc.batch_size, tc.seed, step)
     if st.reducer is None:
         loss, grads = shard_loss_and_grads(st.model, run.train_images, idx, seed=tc.seed, step=step, comm=run.comm)
@@ -367,11 +371,12 @@ def train_step(st, run, step, *, time_up=False, signum=None):
     else:
         loss, grads, stop, sig = _reduced_step(st.model, run.train_images, idx, tc.seed, step, run.comm,
                                                st.reducer, time_up, signum)
-    gnorm = global_grad_norm_array(grads)                        # ||g|| = sqrt(sum_i g_i^2), every parameter
-    ok = xp.isfinite(loss) & xp.isfinite(gnorm)                  # a skipped step changes nothing (no host sync)
     lr = learning_rate(step + 1, tc)                             # warm-up, or a release schedule
-    st.adam.step(st.params, grads, lr, grad_scale=clip_scale(gnorm, tc.grad_clip), apply=ok)  # g min(1, c/||g||)
-    st.ema.update(st.params, apply=ok)                           # ema <- d ema + (1 - d) theta
+    # ||g||; Adam on g min(1, c / ||g||); ema <- d ema + (1 - d) theta; nothing changes where the loss or ||g||
+    # is not finite (decided on the device, no host sync). The same as global_grad_norm_array, Adam.step and
+    # EMA.update with apply=ok, in one pass over flat buffers (training/fused.py)
+    flat = None if st.reducer is None else st.reducer.data[:st.reducer.n_params]
+    gnorm, ok = st.fused.step(None if flat is not None else grads, loss, lr, tc.grad_clip, flat_grads=flat)
     return (step + 1, loss, gnorm, ok, lr), stop, sig
 
 

@@ -63,8 +63,11 @@ class Adam:
 
     State: ``m``, ``v`` (dicts like the parameters, same backend and dtype) and ``t``,
     the number of updates done. ``lr`` is passed to every :meth:`step` (schedules live
-    outside, see :func:`warmup_lr`).
+    outside, see :func:`warmup_lr`). The training loop runs the same update fused with the
+    clipping and the EMA (:mod:`flowpp_ref.training.fused`).
     """
+
+    rule = "adam"           # the update :class:`~flowpp_ref.training.fused.FusedUpdate` applies
 
     def __init__(self, params: dict | None = None, *, beta1: float = 0.9, beta2: float = 0.999,
                  eps: float = 1e-8):
@@ -177,6 +180,8 @@ class Adamax(Adam):
     Ba's Adamax has ``lr / (1 - beta1^t)`` alone. Glow sets ``beta2 = 1 - 1 / (steps per epoch)``,
     the decay of its Polyak average too. State and ``step`` arguments as :class:`Adam`.
     """
+
+    rule = "adamax"
 
     def _update(self, xp, p, m, v, g, step_size, inv_sqrt_bc2):
         m_new = xp.asarray(m * self.beta1 + (1.0 - self.beta1) * g)        # m = b1 m + (1 - b1) g

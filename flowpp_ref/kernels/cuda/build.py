@@ -28,7 +28,7 @@ CUDA_PRELUDE = r"""
 HOST_PRELUDE = r"""
 #include <cmath>
 using std::exp; using std::expm1; using std::log; using std::log1p; using std::fabs;
-using std::fmin; using std::fmax; using std::sqrt;
+using std::fmin; using std::fmax; using std::sqrt; using std::pow;
 #define FLOWPP_DEVICE inline
 #define FLOWPP_INF INFINITY
 """
