@@ -14,7 +14,11 @@ Dtype policy: float32 for training (``DEFAULT_DTYPE``), float64 for every
 derivative check (the tests pass ``dtype=np.float64`` explicitly).
 
 Randomness: a seeded ``xp.random.Generator`` (:func:`make_rng`) is passed by the
-caller; nothing in flowpp_ref draws from a global random state.
+caller; nothing in flowpp_ref draws from a global random state. A NumPy ``Generator``
+given to a model on CuPy is adapted once, at the model's door (:func:`rng_for`): its
+numbers are drawn on the host and copied to the device, so the same seed gives the same
+noise on both backends (the training loop's data-dependent init uses this); a CuPy
+generator given to a NumPy model is refused.
 """
 from __future__ import annotations
 
@@ -101,6 +105,38 @@ def make_rng(seed, xp=np):
     if is_cupy(xp):
         return _cupy.random.default_rng(seed)
     return np.random.default_rng(seed)
+
+
+class HostDraws:
+    """A NumPy ``Generator`` whose draws land on the backend ``xp`` (host draw, then one copy per call).
+
+    The methods the models call (``random``, ``standard_normal``, ``integers``) with the NumPy
+    signatures: the numbers are NumPy's, whichever backend uses them.
+    """
+
+    def __init__(self, gen: np.random.Generator, xp):
+        self.gen, self.xp = gen, xp
+
+    def random(self, size=None, dtype=np.float64):
+        return asarray(self.gen.random(size, dtype=dtype), self.xp)
+
+    def standard_normal(self, size=None, dtype=np.float64):
+        return asarray(self.gen.standard_normal(size, dtype=dtype), self.xp)
+
+    def integers(self, low, high=None, size=None, dtype=np.int64, endpoint=False):
+        return asarray(self.gen.integers(low, high, size, dtype=dtype, endpoint=endpoint), self.xp)
+
+
+def rng_for(rng, xp):
+    """``rng`` made fit for a model on ``xp``: a NumPy ``Generator`` is wrapped in :class:`HostDraws`
+    for CuPy; a CuPy generator for NumPy raises TypeError; anything else (a generator of the
+    right backend, a keyed generator, ``None``) is returned as it is."""
+    if isinstance(rng, np.random.Generator) and is_cupy(xp):
+        return HostDraws(rng, xp)
+    if HAVE_CUPY and xp is np and isinstance(rng, _cupy.random.Generator):
+        raise TypeError("rng: a CuPy random Generator was given to a model on NumPy; pass "
+                        "numpy.random.default_rng(seed) (or make_rng(seed, numpy))")
+    return rng
 
 
 def synchronize(xp) -> None:

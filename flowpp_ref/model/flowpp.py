@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from flowpp_ref.bijections.factor_out import FactorOut
-from flowpp_ref.core.backend import array_module, asarray, to_numpy
+from flowpp_ref.core.backend import array_module, asarray, rng_for, to_numpy
 from flowpp_ref.core.module import Module, prefixed
 from flowpp_ref.core.validation import FlowInputError, check_finite
 from flowpp_ref.model.architecture import build_main_flow
@@ -110,6 +110,7 @@ class FlowPP(Module):
     # --------------------------------------------------------------- objective
     def elbo(self, xf, *, rng, train=False):
         """Per-sample ELBO terms (nats) and the cache for :meth:`backward`."""
+        rng = rng_for(rng, self.xp)
         u, logq, dq_cache = self.dequant.forward(xf, rng=rng, train=train)
         z, logdet, flow_cache = self.flow.forward(xf + u, None, train=train, rng=rng)
         logpz = standard_normal_logprob(z)
@@ -142,6 +143,7 @@ class FlowPP(Module):
 
     def data_init(self, x, *, rng):
         """Data-dependent initialisation on an init batch (weight norm, actnorm), eval mode."""
+        rng = rng_for(rng, self.xp)
         xf = self.prepare(x)
         u = self.dequant.data_init(xf, rng=rng)
         self.flow.data_init(xf + u)
@@ -152,7 +154,7 @@ class FlowPP(Module):
         else the importance-weighted bound with k samples of the dequantizer (Burda et al., 2016),
         drawn from ``rng`` in passes of ``len(x)`` (image, sample) pairs
         (:func:`flowpp_ref.training.evaluation.importance_weighted_bpd`)."""
-        return importance_weighted_bpd(self, x, k, rng=rng, rows=max(len(x), 1))
+        return importance_weighted_bpd(self, x, k, rng=rng_for(rng, self.xp), rows=max(len(x), 1))
 
     # ---------------------------------------------------------------- sampling
     def sample(self, n: int, *, rng, temperature: float = 1.0, return_time: bool = False):
@@ -165,6 +167,7 @@ class FlowPP(Module):
         n_bits < 8 are scaled back to 0..255 for display.
         """
         t0 = time.perf_counter()
+        rng = rng_for(rng, self.xp)
         z = rng.standard_normal((n, *self.latent_shape), dtype=self.dtype) * self.dtype.type(temperature)
         with _factor_outs_drawing(self.flow, rng, temperature):
             y = self.flow.sample_inverse(z, None)             # the inverse flow, no log-dets
