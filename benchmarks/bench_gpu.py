@@ -1,7 +1,7 @@
 """Flow++ on one GPU: flowpp_ref (CuPy) vs its PyTorch autograd twin, and sampling time.
 
-**Never run**: no GPU machine has been lent to this project yet. Written for the device
-tool's machine (CuPy and PyTorch with CUDA installed); expect to fix it on first use.
+Run on an NVIDIA H200 through ``benchmarks/gpu_check.py`` (results in ``benchmarks/RESULTS.md``).
+Written for a machine with CuPy and PyTorch with CUDA installed.
 
 Part 1, training step (forward + backward of the mean bits/dim, noise draws included, no
 optimiser update), float32, for each preset of ``--presets`` at batch ``--batch``:
@@ -33,8 +33,16 @@ K = 32, dropout 0.2): forward + backward of a random linear loss, flowpp_ref on 
 Images: random uint8 by default, or ``data_batch_1`` of ``--data-dir``
 (``cifar-10-batches-py/``).
 
+Part 4 (``--trajectory N``, 10 in ``--quick``): N optimiser steps of the last preset from one state,
+the same batches and the same (host) noise: ours with :class:`~flowpp_ref.training.fused.FusedUpdate`,
+the twin with ``torch.optim.Adam`` + ``clip_grad_norm_`` (TF32 off), lr 1e-3 without warm-up; the
+losses side by side, and the time of one optimiser step (ours fused and unfused, the twin's).
+
+Precision: CuPy runs our float32 matmuls and convolutions in full float32; the twin is timed with
+TF32 off (the same precision) and on (its cuDNN default for convolutions), one run each (``--tf32``).
+
 ``--quick`` (what ``benchmarks/gpu_check.py`` runs): ``small`` at batch 64, the cifar
-coupling at batch 64, sampling 8 and 64 images, 1 warm-up and 3 timed steps.
+coupling at batch 64, sampling 8 and 64 images, 1 warm-up and 3 timed steps, the trajectory.
 ``--dry-run``: the same plumbing on NumPy and PyTorch's CPU with ``tiny`` and the small
 coupling setting (proves the script runs; its figures mean nothing).
 
@@ -139,7 +147,8 @@ def worker_init(a):
     model.data_init(_images(a.init_batch, p.model.image_shape, a.data_dir, 1), rng=make_rng(1, xp))
     _sync(xp)
     t_init = time.perf_counter() - t0
-    np.savez(a.path, batch=_images(a.batch, p.model.image_shape, a.data_dir, 2),
+    extra = {f"batch{i}": _images(a.batch, p.model.image_shape, a.data_dir, 10 + i) for i in range(a.batches or 0)}
+    np.savez(a.path, batch=_images(a.batch, p.model.image_shape, a.data_dir, 2), **extra,
              **{"p/" + k: to_numpy(v) for k, v in model.parameters().items()})
     return dict(init_s=t_init, num_parameters=model.num_parameters())
 
@@ -218,6 +227,85 @@ def worker_torch(a):
     return dict(step=_stats(times), loss=float(loss.detach().cpu()),
                 peak_allocated_mb=(torch.cuda.max_memory_allocated() / 2 ** 20) if cuda else None,
                 torch=torch.__version__, device=torch.cuda.get_device_name() if cuda else "cpu", **_tf32_flags(torch))
+
+
+# ------------------------------------------------------------------ trajectory (part 4)
+TRAJ_LR = 1e-3
+
+
+def _traj_batches(a):
+    d = __import__("numpy").load(a.path)
+    return [d[f"batch{i}"] for i in range(a.repeats)] if "batch1" in d.files else [d["batch"]] * a.repeats
+
+
+def worker_traj_ours(a):
+    import numpy as np
+
+    from flowpp_ref.core.backend import asarray, to_numpy
+    from flowpp_ref.model import FlowPP
+    from flowpp_ref.model.presets import get_preset
+    from flowpp_ref.training.fused import FusedUpdate
+    from flowpp_ref.training.optim import EMA, Adam, clip_scale, global_grad_norm_array
+    xp = _xp(a)
+    p = get_preset(a.preset)
+    _, params = _load(a.path)
+    model = FlowPP(p.model, seed=0, xp=xp, dtype=np.float32)
+    model.load_parameters({k: asarray(v, xp) for k, v in params.items()})
+    fused = FusedUpdate(model, Adam(model.parameters()), EMA(model.parameters(), decay=0.999))
+    losses, t_opt = [], []
+    for i, batch in enumerate(_traj_batches(a)):
+        loss, grads = model.loss_and_grads(batch, rng=np.random.default_rng(1000 + i), train=True)  # host noise
+        _sync(xp)
+        t0 = time.perf_counter()
+        fused.step(grads, loss, TRAJ_LR, 1.0)
+        _sync(xp)
+        t_opt.append(time.perf_counter() - t0)
+        losses.append(loss)
+    losses = [float(v) for v in to_numpy(xp.stack(losses))]
+    params = model.parameters()                   # the unfused recipe on the same arrays, for its time alone
+    adam, ema, t_unf = Adam(params), EMA(params), []
+    for _ in range(3):
+        _sync(xp)
+        t0 = time.perf_counter()
+        gn = global_grad_norm_array(grads)
+        ok = xp.isfinite(gn)
+        adam.step(params, grads, TRAJ_LR, grad_scale=clip_scale(gn, 1.0), apply=ok)
+        ema.update(params, apply=ok)
+        _sync(xp)
+        t_unf.append(time.perf_counter() - t0)
+    return dict(losses=losses, opt_step=_stats(t_opt), opt_step_unfused=_stats(t_unf), backend=a.backend)
+
+
+def worker_traj_torch(a):
+    import numpy as np
+    import torch
+    from torch_twin import TorchFlowPP
+
+    from flowpp_ref.model import FlowPP
+    from flowpp_ref.model.presets import get_preset
+    p = get_preset(a.preset)
+    _, params = _load(a.path)
+    host_model = FlowPP(p.model, seed=0, dtype=np.float32)
+    host_model.load_parameters(params)
+    dev = a.torch_device
+    cuda = dev.startswith("cuda")
+    _set_tf32(torch, a.tf32)
+    twin = TorchFlowPP(host_model, dtype=torch.float32, device=dev).train()
+    opt = torch.optim.Adam(twin.parameters(), lr=TRAJ_LR, betas=(0.9, 0.999), eps=1e-8)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    losses, t_opt = [], []
+    for i, batch in enumerate(_traj_batches(a)):
+        twin.zero_grad()
+        loss = twin.loss(batch, rng=np.random.default_rng(1000 + i), train=True)
+        loss.backward()
+        sync()
+        t0 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(list(twin.parameters()), 1.0)
+        opt.step()
+        sync()
+        t_opt.append(time.perf_counter() - t0)
+        losses.append(float(loss.detach().cpu()))
+    return dict(losses=losses, opt_step=_stats(t_opt), **_tf32_flags(torch))
 
 
 # ------------------------------------------------------------------ one coupling layer (part 3)
@@ -317,6 +405,9 @@ def main(argv=None):
                     help="small at B=64 + one cifar10-paper coupling layer, sampling 8 and 64, 1 warm-up + 3 steps")
     ap.add_argument("--dry-run", action="store_true",
                     help="the plumbing on the CPU: NumPy + torch CPU, tiny preset, small coupling, B=4")
+    ap.add_argument("--trajectory", type=int, default=0,
+                    help="optimiser steps of the last preset, ours vs the twin from the same state (part 4; 10 in --quick)")
+    ap.add_argument("--batches", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--tf32", default="off,on",
                     help="the twin's precision, one run per value: off (full float32, as CuPy runs ours), on (TF32)")
     ap.add_argument("--out", default=None)
@@ -328,14 +419,17 @@ def main(argv=None):
     if a.worker:
         workers = {"init": worker_init, "ours": worker_ours, "torch": worker_torch,
                    "coupling_init": worker_coupling_init, "coupling_ours": worker_coupling_ours,
-                   "coupling_torch": worker_coupling_torch}
+                   "coupling_torch": worker_coupling_torch, "traj_ours": worker_traj_ours,
+                   "traj_torch": worker_traj_torch}
         print(json.dumps(workers[a.worker](a)))
         return
     if a.quick:
         a.presets, a.batch, a.warmup, a.repeats, a.sample_sizes, a.coupling = "small", 64, 1, 3, "8,64", "cifar"
+        a.trajectory = a.trajectory or 10
     if a.dry_run:
         a.presets, a.batch, a.init_batch, a.warmup, a.repeats, a.sample_sizes = "tiny", 4, 8, 1, 1, "2"
         a.coupling, a.coupling_batch, a.backend, a.torch_device = "small", 4, "numpy", "cpu"
+        a.trajectory = a.trajectory or 3
 
     results = dict(batch=a.batch, repeats=a.repeats, warmup=a.warmup, dtype="float32", backend=a.backend,
                    torch_device=a.torch_device, quick=a.quick, dry_run=a.dry_run, runs=[], coupling=[])
@@ -355,6 +449,7 @@ def main(argv=None):
                        ratio_median=ours["step"]["median_s"] / twin["step"]["median_s"])
             results["runs"].append(run)
             results.setdefault("device", twin["device"])
+            _dump(results, a.out)
             print(f"[{preset}] B={a.batch} ({init['num_parameters']:,} parameters) on {twin['device']}")
             print(f"  flowpp_ref ({a.backend:5s}): step {ours['step']['min_s'] * 1e3:8.1f} ms (median "
                   f"{ours['step']['median_s'] * 1e3:.1f}), peak pool {ours['peak_pool_mb']:.0f} MB, loss {ours['loss']:.4f}")
@@ -381,15 +476,49 @@ def main(argv=None):
                        ratio_median=ours["step"]["median_s"] / twin["step"]["median_s"])
             results["coupling"].append(run)
             results.setdefault("device", twin["device"])
+            _dump(results, a.out)
             print(f"[coupling {setting}] B={a.coupling_batch} on {twin['device']}: flowpp_ref "
                   f"{ours['step']['min_s'] * 1e3:.1f} ms (peak pool {ours['peak_pool_mb']:.0f} MB), PyTorch "
                   f"{twin['step']['min_s'] * 1e3:.1f} ms (peak {twin['peak_allocated_mb'] or 0:.0f} MB); "
                   f"ratio {run['ratio_min']:.2f}x (min), {run['ratio_median']:.2f}x (median)")
+        if a.trajectory:
+            results["trajectory"] = _trajectory(a, tmp, dev)
+    _dump(results, a.out)
     if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(results, f, indent=2)
         print(f"wrote {a.out}")
+
+
+def _dump(results, path):
+    """Write the results so far (atomically): a run killed later keeps what it finished."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def _trajectory(a, tmp, dev):
+    """Part 4: ``--trajectory`` optimiser steps of ``small`` from the same parameters, batches and noise:
+    ours (FusedUpdate) against the twin (torch.optim.Adam + clip_grad_norm_), losses side by side."""
+    preset = a.presets.split(",")[-1]
+    path = os.path.join(tmp, f"traj-{preset}.npz")
+    common = ["--preset", preset, "--path", path, "--batch", str(a.batch), "--init-batch", str(a.init_batch),
+              "--warmup", str(a.warmup), "--repeats", str(a.trajectory), *dev] + (
+        ["--data-dir", a.data_dir] if a.data_dir else [])
+    _run_worker(["--worker", "init", *common, "--batches", str(a.trajectory)])
+    ours = _run_worker(["--worker", "traj_ours", *common])
+    twin = _run_worker(["--worker", "traj_torch", *common, "--tf32", "off"])
+    rel = [abs(x - y) / abs(y) for x, y in zip(ours["losses"], twin["losses"])]
+    out = dict(preset=preset, batch=a.batch, steps=a.trajectory, lr=TRAJ_LR, ours=ours, torch=twin,
+               max_rel_loss_diff=max(rel), rel_loss_diff=rel)
+    print(f"[trajectory {preset}] {a.trajectory} steps, B={a.batch}, Adam lr {TRAJ_LR} (no warm-up), clip 1: "
+          f"losses ours {ours['losses'][0]:.5f} -> {ours['losses'][-1]:.5f}, twin {twin['losses'][0]:.5f} -> "
+          f"{twin['losses'][-1]:.5f}; max relative difference {max(rel):.2e}")
+    print(f"  optimiser step: ours fused {ours['opt_step']['median_s'] * 1e3:.2f} ms "
+          f"(unfused Adam + EMA {ours['opt_step_unfused']['median_s'] * 1e3:.2f} ms), torch Adam + clip "
+          f"{twin['opt_step']['median_s'] * 1e3:.2f} ms")
+    return out
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The GPU check: one prepared run on a lent GPU machine (under 8 minutes, nothing downloaded).
 
-**Never run on a GPU** (no GPU has been lent to this project yet); its plumbing is tested on
-the CPU with ``--dry-run`` (tests/test_gpu_check.py). Expect to fix stages on first use.
+Run on an NVIDIA H200 (the device tool's machine): results under ``benchmarks/results/gpu_check_h200_*.json``
+and in ``benchmarks/RESULTS.md``. Its plumbing is tested on the CPU with ``--dry-run``
+(tests/test_gpu_check.py).
 
 Stages, in this order, each in its own subprocess with its own time budget; a stage that
 fails or runs past its budget is recorded (status, seconds, the error's tail) and the
@@ -9,22 +10,30 @@ next stage runs anyway:
 
 ``env``     device name, memory and compute capability; CUDA runtime/driver, CuPy, NumPy,
             numba, SciPy, PyTorch (and its CUDA) versions; ``nvcc --version``; ``nvidia-smi -L``.
+``compile`` NVRTC builds of every RawModule (``kernels/cuda/``), then one warm-up of each path (training
+            step, fused optimiser, sampling, evaluation) of ``small`` float32 and ``tiny`` float64/float32,
+            so that later timings exclude compilation; seconds per module and per warm-up reported.
 ``pytest``  ``pytest -m gpu tests/``: every test tests/conftest.py marks ``gpu`` (explicit
             marks, every ``cupy`` parametrisation, every test whose source mentions cupy,
             gpu_available, nvcc, nvrtc or NCCL), so new GPU tests join without editing this file.
             Writes ``pytest.txt`` (the output, ``-rA``) and ``pytest_junit.xml``.
 ``bench``   ``benchmarks/bench_gpu.py --quick``: training step of ``small`` (B=64) and of one
-            ``cifar10-paper`` coupling layer vs the PyTorch twins on CUDA, peak GPU memory,
-            sampling 8 and 64 images.
+            ``cifar10-paper`` coupling layer vs the PyTorch twins on CUDA (TF32 off, then on), peak GPU
+            memory, sampling 8 and 64 images, 10 optimiser steps ours vs the twin from one state.
+            Its JSON is rewritten after every part (a stage killed at its budget keeps what it finished).
 ``train``   ``small`` on CIFAR-10 ``data_batch_1`` (10,000 images) for ``--train-minutes``
             (4; shortened if the earlier stages left less of ``--total-budget``), then the EMA
             model's test bits/dim on ``test_batch`` (as many images as fit in ``--eval-seconds``),
             and 64 samples. Writes ``train_curve.png`` and ``samples.png``.
 
+Compiled kernels: the stages share ``CUPY_CACHE_DIR`` and ``NUMBA_CACHE_DIR`` under one temporary
+folder, packed at the end into ``caches.tgz`` (when under 15 MiB); ``--caches caches.tgz`` unpacks an
+earlier one first, so a rerun on a fresh machine of the same image skips compilation.
+
 Everything goes to ``--out`` (default ``$OUT``, else ``./gpu_check_out``), at most 8 files:
 ``gpu_check.json`` (device, versions, per-stage status, timings and results),
 ``gpu_check.log`` (every stage's output), ``pytest.txt``, ``pytest_junit.xml``,
-``train_curve.png``, ``samples.png``.
+``train_curve.png``, ``samples.png``, ``caches.tgz``.
 
 Data (``--data-dir``): a folder holding ``cifar-10-batches-py/`` (or that folder itself)
 with ``data_batch_1`` and ``test_batch`` in the official python layout, each optionally
@@ -39,6 +48,7 @@ workplace::
 
     bash benchmarks/gpu_check.sh --data-dir .gpu_data/cifar10           # on the GPU machine
     bash benchmarks/gpu_check.sh --stages pytest,bench --data-dir ...   # rerun some stages
+    bash benchmarks/gpu_check.sh --caches caches.tgz --data-dir ...      # reuse an earlier run's kernels
     python benchmarks/gpu_check.py --dry-run --out /tmp/gc              # CPU: the plumbing only
 
 ``--backend numpy`` rehearses the real train stage on the CPU (slow: minutes per step there).
@@ -62,15 +72,15 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-STAGES = ("env", "pytest", "bench", "train")
+STAGES = ("env", "compile", "pytest", "bench", "train")
 MAX_FILES = 8
 # seconds per stage on the GPU machine. The train stage's minutes are shortened so that it should end
 # TRAIN_RESERVE_S after them (loading, init, kernel compilation, evaluation, samples) within
 # --total-budget; it is killed only TRAIN_KILL_S after its minutes (its partial results are kept).
-BUDGETS = {"env": 40, "pytest": 150, "bench": 120}
+BUDGETS = {"env": 40, "compile": 90, "pytest": 150, "bench": 150}
 TRAIN_RESERVE_S = 60
 TRAIN_KILL_S = 120
-DRY_BUDGETS = {"env": 60, "pytest": 120, "bench": 180, "train": 180}
+DRY_BUDGETS = {"env": 60, "compile": 120, "pytest": 120, "bench": 240, "train": 180}
 
 
 # ------------------------------------------------------------------ data
@@ -205,15 +215,53 @@ def _junit_counts(path):
 
 
 def stage_bench(ctx):
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "bench.json")
-        cmd = [sys.executable, os.path.join(HERE, "bench_gpu.py"), "--dry-run" if ctx["dry_run"] else "--quick",
-               "--out", path]          # random images: the step time does not depend on the pixels
-        r = subprocess.run(cmd, cwd=ROOT, env=_env())
-        if r.returncode != 0:
-            raise StageFailed(f"bench_gpu.py exited {r.returncode} (its output is in gpu_check.log)")
-        with open(path) as f:
-            return json.load(f)
+    # bench_gpu.py rewrites its JSON after every part, into this stage's partial-result file: a stage killed
+    # at its budget still reports the parts it finished
+    path = ctx["partial_path"]
+    cmd = [sys.executable, os.path.join(HERE, "bench_gpu.py"), "--dry-run" if ctx["dry_run"] else "--quick",
+           "--out", path]          # random images: the step time does not depend on the pixels
+    r = subprocess.run(cmd, cwd=ROOT, env=_env())
+    if r.returncode != 0:
+        raise StageFailed(f"bench_gpu.py exited {r.returncode} (its output is in gpu_check.log)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def stage_compile(ctx):
+    """Compile every CuPy kernel before the other stages (NVRTC for the RawModules, then one warm-up of each
+    path: training step, fused optimiser, sampling, evaluation) so that their timings exclude compilation;
+    the kernels land in ``CUPY_CACHE_DIR``, which the check packs into ``caches.tgz`` for a rerun."""
+    import numpy as np
+
+    from flowpp_ref.core.backend import get_xp, make_rng, synchronize
+    from flowpp_ref.kernels.cuda import attention, layers, mixlogistic, optimizer
+    from flowpp_ref.model import FlowPP
+    from flowpp_ref.model.presets import get_preset
+    from flowpp_ref.training.fused import FusedUpdate
+    from flowpp_ref.training.optim import EMA, Adam
+    res = {"cupy_cache_dir": os.environ.get("CUPY_CACHE_DIR"), "raw_modules_s": {}, "warmup_s": {}}
+    xp = get_xp("numpy" if ctx["dry_run"] else "cupy")
+    if not ctx["dry_run"]:
+        for mod in (mixlogistic, layers, attention, optimizer):
+            t0 = time.perf_counter()
+            m = mod._kernels.module()
+            if hasattr(m, "compile"):
+                m.compile()
+            res["raw_modules_s"][mod.__name__.rsplit(".", 1)[1]] = round(time.perf_counter() - t0, 2)
+    for preset, dtype in (("small", np.float32), ("tiny", np.float64), ("tiny", np.float32)):
+        t0 = time.perf_counter()
+        p = get_preset(preset)
+        x = np.random.default_rng(0).integers(0, 256, (8, *p.model.image_shape)).astype(np.uint8)
+        model = FlowPP(p.model, seed=0, xp=xp, dtype=dtype)
+        model.data_init(x, rng=np.random.default_rng(1))
+        loss, grads = model.loss_and_grads(x[:4], rng=make_rng(2, xp), train=True)
+        FusedUpdate(model, Adam(model.parameters()), EMA(model.parameters())).step(grads, loss, 1e-4, 1.0)
+        model.sample(2, rng=make_rng(3, xp))
+        model.bits_per_dim(x[:4], rng=make_rng(4, xp))
+        synchronize(xp)
+        res["warmup_s"][f"{preset}-{np.dtype(dtype).name}"] = round(time.perf_counter() - t0, 2)
+    print(json.dumps(res, indent=1))
+    return res
 
 
 def stage_train(ctx):
@@ -289,7 +337,11 @@ class StageFailed(RuntimeError):
         self.result = result
 
 
-WORKERS = {"env": stage_env, "pytest": stage_pytest, "bench": stage_bench, "train": stage_train}
+WORKERS = {"env": stage_env, "compile": stage_compile, "pytest": stage_pytest, "bench": stage_bench,
+           "train": stage_train}
+CACHE_ROOT = os.path.join(tempfile.gettempdir(), "flowpp_gpu_check_cache")    # CUPY_CACHE_DIR, NUMBA_CACHE_DIR
+CACHE_ARCHIVE = "caches.tgz"
+CACHE_MAX_BYTES = 15 * 2 ** 20          # the device tool returns files up to 16 MiB
 
 
 def _env():
@@ -298,6 +350,33 @@ def _env():
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("MPLBACKEND", "Agg")
     return env
+
+
+def restore_caches(archive):
+    """Unpack a ``caches.tgz`` of an earlier check (CuPy's and numba's compiled kernels) into CACHE_ROOT."""
+    import tarfile
+    os.makedirs(CACHE_ROOT, exist_ok=True)
+    with tarfile.open(archive) as tf:
+        tf.extractall(CACHE_ROOT, filter="data")
+    return sum(len(files) for _, _, files in os.walk(CACHE_ROOT))
+
+
+def save_caches(out):
+    """Pack CACHE_ROOT into ``out/caches.tgz`` for the next check (skipped above CACHE_MAX_BYTES)."""
+    import tarfile
+    if not os.path.isdir(CACHE_ROOT):
+        return None
+    path = os.path.join(out, CACHE_ARCHIVE)
+    with tarfile.open(path + ".tmp", "w:gz") as tf:
+        for name in ("cupy", "numba"):
+            if os.path.isdir(os.path.join(CACHE_ROOT, name)):
+                tf.add(os.path.join(CACHE_ROOT, name), arcname=name)
+    size = os.path.getsize(path + ".tmp")
+    if size > CACHE_MAX_BYTES:
+        os.remove(path + ".tmp")
+        return f"not saved: {size} bytes"
+    os.replace(path + ".tmp", path)
+    return size
 
 
 def _worker_main(name, ctx_path, result_path):
@@ -383,6 +462,7 @@ def main(argv=None):
     ap.add_argument("--pytest-args", default="", help="extra pytest arguments (one string)")
     ap.add_argument("--backend", default="cupy", choices=["cupy", "numpy"],
                     help="the train stage's backend [cupy]; numpy: a CPU rehearsal of the real train stage")
+    ap.add_argument("--caches", default=None, help=f"a {CACHE_ARCHIVE} of an earlier check: compiled kernels to reuse")
     ap.add_argument("--pack", nargs=2, metavar=("SRC", "DST"), help="xz-compress data_batch_1 and test_batch; exit")
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -402,6 +482,11 @@ def main(argv=None):
               "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "device": None,
               "total_budget_s": a.total_budget, "stages": {}}
     t_start = time.perf_counter()
+    if not a.dry_run:      # compiled kernels in one folder that the check packs up for a rerun
+        os.environ.setdefault("CUPY_CACHE_DIR", os.path.join(CACHE_ROOT, "cupy"))
+        os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(CACHE_ROOT, "numba"))
+    if a.caches and os.path.isfile(a.caches):
+        report["caches_restored_files"] = restore_caches(a.caches)
     with tempfile.TemporaryDirectory() as tmp, open(os.path.join(out, "gpu_check.log"), "w") as log:
         for name in stages:
             ctx = {"out": out, "dry_run": a.dry_run, "data_dir": a.data_dir, "train_batch": 8 if a.dry_run else a.train_batch,
@@ -427,6 +512,7 @@ def main(argv=None):
             print(f"[gpu_check] stage {name}: {rec['status']} in {rec['seconds']} s"
                   + (f" -- {rec['error']}" if rec.get("error") else ""), flush=True)
             _write_report(out, report, t_start)
+    report["caches_saved_bytes"] = None if a.dry_run else save_caches(out)
     report = _write_report(out, report, t_start)
     print(_summary(report))
     return report

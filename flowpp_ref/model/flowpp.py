@@ -90,6 +90,8 @@ class FlowPP(Module):
         if tuple(x.shape[1:]) != tuple(self.cfg.image_shape):
             raise FlowInputError(f"images must have shape [B, {', '.join(map(str, self.cfg.image_shape))}], "
                                  f"got {tuple(x.shape)}")
+        if np.dtype(x.dtype) == np.uint8 and self.levels == 256 and not isinstance(x, np.ndarray):
+            return x.astype(self.dtype)                   # uint8 on the device: every value is a valid pixel
         # checked where the images are: host arrays before the upload (no device sync)
         xc = x if isinstance(x, np.ndarray) else asarray(x, self.xp)
         check_finite(xc, "images")

@@ -66,7 +66,7 @@ import time
 
 import numpy as np
 
-from flowpp_ref.core.backend import asarray, get_xp, make_rng, rng_for, to_numpy
+from flowpp_ref.core.backend import array_module, asarray, get_xp, is_cupy, make_rng, rng_for, to_numpy
 from flowpp_ref.core.validation import check_pixels
 from flowpp_ref.datasets import reduce_bits
 from flowpp_ref.bijections.batchnorm import BatchNormFlow
@@ -85,6 +85,7 @@ from flowpp_ref.training.optim import OPTIMIZERS, EMA, Adam, clip_scale, global_
 from flowpp_ref.training.schedules import learning_rate
 
 CKPT_NAME = "checkpoint.npz"
+DEVICE_DATA_MAX_BYTES = 4 * 2 ** 30      # a training set up to this size is kept on the GPU (CIFAR-10: 150 MiB)
 
 
 class TrainingDiverged(RuntimeError):
@@ -112,7 +113,15 @@ def shard_loss_and_grads(model, images, idx, *, seed, step, comm, train=True):
     b = n // comm.size
     lo = comm.rank * b
     rng = KeyedRNG(key_of(seed, step, 1), np.arange(lo, lo + b), model.xp)
-    return model.loss_and_grads(images[idx[lo:lo + b]], rng=rng, train=train)
+    return model.loss_and_grads(take(images, idx[lo:lo + b]), rng=rng, train=train)
+
+
+def take(images, idx):
+    """``images[idx]`` for host indices ``idx``, on the images' backend (a training set kept on the device
+    is gathered there: the indices go up, not the images)."""
+    if isinstance(images, np.ndarray):
+        return images[idx]
+    return images[array_module(images).asarray(idx)]
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int):
@@ -329,6 +338,9 @@ def _build_state(run, dtype):
     if comm.size > 1:
         _share_batch_statistics(model, comm)
     xp = model.xp
+    if is_cupy(xp) and run.train_images.dtype == np.uint8 and model.levels == 256 and \
+            run.train_images.nbytes <= DEVICE_DATA_MAX_BYTES:   # (uint8 8-bit pixels need no per-batch check)
+        run.train_images = asarray(run.train_images, xp)      # uploaded once; each step gathers its batch there
     params = model.parameters()
     adam = OPTIMIZERS[tc.optimizer](params, beta2=tc.beta2)
     ema = EMA(params, decay=tc.ema_decay)
@@ -338,12 +350,12 @@ def _build_state(run, dtype):
         params = model.parameters()
     else:
         idx = np.random.default_rng([tc.seed, 99]).permutation(len(run.train_images))[:tc.init_batch_size]
-        model.data_init(run.train_images[idx], rng=step_rng(tc.seed, -1, xp))
+        model.data_init(take(run.train_images, idx), rng=step_rng(tc.seed, -1, xp))
         params = model.parameters()
         dist.broadcast_arrays(comm, params)            # every rank starts from rank 0's init
         ema.load_state_dict({"decay": tc.ema_decay, "shadow": {k: v.copy() for k, v in params.items()}})
     n = len(run.train_images)
-    check_x = run.train_images[np.random.default_rng([tc.seed, 98]).permutation(n)[:min(tc.batch_size, 16)]]
+    check_x = take(run.train_images, np.random.default_rng([tc.seed, 98]).permutation(n)[:min(tc.batch_size, 16)])
     dist.check_same_parameters(comm, params, where="after the init" if run.checkpoint is None
                                else f"after loading {run.ckpt_path}")
     reducer = None
