@@ -332,6 +332,10 @@ def worker_coupling_ours(a):
     layer = MixLogisticAttnCoupling(cfg["shape"], cfg["filters"], cfg["blocks"], cfg["components"],
                                     dropout_p=bc.DROPOUT, rng=np.random.default_rng(0), xp=xp, dtype=np.float32)
     layer.load_parameters({k: asarray(v, xp) for k, v in params.items()})
+    from flowpp_ref.nn.attention import SelfAttention
+    for m in layer.modules():                 # --attention: the fused kernels or the plain (cuBLAS) path
+        if isinstance(m, SelfAttention):
+            m.fused = a.attention == "fused"
     c, e, dy_c, dy_e, dl = (asarray(v, xp) for v in (c, e, dy_c, dy_e, dl))
     from flowpp_ref.core.backend import make_rng
     rng = make_rng(1, xp)
@@ -345,7 +349,7 @@ def worker_coupling_ours(a):
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
         del cache, grads, dx, y
-    return dict(step=_stats(times), peak_pool_mb=_peak_memory_mb(xp), backend=a.backend)
+    return dict(step=_stats(times), peak_pool_mb=_peak_memory_mb(xp), backend=a.backend, attention=a.attention)
 
 
 def worker_coupling_torch(a):
@@ -408,6 +412,9 @@ def main(argv=None):
     ap.add_argument("--trajectory", type=int, default=0,
                     help="optimiser steps of the last preset, ours vs the twin from the same state (part 4; 10 in --quick)")
     ap.add_argument("--batches", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--attention-modes", default="fused,reference",
+                    help="part 3: our attention paths to time (fused kernels, reference = plain matmuls)")
+    ap.add_argument("--attention", default="fused", help=argparse.SUPPRESS)
     ap.add_argument("--tf32", default="off,on",
                     help="the twin's precision, one run per value: off (full float32, as CuPy runs ours), on (TF32)")
     ap.add_argument("--out", default=None)
@@ -468,10 +475,13 @@ def main(argv=None):
             common = ["--setting", setting, "--path", path, "--batch", str(a.coupling_batch),
                       "--warmup", str(a.warmup), "--repeats", str(a.repeats), *dev]
             _run_worker(["--worker", "coupling_init", *common])
-            ours = _run_worker(["--worker", "coupling_ours", *common])
+            by_att = {m: _run_worker(["--worker", "coupling_ours", *common, "--attention", m])
+                      for m in a.attention_modes.split(",")}
+            ours = by_att[a.attention_modes.split(",")[0]]
             twins = {m: _run_worker(["--worker", "coupling_torch", *common, "--tf32", m]) for m in a.tf32.split(",")}
             twin = twins[a.tf32.split(",")[0]]
-            run = dict(setting=setting, batch=a.coupling_batch, ours=ours, torch=twin, torch_by_tf32=twins,
+            run = dict(setting=setting, batch=a.coupling_batch, ours=ours, ours_by_attention=by_att, torch=twin,
+                       torch_by_tf32=twins,
                        ratio_min=ours["step"]["min_s"] / twin["step"]["min_s"],
                        ratio_median=ours["step"]["median_s"] / twin["step"]["median_s"])
             results["coupling"].append(run)
@@ -481,6 +491,10 @@ def main(argv=None):
                   f"{ours['step']['min_s'] * 1e3:.1f} ms (peak pool {ours['peak_pool_mb']:.0f} MB), PyTorch "
                   f"{twin['step']['min_s'] * 1e3:.1f} ms (peak {twin['peak_allocated_mb'] or 0:.0f} MB); "
                   f"ratio {run['ratio_min']:.2f}x (min), {run['ratio_median']:.2f}x (median)")
+            for m, o in by_att.items():
+                print(f"  flowpp_ref, attention {m:9s}: {o['step']['min_s'] * 1e3:.1f} ms")
+            for m, t in twins.items():
+                print(f"  PyTorch, TF32 {m:3s}: {t['step']['min_s'] * 1e3:.1f} ms")
         if a.trajectory:
             results["trajectory"] = _trajectory(a, tmp, dev)
     _dump(results, a.out)
