@@ -87,3 +87,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if touches_gpu(item) and item.get_closest_marker("gpu") is None:
             item.add_marker(pytest.mark.gpu)
+
+
+# ------------------------------------------------------------ the strict CuPy look-alike (tests/strict_cupy.py)
+from strict_cupy import strict_xp  # noqa: E402,F401  (fixture: CuPy posed by NumPy, with a ledger of host reads)

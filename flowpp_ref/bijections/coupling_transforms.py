@@ -56,15 +56,17 @@ Cache (affine coupling): ``{"e", "a"}``; ``exp(a)`` is recomputed.
 
 Checks: shapes and dtypes on every call (cheap, no device sync); values
 (non-finite ``y``, ``a``, ``b``) only in the inverses, which are not on the
-training path. The forward does not scan its inputs for nan/inf (the training
-loop checks its inputs once per step; see :mod:`flowpp_ref.core.validation`).
+training path; on CuPy those of one inverse, with the inverse CDF's own, cost one
+host read (:class:`~flowpp_ref.core.validation.DeferredChecks`). The forward does not
+scan its inputs for nan/inf (the training loop checks its inputs once per step; see
+:mod:`flowpp_ref.core.validation`).
 """
 from __future__ import annotations
 
 from flowpp_ref.bijections.mixlogistic import (_check_mix, mixlogistic_cdf_pdf, mixlogistic_cdf_pdf_backward,
                                                mixlogistic_invcdf)
 from flowpp_ref.core.backend import array_module
-from flowpp_ref.core.validation import FlowInputError, check_array, check_finite
+from flowpp_ref.core.validation import DeferredChecks, FlowInputError, check_array
 
 CLIP_EPS = 1e-5   # the release clips the inverse-CDF target to [1e-5, 1 - 1e-5]
 
@@ -185,14 +187,16 @@ def mixlogistic_coupling_inverse(y, a, b, logits, means, logscales, with_affine=
     """
     _check_e_ab(y, a, b, "y", with_affine)
     _check_mix(y, logits, means, logscales, xname="y")
-    check_finite(y, "y")
-    if with_affine:
-        check_finite(a, "a")
-        check_finite(b, "b")
     xp = array_module(y, logits)
+    checks = DeferredChecks(xp)                # read with the inverse CDF's checks: one host read on CuPy
+    checks.finite(y, "y")
+    if with_affine:
+        checks.finite(a, "a")
+        checks.finite(b, "b")
     v = (y - b) * xp.exp(-a) if with_affine else y
     u = xp.clip(_sigmoid(v, xp), CLIP_EPS, 1 - CLIP_EPS)      # the release's clip
-    e, info = mixlogistic_invcdf(u, logits, means, logscales, method=method, tol=tol, max_iters=max_iters)
+    e, info = mixlogistic_invcdf(u, logits, means, logscales, method=method, tol=tol, max_iters=max_iters,
+                                 checks=checks)
     if not logdet:
         return (e, None, info) if return_info else (e, None)
     logF, log1mF, logpdf = mixlogistic_cdf_pdf(e, logits, means, logscales)
@@ -222,11 +226,16 @@ def affine_coupling_backward(dy, dlogdet, cache):
     return dict(e=dyea, a=dyea * e + g, b=dy.copy())
 
 
-def affine_coupling_inverse(y, a, b):
-    """e = (y - b) exp(-a), logdet_inv = -sum a per sample; returns ``(e, logdet_inv)``."""
+def affine_coupling_inverse(y, a, b, *, checks=None):
+    """e = (y - b) exp(-a), logdet_inv = -sum a per sample; returns ``(e, logdet_inv)``.
+
+    Raises FlowInputError on non-finite y, a or b; on CuPy these checks, with those the caller
+    registered in ``checks`` (a :class:`~flowpp_ref.core.validation.DeferredChecks`), cost one host read.
+    """
     _check_e_ab(y, a, b, "y")
-    check_finite(y, "y")
-    check_finite(a, "a")
-    check_finite(b, "b")
     xp = array_module(y, a, b)
+    checks = DeferredChecks(xp) if checks is None else checks
+    for name, v in (("y", y), ("a", a), ("b", b)):
+        checks.finite(v, name)
+    checks.run()
     return (y - b) * xp.exp(-a), -_per_sample_sum(a)

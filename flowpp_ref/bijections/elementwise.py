@@ -17,7 +17,7 @@ import numpy as np
 
 from flowpp_ref.bijections.base import Bijection
 from flowpp_ref.core.backend import array_module, to_numpy
-from flowpp_ref.core.validation import FlowInputError, check_array, check_finite, check_range
+from flowpp_ref.core.validation import DeferredChecks, FlowInputError, check_array, check_finite
 
 # ImgProc constants: [0, 256] -> [0.05, 0.95] -> logit space.
 IMG_MAX = 256.0
@@ -58,6 +58,14 @@ def _reject_tuple(x, name):
         raise FlowInputError(f"{name}: expected one array, got a tuple of shapes {shapes}")
 
 
+def _check_open_unit(y):
+    xp = array_module(y)
+    mn, mx = float(to_numpy(xp.min(y))), float(to_numpy(xp.max(y)))
+    if not (mn > 0.0 and mx < 1.0):   # also false for nan
+        raise FlowInputError(
+            f"Sigmoid.inverse: values must lie in the open interval (0, 1), got min {mn:g}, max {mx:g}")
+
+
 # ------------------------------------------------------------------ ImgProc
 class ImgProc(Bijection):
     """Pixels in [0, 256] to logit space: ``z = logit(0.05 + 0.9 * y / 256)``.
@@ -90,10 +98,12 @@ class ImgProc(Bijection):
     def forward(self, x, context=None, *, train=False, rng=None):
         _reject_tuple(x, "ImgProc.forward")
         _check_batched(x, "ImgProc.forward")
-        if self.check_input:
-            check_finite(x, "ImgProc.forward (pixel values)")
-            check_range(x, "ImgProc.forward (pixel values)", 0.0, IMG_MAX, hi_inclusive=True)
         xp = array_module(x)
+        if self.check_input:                       # one host read on CuPy
+            checks = DeferredChecks(xp)
+            checks.finite(x, "ImgProc.forward (pixel values)")
+            checks.range(x, "ImgProc.forward (pixel values)", 0.0, IMG_MAX, hi_inclusive=True)
+            checks.run()
         s = IMG_LO + IMG_SCALE * x
         z = xp.log(s) - xp.log1p(-s)
         ld = LOG_IMG_SCALE + softplus(z) + softplus(-z)
@@ -176,11 +186,11 @@ class Sigmoid(Bijection):
         _reject_tuple(y, "Sigmoid.inverse")
         _check_batched(y, "Sigmoid.inverse")
         xp = array_module(y)
-        if y.size:
-            mn, mx = float(to_numpy(xp.min(y))), float(to_numpy(xp.max(y)))
-            if not (mn > 0.0 and mx < 1.0):   # also false for nan
-                raise FlowInputError(
-                    f"Sigmoid.inverse: values must lie in the open interval (0, 1), got min {mn:g}, max {mx:g}")
+        if y.size:                                 # one host read on CuPy
+            checks = DeferredChecks(xp)
+            checks.require(lambda: (xp.min(y) > 0.0) & (xp.max(y) < 1.0), lambda: _check_open_unit(y),
+                           "Sigmoid.inverse: values in (0, 1)")
+            checks.run()
         log_y, log_1my = xp.log(y), xp.log1p(-y)
         x = log_y - log_1my
         ld = -log_y - log_1my

@@ -74,7 +74,7 @@ from flowpp_ref.bijections.coupling_transforms import (
 from flowpp_ref.bijections.elementwise import sigmoid, softplus
 from flowpp_ref.core.backend import array_module, asarray
 from flowpp_ref.core.module import Module, prefixed
-from flowpp_ref.core.validation import FlowInputError, check_array, check_finite
+from flowpp_ref.core.validation import DeferredChecks, FlowInputError, check_array
 from flowpp_ref.nn.network import ConditioningNetwork
 from flowpp_ref.nn.weightnorm import NIN, Conv2d
 
@@ -315,10 +315,11 @@ class MaskedAffineCoupling(Bijection):
 
     def inverse(self, y, context=None):
         self._check(y, "inverse")
-        check_finite(y, "MaskedAffineCoupling.inverse input")   # inverse only (one host sync): not on the training path
+        checks = DeferredChecks(array_module(y))                 # read with the inverse's own checks: one host read
+        checks.finite(y, "MaskedAffineCoupling.inverse input")
         h, _ = self.net.forward(self._net_input(y), context)     # m * y = m * x
         a, b, _, _ = self._heads(y, h)
-        return affine_coupling_inverse(y, a, b)                  # x = (y - u t) exp(-u log s); -sum u log s
+        return affine_coupling_inverse(y, a, b, checks=checks)   # x = (y - u t) exp(-u log s); -sum u log s
 
     def data_init(self, x, context=None):
         """Data-dependent init of the network on m * x (when it has one); returns y (eval mode)."""

@@ -78,13 +78,22 @@ one thread per element; not verified on a GPU, their source is checked on the CP
 otherwise the plain-``xp`` references ``_ref_*`` below run (the math to read). ``mixlogistic_logcdf``,
 ``mixlogistic_log1mcdf`` and ``mixlogistic_logpdf`` are reference code only.
 The kernels' results agree with the references to round-off, not bit for bit.
+
+Host reads on CuPy: the inverse CDF's value checks (finite y and parameters, y in (0, 1)), with those
+of its caller (:func:`~flowpp_ref.bijections.coupling_transforms.mixlogistic_coupling_inverse`: finite
+y, a, b), are one device flag vector read once (:class:`~flowpp_ref.core.validation.DeferredChecks`);
+the detailed message is computed only when a flag says invalid. The bisection's global stopping rule
+stays on the device (:func:`_ref_invcdf_bisection_device`): the number of steps is bounded from the
+bracket width, which travels in the same read, and a step after the rule has stopped changes nothing,
+so x, the iteration count and ``converged`` are the reference's. The info dict's counts stay on the
+device until asked for (:class:`InverseInfo`). Sampling therefore waits on the host once per coupling.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from flowpp_ref.core.backend import array_module, is_cupy
-from flowpp_ref.core.validation import FlowInputError, check_array, check_finite
+from flowpp_ref.core.backend import array_module, is_cupy, to_numpy
+from flowpp_ref.core.validation import DeferredChecks, FlowInputError, check_array
 from flowpp_ref.kernels import use_kernels
 from flowpp_ref.kernels.cuda import mixlogistic as ck
 from flowpp_ref.kernels.numba import mixlogistic as nk
@@ -255,6 +264,53 @@ def _ref_invcdf_bisection(y, logits, means, logscales, tol, max_iters):
     return x, it, bool(diff <= tol)
 
 
+BISECTION_MARGIN = 4   # iterations beyond the exact-arithmetic bound (rounding of the midpoints)
+
+
+def _bisection_iterations(width: float, tol: float, max_iters: int) -> int:
+    """An upper bound on the iterations of the release's bisection, from the bracket width.
+
+    From x0 = 0 the first step lands on the middle of [lb, 0] or [0, ub], a bracket of width
+    W_1 <= width = max(|lb|, |ub|) over the elements; every later step moves x by a quarter of the
+    bracket before it and halves it, so |x_k - x_{k-1}| = W_1 / 2^k and the global rule
+    (max_i |x_k - x_{k-1}| <= tol) stops at k <= ceil(log2(width / tol)) in exact arithmetic. In floating
+    point the midpoints round: a few more iterations (the margin) cover it, and a bracket narrower
+    than the resolution stops moving (diff 0) within those.
+    """
+    if not (tol > 0) or not np.isfinite(width):
+        return max_iters
+    k = 1 if width <= tol else int(np.ceil(np.log2(width / tol)))
+    return min(max_iters, max(k, 1) + BISECTION_MARGIN)
+
+
+def _ref_invcdf_bisection_device(y, logits, means, logscales, tol, n_iters, bounds):
+    """The release's bisection with its global stopping rule kept on the device (no host read).
+
+    Runs ``n_iters`` (>= the iterations the rule allows, :func:`_bisection_iterations`) steps; a step
+    after the rule has stopped changes nothing (``run`` = "diff > tol so far", on the device), so x,
+    the iteration count and ``converged`` are those of :func:`_ref_invcdf_bisection`. Returns
+    (x, iterations, converged) with the last two as 0-d device arrays.
+    """
+    xp = array_module(y, logits)
+    logw = _log_softmax(logits, xp)
+    inv = xp.exp(-logscales)
+    lb, ub = bounds
+    x = xp.zeros_like(y)
+    run = xp.ones((), dtype=bool)                                  # diff > tol (and it < max_iters)
+    diff = xp.full((), np.inf, dtype=np.float64)
+    it = xp.zeros((), dtype=np.int64)
+    for _ in range(n_iters):
+        gt = xp.exp(_ref_logcdf_pre(x, logw, means, inv)) > y      # F(x) > y: root left of x
+        new_x = xp.where(gt, (x + lb) / 2, (x + ub) / 2)
+        lb, ub = xp.where(gt | ~run, lb, x), xp.where(gt & run, x, ub)
+        step = xp.max(xp.abs(new_x - x)).astype(np.float64)
+        x = xp.where(run, new_x, x)
+        diff = xp.where(run, step, diff)
+        it = it + run
+        run = run & (step > tol)
+    return x, it, diff <= tol
+
+
 def _ref_invcdf_hybrid(y, logits, means, logscales, tol, max_iters):
     """Safeguarded Newton on logit F (rtsafe). Returns (x, evaluations per element)."""
     xp = array_module(y, logits)
@@ -382,7 +438,7 @@ def mixlogistic_cdf_pdf_backward(x, logits, means, logscales, g_logF=None, g_log
 
 
 def mixlogistic_invcdf(y, logits, means, logscales, method: str = "bisection",
-                       tol: float | None = None, max_iters: int | None = None):
+                       tol: float | None = None, max_iters: int | None = None, *, checks=None):
     """Inverse CDF: x with F(x) = y, elementwise. Returns ``(x, info)``.
 
     ``method``: ``"bisection"`` (the release's algorithm) or ``"hybrid"``
@@ -394,47 +450,37 @@ def mixlogistic_invcdf(y, logits, means, logscales, method: str = "bisection",
     components; bisection computes F, hybrid F, 1-F and p), ``evals_per_element``
     (mean), ``max_evals`` (max over elements), ``iterations`` (loop count of
     bisection = evaluations per element; for hybrid the max over elements) and
-    ``converged`` (the stopping rule was met before ``max_iters``).
+    ``converged`` (the stopping rule was met before ``max_iters``). On CuPy the
+    counts stay on the device until one of them is read (:class:`InverseInfo`).
 
     Raises FlowInputError for y outside (0, 1), non-finite y or parameters, bad
-    shapes, or an unknown method.
+    shapes, or an unknown method. On CuPy these value checks, together with those
+    the caller registered in ``checks`` (a :class:`~flowpp_ref.core.validation.DeferredChecks`),
+    cost one host read in all (the bisection's iteration bound travels with it).
     """
     _check_mix(y, logits, means, logscales, xname="y")
     if method not in INVCDF_METHODS:
         raise FlowInputError(f"method: expected one of {INVCDF_METHODS}, got {method!r}")
-    check_finite(y, "y")
-    for name, p in (("logits", logits), ("means", means), ("logscales", logscales)):
-        check_finite(p, name)
     xp = array_module(y, logits)
+    checks = DeferredChecks(xp) if checks is None else checks
+    checks.finite(y, "y")
+    for name, p in (("logits", logits), ("means", means), ("logscales", logscales)):
+        checks.finite(p, name)
     if y.size:
-        mn, mx = float(xp.min(y)), float(xp.max(y))
-        if not (mn > 0 and mx < 1):
-            raise FlowInputError(f"y: inverse-CDF targets must lie in the open interval (0, 1), "
-                                 f"got min {mn:g}, max {mx:g}")
-    d_tol, d_iters = invcdf_defaults(y.dtype)
-    tol = d_tol if tol is None else float(tol)
-    max_iters = d_iters if max_iters is None else int(max_iters)
-    if not (tol >= 0) or max_iters < 0:
-        raise FlowInputError(f"tol must be >= 0 and max_iters >= 0, got tol={tol}, max_iters={max_iters}")
+        checks.require(lambda: (xp.min(y) > 0) & (xp.max(y) < 1), lambda: _check_targets(y),
+                       "y: inverse-CDF targets in (0, 1)")
+    bounds = width = None
+    if method == "bisection" and y.size and is_cupy(xp):
+        bounds = _bisection_bounds(y, means, logscales, xp)
+        width = xp.maximum(xp.max(xp.abs(bounds[0])), xp.max(xp.abs(bounds[1])))
+    extra = checks.run(extra=() if width is None else (width,))       # the one host read on CuPy
+    tol, max_iters = _tolerances(y.dtype, tol, max_iters)
     n = int(y.size)
+    info = dict(method=method, tol=tol, max_iters=max_iters)
     if _use_numba(y, logits, means, logscales):
-        yf, lf, mf, sf = _flat(y, logits, means, logscales)
-        x = np.empty(yf.shape, dtype=y.dtype)
-        evals = np.zeros(yf.shape, dtype=np.int64)
-        if n == 0:
-            iters, converged = 0, True
-        elif method == "bisection":
-            iters, converged = nk.invcdf_bisection(yf, lf, mf, sf, tol, max_iters, x, evals)
-        else:
-            converged = nk.invcdf_hybrid(yf, lf, mf, sf, tol, max_iters, x, evals)
-            iters = int(evals.max())
-        x = x.reshape(y.shape)
-        evals = evals.reshape(y.shape)
-    elif method == "hybrid" and _use_cuda(y, logits, means, logscales):
-        x, evals, conv = ck.invcdf_hybrid(*_flat_xp(xp, y, logits, means, logscales), tol, max_iters)
-        x, evals = x.reshape(y.shape), evals.reshape(y.shape)
-        iters = int(evals.max()) if n else 0
-        converged = bool(conv.all()) if n else True
+        x, evals, iters, converged = _invcdf_numba(y, logits, means, logscales, method, tol, max_iters)
+    elif n and is_cupy(xp):
+        return _invcdf_device(y, logits, means, logscales, method, tol, max_iters, bounds, extra, info)
     elif method == "bisection":
         x, iters, converged = _ref_invcdf_bisection(y, logits, means, logscales, tol, max_iters)
         evals = xp.full(y.shape, iters, dtype=np.int64)
@@ -442,8 +488,145 @@ def mixlogistic_invcdf(y, logits, means, logscales, method: str = "bisection",
         x, evals, converged = _ref_invcdf_hybrid(y, logits, means, logscales, tol, max_iters)
         iters = int(xp.max(evals)) if n else 0
     total = int(evals.sum()) if n else 0
-    info = dict(method=method, tol=tol, max_iters=max_iters, evaluations=total,
-                evals_per_element=total / n if n else 0.0,
-                max_evals=int(evals.max()) if n else 0, iterations=int(iters),
-                converged=bool(converged))
+    info.update(evaluations=total, evals_per_element=total / n if n else 0.0,
+                max_evals=int(evals.max()) if n else 0, iterations=int(iters), converged=bool(converged))
     return x, info
+
+
+def _check_targets(y):
+    """y in the open interval (0, 1) (nan fails), else FlowInputError with the range found."""
+    xp = array_module(y)
+    mn, mx = float(xp.min(y)), float(xp.max(y))
+    if not (mn > 0 and mx < 1):
+        raise FlowInputError(f"y: inverse-CDF targets must lie in the open interval (0, 1), "
+                             f"got min {mn:g}, max {mx:g}")
+
+
+def _tolerances(dtype, tol, max_iters):
+    """(tol, max_iters): the defaults of ``dtype`` where None, checked."""
+    d_tol, d_iters = invcdf_defaults(dtype)
+    tol = d_tol if tol is None else float(tol)
+    max_iters = d_iters if max_iters is None else int(max_iters)
+    if not (tol >= 0) or max_iters < 0:
+        raise FlowInputError(f"tol must be >= 0 and max_iters >= 0, got tol={tol}, max_iters={max_iters}")
+    return tol, max_iters
+
+
+def _invcdf_numba(y, logits, means, logscales, method, tol, max_iters):
+    """(x, evaluations per element, iterations, converged) of the numba kernels (NumPy arrays)."""
+    yf, lf, mf, sf = _flat(y, logits, means, logscales)
+    x = np.empty(yf.shape, dtype=y.dtype)
+    evals = np.zeros(yf.shape, dtype=np.int64)
+    if yf.size == 0:
+        iters, converged = 0, True
+    elif method == "bisection":
+        iters, converged = nk.invcdf_bisection(yf, lf, mf, sf, tol, max_iters, x, evals)
+    else:
+        converged = nk.invcdf_hybrid(yf, lf, mf, sf, tol, max_iters, x, evals)
+        iters = int(evals.max())
+    return x.reshape(y.shape), evals.reshape(y.shape), iters, converged
+
+
+def _invcdf_device(y, logits, means, logscales, method, tol, max_iters, bounds, extra, info):
+    """(x, info) on CuPy (y not empty) without any host read: the counts of ``info`` stay on the device.
+
+    Hybrid: the CUDA kernel where kernels are enabled, else the reference (which reads the number of
+    active elements every iteration). Bisection: :func:`_ref_invcdf_bisection_device` with the number
+    of iterations bounded from the bracket width ``extra[0]`` read with the checks.
+    """
+    xp = array_module(y, logits)
+    n = int(y.size)
+    if method == "bisection":
+        n_iters = _bisection_iterations(extra[0], tol, max_iters)
+        x, iters, converged = _ref_invcdf_bisection_device(y, logits, means, logscales, tol, n_iters, bounds)
+        return x, InverseInfo(info, (iters, iters, converged.astype(np.int64)), n, summed=False)
+    if _use_cuda(y, logits, means, logscales):
+        x, evals, conv = ck.invcdf_hybrid(*_flat_xp(xp, y, logits, means, logscales), tol, max_iters)
+        x, evals = x.reshape(y.shape), evals.reshape(y.shape)
+        converged = conv.min().astype(np.int64)
+    else:
+        x, evals, conv = _ref_invcdf_hybrid(y, logits, means, logscales, tol, max_iters)
+        converged = xp.asarray(int(conv))
+    return x, InverseInfo(info, (evals.sum(), evals.max(), converged), n, summed=True)
+
+
+class InverseInfo(dict):
+    """The info dict of :func:`mixlogistic_invcdf` whose counts are still on the device (CuPy).
+
+    ``method``, ``tol`` and ``max_iters`` are there at once; ``evaluations``, ``evals_per_element``,
+    ``max_evals``, ``iterations`` and ``converged`` are fetched, all together in one host read, the
+    first time one of them (or the whole dict) is read. Sampling never reads them, so it waits for
+    none of them. ``device``: 0-d arrays (evaluations, max evaluations, converged as 0/1); ``summed``:
+    whether the first is the total over the ``n`` elements (hybrid) or the count every element made
+    (bisection).
+    """
+
+    LAZY = ("evaluations", "evals_per_element", "max_evals", "iterations", "converged")
+
+    def __init__(self, known: dict, device, n: int, *, summed: bool):
+        super().__init__(known)
+        for k in self.LAZY:
+            dict.__setitem__(self, k, None)
+        self._device, self._n, self._total = device, int(n), bool(summed)
+
+    def _resolve(self):
+        if self._device is not None:
+            xp = array_module(*self._device)
+            first, mx, conv = (int(v) for v in to_numpy(xp.stack([xp.asarray(v).astype(np.int64)
+                                                                   for v in self._device])))
+            self._device = None
+            total = first if self._total else first * self._n
+            dict.update(self, evaluations=total, evals_per_element=total / self._n, max_evals=mx,
+                        iterations=mx, converged=bool(conv))
+        return self
+
+    def __getitem__(self, key):
+        if key in self.LAZY:
+            self._resolve()
+        return dict.__getitem__(self, key)
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def __iter__(self):                 # overridden so that dict(info) and {**info} go through __getitem__
+        return dict.__iter__(self)
+
+    def items(self):
+        return dict.items(self._resolve())
+
+    def values(self):
+        return dict.values(self._resolve())
+
+    def copy(self):
+        return dict(self._resolve())
+
+    def pop(self, *args):
+        return dict.pop(self._resolve(), *args)
+
+    def popitem(self):
+        return dict.popitem(self._resolve())
+
+    def setdefault(self, key, default=None):
+        return dict.setdefault(self._resolve(), key, default)
+
+    def __or__(self, other):
+        return dict(self._resolve()) | other
+
+    def __ror__(self, other):
+        return other | dict(self._resolve())
+
+    def __eq__(self, other):
+        if isinstance(other, InverseInfo):
+            other._resolve()
+        return dict.__eq__(self._resolve(), other)
+
+    def __ne__(self, other):
+        return not self == other
+
+    __hash__ = None
+
+    def __repr__(self):
+        return dict.__repr__(self._resolve())
+
+    def __reduce__(self):
+        return dict, (dict(self._resolve()),)

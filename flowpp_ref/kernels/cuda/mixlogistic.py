@@ -29,7 +29,10 @@ Inverse: rtsafe on g(x) = log F - log(1-F) - logit(y), bracket [min_k q_k, max_k
 with q_k = mu_k + exp(s_k) logit(y), start sum_k w_k q_k; per-element stopping rule
 (|step| <= tol or bracket narrower than tol), exactly as ``_ref_invcdf_hybrid``.
 The release's bisection has a *global* stopping rule (all elements at once), so it stays
-on the plain-array reference on every backend.
+on the plain-array reference on every backend (on CuPy with the rule evaluated on the device,
+no host read per iteration: ``_ref_invcdf_bisection_device`` in
+:mod:`flowpp_ref.bijections.mixlogistic`). :func:`invcdf_hybrid` returns per-element counts and
+flags as device arrays; nothing here reads them back.
 """
 from __future__ import annotations
 
