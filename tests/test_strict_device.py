@@ -2,7 +2,7 @@
 
 1. every bijection class of ``flowpp_ref.bijections``: forward, inverse, log-det and backward on the
    look-alike equal NumPy's (float64, rtol 1e-10); the forward and backward make no host read (ImgProc's
-   checked forward one), the inverse at most one (MaskedAffineCoupling's two, see below);
+   checked forward one), the inverse at most one;
 2. a training step of ``tiny`` and ``small`` (loss and gradients of a shard, gradient norm, Adam, EMA) makes no host
    round trip at all (run inside ``ledger.strict()``); the launches per part are printed and recorded;
 3. ``train(backend="cupy")`` end to end, and a resumed run's losses equal an uninterrupted run's;
@@ -253,7 +253,6 @@ def _couplings(model):
 
 SAMPLE_EXTRA = 2    # ImgProc.inverse's finiteness check (after the last coupling), the images' host copy
 EVAL_EXTRA = 1      # the host copy of the ELBO of the (one) pass
-
 
 
 @pytest.mark.parametrize("preset,overrides", [
