@@ -195,12 +195,18 @@ def test_bijection_on_device_matches_numpy_float64(name, strict_xp):
 
 
 # ====================================================================== 2. a training step
-@pytest.mark.parametrize("preset,batch", [("tiny", 4), ("small", 2)])
-def test_training_step_makes_no_host_round_trip(preset, batch, strict_xp, record_property):
+@pytest.mark.parametrize("preset,batch,attention", [("tiny", 4, "fused"), ("small", 2, "fused"), ("small", 2, "default")])
+def test_training_step_makes_no_host_round_trip(preset, batch, attention, strict_xp, record_property):
+    """``attention``: the device default (plain matmuls) or the fused CUDA kernels (their launches checked)."""
+    from flowpp_ref.nn.attention import SelfAttention
     cp, ledger = strict_xp, strict_xp.ledger
     p = get_preset(preset)
     x = _images(16, p.model.image_shape)
     model = FlowPP(p.model, seed=0, xp=cp, dtype=np.float32)
+    attn = [m for m in model.modules() if isinstance(m, SelfAttention)]
+    assert attn and not any(m.fused for m in attn)          # the device default
+    for m in attn:
+        m.fused = attention == "fused"
     model.data_init(x[:8], rng=make_rng(1, cp))
     params = model.parameters()
     adam, ema = Adam(params), EMA(params, decay=0.9)
@@ -223,7 +229,7 @@ def test_training_step_makes_no_host_round_trip(preset, batch, strict_xp, record
     parts = dict(zip(("loss+grads", "grad norm", "Adam", "EMA"), np.diff([0] + marks).tolist()))
     kernels = {k: n for k, n in ledger.launches.items() if k.startswith("kernel:")}
     assert any(k.startswith("kernel:mixlog_forward") for k in kernels), "the CUDA mixture kernels did not run"
-    assert any(k.startswith("kernel:attention_fwd") for k in kernels), "the CUDA attention kernels did not run"
+    assert any(k.startswith("kernel:attention_fwd") for k in kernels) == (attention == "fused"), kernels
     assert np.isfinite(float(loss)) and bool(ok)
     assert any(not np.array_equal(cp.asnumpy(params[k]), before[k]) for k in params)
     print(f"{preset} training step ({len(params)} parameter arrays), launches per part: {parts}; syncs 0; "

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flowpp_ref.core.backend import array_module
+from flowpp_ref.core.backend import array_module, is_cupy
 from flowpp_ref.core.module import Module, prefixed
 from flowpp_ref.core.validation import FlowInputError, check_array
 from flowpp_ref.kernels import use_kernels
@@ -62,6 +62,10 @@ from flowpp_ref.kernels.numba.softmax import softmax_backward_rows_inplace, soft
 from flowpp_ref.nn.activations import gate_backward, gate_forward
 from flowpp_ref.nn.dropout import Dropout
 from flowpp_ref.nn.weightnorm import NIN
+
+# SelfAttention's path when its ``fused`` argument is None, per backend: set from the device check's
+# measurement of both paths on the paper's coupling layer (the plain batched matmuls were the faster on CuPy)
+FUSED_DEFAULT = {"numpy": True, "cupy": False}
 
 
 # ------------------------------------------------------------------ softmax
@@ -151,15 +155,17 @@ class SelfAttention(Module):
     ``dx, dpos_emb, grads = attn.backward(dout, cache)``;
     ``out = attn.data_init(x, pos_emb)`` (weight-norm DDI of proj1 then proj2; no dropout);
     ``w = attn.attention_maps(x, pos_emb)`` -> ``[B, heads, H*W, H*W]`` (rows sum to 1).
-    ``fused``: use the fused kernels when kernels are enabled (default); ``False`` keeps the
-    explicit reference path (weights in the cache).
+    ``fused``: ``True`` uses the fused kernels when kernels are enabled, ``False`` keeps the
+    explicit reference path (weights in the cache); ``None`` (default) takes the backend's default,
+    :data:`FUSED_DEFAULT`: fused on NumPy (numba), the reference path on CuPy, whose batched matmuls
+    (cuBLAS) outran the untiled CUDA kernels in the GPU check (``benchmarks/bench_gpu.py`` times both).
     Children: ``proj1`` (NIN F -> 3F), ``proj2`` (NIN F -> 2F, init_scale 0.1).
     See the module docstring for Math, Shapes and Cache.
     """
 
-    def __init__(self, filters, heads=4, dropout_p=0.0, *, rng, xp=np, dtype=np.float32, fused=True):
+    def __init__(self, filters, heads=4, dropout_p=0.0, *, rng, xp=np, dtype=np.float32, fused=None):
         super().__init__()
-        self.fused = bool(fused)
+        self.fused = FUSED_DEFAULT["cupy" if is_cupy(xp) else "numpy"] if fused is None else bool(fused)
         if filters % heads != 0:
             raise ValueError(f"filters ({filters}) must be a multiple of heads ({heads})")
         self.filters, self.heads, self.dim = int(filters), int(heads), int(filters) // int(heads)
