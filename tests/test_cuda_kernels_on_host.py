@@ -212,6 +212,7 @@ def _assert_same_inverse(yk, yr, l, m, s):
 
 
 # ------------------------------------------------------------ concat_elu, gate, layer norm
+from flowpp_ref.kernels import kernels_enabled  # noqa: E402
 from flowpp_ref.kernels.cuda import layers as cl  # noqa: E402
 from flowpp_ref.nn import activations as act  # noqa: E402
 from flowpp_ref.nn import layernorm as lnm  # noqa: E402
@@ -296,3 +297,27 @@ def test_cuda_layer_kernels_match_reference_on_gpu():
                        out, *lnm.layernorm_backward(d1, xhat, rstd, g)]
     for a, r in zip(res[True], res[False]):
         np.testing.assert_allclose(cupy.asnumpy(a), cupy.asnumpy(r), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kh,kw", [(3, 3), (1, 1), (2, 3), (3, 2)])
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-13), (np.float32, 2e-6)])
+def test_cuda_source_im2col_and_col2im_match_the_convolution(layers_lib, kh, kw, dtype, tol):
+    """im2col equals the reference's slice copies; col2im(dout W^T) equals Conv2d's reference dx."""
+    from flowpp_ref.nn.weightnorm import Conv2d, im2col
+    rng = np.random.default_rng(11)
+    B, H, W, C, Co = 2, 5, 4, 3, 4
+    x = rng.normal(size=(B, H, W, C)).astype(dtype)
+    cols = np.empty((B, H, W, kh, kw, C), dtype)
+    call(layers_lib, "im2col_" + suffix(dtype), cols.size, np.int32(H), np.int32(W), np.int32(C), np.int32(kh),
+         np.int32(kw), x, cols)
+    np.testing.assert_array_equal(cols, im2col(x, kh, kw))
+    conv = Conv2d(C, Co, (kh, kw), rng=np.random.default_rng(0), dtype=dtype)
+    dout = rng.normal(size=(B, H, W, Co)).astype(dtype)
+    with kernels_enabled(False):
+        out, cache = conv.forward(x)
+        dx_ref, _ = conv.backward(dout, cache)
+    dcols = np.ascontiguousarray((dout.reshape(-1, Co) @ cache["W"].reshape(-1, Co).T).reshape(cols.shape))
+    dx = np.empty_like(x)
+    call(layers_lib, "col2im_" + suffix(dtype), dx.size, np.int32(H), np.int32(W), np.int32(C), np.int32(kh),
+         np.int32(kw), dcols, dx)
+    np.testing.assert_allclose(dx, dx_ref, rtol=tol, atol=tol)

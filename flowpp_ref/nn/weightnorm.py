@@ -30,10 +30,11 @@ import threading
 
 import numpy as np
 
-from flowpp_ref.core.backend import array_module, asarray
+from flowpp_ref.core.backend import array_module, asarray, is_cupy
 from flowpp_ref.core.module import Module
 from flowpp_ref.core.validation import FlowInputError, check_array
 from flowpp_ref.kernels import use_kernels
+from flowpp_ref.kernels.cuda import layers as cuda_layers
 from flowpp_ref.kernels.numba.conv import gather_cols, shift_sum
 
 DDI_EPS = 1e-8   # the paper's epsilon in init_scale / sqrt(v + 1e-8)
@@ -238,6 +239,15 @@ def _use_conv_kernels(*arrays) -> bool:
     return use_kernels() and all(isinstance(a, np.ndarray) for a in arrays)
 
 
+def _use_cuda_conv(x) -> bool:
+    return use_kernels() and is_cupy(array_module(x)) and x.dtype in (np.float32, np.float64)
+
+
+def _im2col(x, kh, kw):
+    """:func:`im2col`, as one CUDA kernel on CuPy (kernels enabled), else the slice copies."""
+    return cuda_layers.im2col(x, kh, kw) if _use_cuda_conv(x) else im2col(x, kh, kw)
+
+
 # ---------------------------------------------------------------- layers
 class Conv2d(Module):
     """Weight-normalised 2-D convolution, "SAME" padding, stride 1 (paper: ``conv2d``).
@@ -253,7 +263,9 @@ class Conv2d(Module):
     Implementation: forward is im2col + one matmul ``[BHW, kh*kw*Cin] @ [kh*kw*Cin, Cout]``;
             backward: dW = cols^T dout (one matmul), dx as kh*kw matmuls
             ``dout @ W[i,j]^T`` added into shifted slices of dx (slice adds, no
-            scatter with duplicate indices). That is the reference; for NumPy arrays with
+            scatter with duplicate indices). That is the reference; on CuPy with kernels
+            enabled im2col is one CUDA kernel and dx = col2im(dout W^T), one matmul and one
+            gather kernel (:mod:`flowpp_ref.kernels.cuda.layers`); for NumPy arrays with
             kernels enabled the same sums run in another order through the one-pass kernels
             of :mod:`flowpp_ref.kernels.numba.conv` (no zero-filled im2col of the input when
             Cout < Cin: matmul first, then a shifted sum; a buffer T * min(Cin, Cout) wide).
@@ -289,7 +301,7 @@ class Conv2d(Module):
         W, n = weight_norm(V, g)
         if _use_conv_kernels(x, W, b):
             return _conv_forward_thin(x, W, b), dict(x=x, W=W, n=n)
-        cols = im2col(x, kh, kw).reshape(B * H * Wd, kh * kw * C)
+        cols = _im2col(x, kh, kw).reshape(B * H * Wd, kh * kw * C)
         out = (cols @ W.reshape(kh * kw * C, self.out_channels)).reshape(B, H, Wd, self.out_channels) + b
         return out, dict(x=x, W=W, n=n)
 
@@ -311,9 +323,15 @@ class Conv2d(Module):
             dV, dg = weight_norm_backward(dW, self.params["V"], self.params["g"], n)
             return dx, {"V": dV, "g": dg, "b": db}
         # dL/dW = cols^T @ dout
-        cols = im2col(x, kh, kw).reshape(B * H * Wd, kh * kw * C)
+        cols = _im2col(x, kh, kw).reshape(B * H * Wd, kh * kw * C)
         dW = (cols.T @ d2).reshape(kh, kw, C, Co)
         del cols
+        if _use_cuda_conv(dout):
+            # dL/dx = col2im(dout @ W^T): the same sums as the loop below, one matmul and one gather kernel
+            dcols = (d2 @ W.reshape(kh * kw * C, Co).T).reshape(B, H, Wd, kh, kw, C)
+            dx = cuda_layers.col2im(dcols, kh, kw)
+            dV, dg = weight_norm_backward(dW, self.params["V"], self.params["g"], n)
+            return dx, {"V": dV, "g": dg, "b": db}
         # dL/dx[b, h+di, w+dj, :] += dout[b,h,w,:] @ W[i,j]^T   (for every tap (i, j))
         dx = xp.zeros_like(x, dtype=dout.dtype)
         for i, j, di, dj, h0, h1, w0, w1 in _offsets(kh, kw, H, Wd):

@@ -15,8 +15,14 @@ Math (the same as the numba kernels, :mod:`flowpp_ref.kernels.numba.activations`
                 dx = rstd (dxh - mean(dxh) - xhat mean(dxh xhat)),  dxh = dout g
                 (dg = sum_rows dout xhat and db = sum_rows dout are reductions done by CuPy)
 
+    im2col ("SAME", stride 1; T = kh kw taps, tap t = (i, j) shifts by (di, dj) = (i - ph, j - pw)):
+                cols[b,h,w,t,c] = x[b, h+di, w+dj, c]   (0 outside the image)
+    col2im (its adjoint, the convolution's dx from dcols = dout W^T):
+                dx[b,h,w,c] = sum_t dcols[b, h-di, w-dj, t, c]   (taps whose source pixel is inside)
+
 Work items: concat_elu over the N*C input elements, gate over the N*C output elements,
-layer norm over the N rows.
+layer norm over the N rows, im2col over the B*H*W*T*C columns (no zero fill first), col2im over
+the B*H*W*C input elements (a gather: no atomics, no scatter with duplicate indices).
 """
 from __future__ import annotations
 
@@ -88,6 +94,29 @@ FLOWPP_DEVICE void layernorm_bwd_row(long long i, int C, const T* dout, const T*
     for (int c = 0; c < C; ++c)
         dx[i * C + c] = (T)(rs * ((double)dr[c] * g[c] - m1 - (double)hr[c] * m2));
 }
+
+template <typename T>
+FLOWPP_DEVICE void im2col_elem(long long i, int H, int W, int C, int kh, int kw, const T* x, T* cols) {
+    int c = (int)(i % C); long long r = i / C;
+    int t = (int)(r % (kh * kw)); long long p = r / (kh * kw);
+    int w = (int)(p % W), h = (int)((p / W) % H); long long b = p / ((long long)W * H);
+    int hh = h + t / kw - (kh - 1) / 2, ww = w + t % kw - (kw - 1) / 2;
+    cols[i] = (hh >= 0 && hh < H && ww >= 0 && ww < W) ? x[((b * H + hh) * W + ww) * C + c] : (T)0;
+}
+
+template <typename T>
+FLOWPP_DEVICE void col2im_elem(long long i, int H, int W, int C, int kh, int kw, const T* dcols, T* dx) {
+    int c = (int)(i % C); long long p = i / C;
+    int w = (int)(p % W), h = (int)((p / W) % H); long long b = p / ((long long)W * H);
+    int taps = kh * kw;
+    double acc = 0;
+    for (int t = 0; t < taps; ++t) {
+        int ho = h - (t / kw - (kh - 1) / 2), wo = w - (t % kw - (kw - 1) / 2);   // the output pixel reading (h, w)
+        if (ho >= 0 && ho < H && wo >= 0 && wo < W)
+            acc += (double)dcols[(((b * H + ho) * W + wo) * taps + t) * C + c];
+    }
+    dx[i] = (T)acc;
+}
 """
 
 ENTRIES = {
@@ -98,6 +127,10 @@ ENTRIES = {
     "gate_bwd": ("int C, const {T}* dout, const {T}* x, {T}* dx", "gate_bwd_elem<{T}>(i, C, dout, x, dx);"),
     "layernorm_fwd": ("int C, const {T}* x, const {T}* g, const {T}* b, double eps, {T}* out, {T}* xhat, {T}* rstd",
                       "layernorm_fwd_row<{T}>(i, C, x, g, b, eps, out, xhat, rstd);"),
+    "im2col": ("int H, int W, int C, int kh, int kw, const {T}* x, {T}* cols",
+               "im2col_elem<{T}>(i, H, W, C, kh, kw, x, cols);"),
+    "col2im": ("int H, int W, int C, int kh, int kw, const {T}* dcols, {T}* dx",
+               "col2im_elem<{T}>(i, H, W, C, kh, kw, dcols, dx);"),
     "layernorm_bwd": ("int C, const {T}* dout, const {T}* xhat, const {T}* rstd, const {T}* g, {T}* dx",
                       "layernorm_bwd_row<{T}>(i, C, dout, xhat, rstd, g, dx);"),
 }
@@ -176,3 +209,26 @@ def layernorm_backward(dout, xhat, rstd, g):
                     dout, xhat, rstd, _c(g.astype(dout.dtype)), dx)
     red = tuple(range(dout.ndim - 1))
     return dx, (dout * xhat).sum(axis=red), dout.sum(axis=red)
+
+
+def im2col(x, kh: int, kw: int):
+    """``[B,H,W,C] -> [B,H,W,kh,kw,C]`` patches of a "SAME", stride-1 convolution: one launch."""
+    import cupy
+    x = _c(x)
+    B, H, W, C = x.shape
+    cols = cupy.empty((B, H, W, kh, kw, C), dtype=x.dtype)
+    _kernels.launch(f"im2col_{build.suffix(x.dtype)}", cols.size, np.int32(H), np.int32(W), np.int32(C),
+                    np.int32(kh), np.int32(kw), x, cols)
+    return cols
+
+
+def col2im(dcols, kh: int, kw: int):
+    """The adjoint of :func:`im2col`: ``[B,H,W,kh,kw,C] -> [B,H,W,C]``, each input element the sum of the
+    column entries that copied it (one launch)."""
+    import cupy
+    dcols = _c(dcols)
+    B, H, W, _, _, C = dcols.shape
+    dx = cupy.empty((B, H, W, C), dtype=dcols.dtype)
+    _kernels.launch(f"col2im_{build.suffix(dx.dtype)}", dx.size, np.int32(H), np.int32(W), np.int32(C),
+                    np.int32(kh), np.int32(kw), dcols, dx)
+    return dx

@@ -1,11 +1,12 @@
-"""The device path's draws, optimiser and data on the strict CuPy look-alike (tests/strict_cupy.py).
+"""The device path's draws, optimiser, data and convolution on the strict CuPy look-alike (tests/strict_cupy.py).
 
 * the same seed gives the same model on NumPy and on the device: initial parameters, the training
   loop's data-dependent init (host draws, ``step_rng``), and the noise of a NumPy ``Generator``, which a
   device model adapts at its door (``rng_for``); a CuPy generator handed to a NumPy model is refused;
 * the fused optimiser step (training/fused.py) is at most 10 launches and no host round trip, and equals
   NumPy's result;
-* ``train(backend="cupy")`` keeps the training set on the device: a step copies indices up, not images.
+* ``train(backend="cupy")`` keeps the training set on the device: a step copies indices up, not images;
+* the convolution on the device: im2col one kernel, dx = col2im(dout W^T); equal to NumPy's in float64.
 """
 from __future__ import annotations
 
@@ -105,3 +106,27 @@ def test_training_set_stays_on_the_device(strict_xp, tmp_path, monkeypatch):
         loop.shard_loss_and_grads(s["model"], run_images, loop.batch_indices(64, 16, 0, 3), seed=0, step=3,
                                   comm=loop.dist.SingleComm())
     assert 0 < ledger.h2d_bytes <= 16 * 8 * 2, ledger.h2d
+
+
+@pytest.mark.parametrize("kernel_size", [3, (2, 3), 1])
+def test_convolution_on_the_device_launches_few_kernels_and_equals_numpy(kernel_size, strict_xp):
+    from flowpp_ref.nn.weightnorm import Conv2d
+    cp, ledger = strict_xp, strict_xp.ledger
+    r = np.random.default_rng(2)
+    x, dout = r.normal(size=(2, 5, 4, 6)), r.normal(size=(2, 5, 4, 8))
+    res = {}
+    for xp in (np, cp):
+        conv = Conv2d(6, 8, kernel_size, rng=np.random.default_rng(0), xp=xp, dtype=np.float64)
+        xd, dd = xp.asarray(x), xp.asarray(dout)
+        ledger.reset()
+        with ledger.strict():
+            out, cache = conv.forward(xd)
+            n_fwd = ledger.n_launches
+            dx, grads = conv.backward(dd, cache)
+        res[xp] = [cp.asnumpy(a) if xp is cp else a for a in (out, dx, grads["V"], grads["g"], grads["b"])]
+        if xp is cp:
+            kinds = {k for k in ledger.launches if k.startswith("kernel:")}
+            assert {"kernel:im2col_f64", "kernel:col2im_f64"} <= kinds, ledger.launches
+            assert n_fwd <= 12 and ledger.n_launches <= 40, ledger.launches     # the slice path: ~60
+    for a, b in zip(res[cp], res[np]):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
