@@ -361,7 +361,7 @@ def _gpus():
 @pytest.mark.skipif(MPIEXEC is None, reason=f"needs MPI: {WHY}")
 @pytest.mark.skipif(_gpus() == 0, reason="needs CuPy with NCCL (cupy.cuda.nccl) and a CUDA device")
 def test_nccl_communicator_and_cupy_training_match_one_process(tmp_path):
-    """Never run so far (no GPU lent yet): min(2, GPUs) ranks, one GPU each."""
+    """min(2, GPUs) ranks, one GPU each (passed on a one-GPU H200: one rank)."""
     from flowpp_ref.training.loop import train
     n = min(2, _gpus())
     r, _ = mpirun("nccl", str(tmp_path), n=n, timeout=300)

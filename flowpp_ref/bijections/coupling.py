@@ -122,7 +122,7 @@ class MixLogisticAttnCoupling(_AttnCoupling):
         # mixture_dtype (the CLI's --mixture-dtype float64): the mixture CDF/PDF, its inverse and
         # backward run in that dtype inside an otherwise float32 model: inputs are cast up, results
         # cast back (the release's launchers run the mixture in float32; at_least_float32 only lifts
-        # float16). Array-generic (astype), so the CuPy path is the same code (not verified on a GPU).
+        # float16). Array-generic (astype), so the CuPy path is the same code (not run on a GPU).
         self.mixture_dtype = None if mixture_dtype is None else np.dtype(mixture_dtype)
         if inverse_method not in ("hybrid", "bisection"):
             raise ValueError(f"inverse_method must be 'hybrid' or 'bisection', got {inverse_method!r}")

@@ -74,7 +74,8 @@ forward, its backward and the inverse CDF run as numba kernels
 space with a log-space fallback in the deep tails, component loops in the
 inputs' dtype); with CuPy arrays the fused forward, its backward and the hybrid
 inverse run as CUDA kernels (:mod:`flowpp_ref.kernels.cuda.mixlogistic`: log space,
-one thread per element; not verified on a GPU, their source is checked on the CPU);
+one thread per element; run against the references on an H200 by the GPU tests, and their source
+is checked on the CPU);
 otherwise the plain-``xp`` references ``_ref_*`` below run (the math to read). ``mixlogistic_logcdf``,
 ``mixlogistic_log1mcdf`` and ``mixlogistic_logpdf`` are reference code only.
 The kernels' results agree with the references to round-off, not bit for bit.

@@ -9,7 +9,7 @@ Paper appendix 8.3::
 tested against). The public ``*_forward`` / ``*_backward`` pairs dispatch to the
 fused numba kernels of :mod:`flowpp_ref.kernels.numba.activations` when the arrays
 are NumPy arrays and :func:`flowpp_ref.kernels.use_kernels` is on, to the CUDA
-kernels of :mod:`flowpp_ref.kernels.cuda.layers` for CuPy arrays (not verified on a GPU),
+kernels of :mod:`flowpp_ref.kernels.cuda.layers` for CuPy arrays (run on an H200 by the GPU tests),
 else to the reference.
 
 Caches: both ``concat_elu_forward`` and ``gate_forward`` return their *input* as

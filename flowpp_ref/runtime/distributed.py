@@ -14,7 +14,8 @@ Communicators (all with ``rank``, ``size``, ``local_rank``, ``allreduce(buf)``,
 * :class:`NCCLComm`: CuPy buffers summed by NCCL (``cupy.cuda.nccl``) on the current
   stream; the NCCL unique id is broadcast over MPI; each process uses the GPU of its
   local rank (``local_rank % device_count``), selected before any CuPy allocation.
-  Host (NumPy) buffers still go over MPI. **Not verified on a GPU.** Its check is
+  Host (NumPy) buffers still go over MPI. Run on one H200 with one rank (the machine had one GPU);
+  several GPUs are not verified. Its check is
   ``tests/test_distributed.py::
   test_nccl_communicator_and_cupy_training_match_one_process`` (marked ``gpu``, so a GPU
   check running ``pytest -m gpu`` includes it).
@@ -205,7 +206,7 @@ class MPIComm:
 class NCCLComm(MPIComm):
     """NCCL for CuPy buffers, MPI for host buffers; one GPU per process (its local rank).
 
-    Not verified on a GPU. The order of calls follows ChainerMN's
+    Run on one GPU with one rank; several GPUs not verified. The order of calls follows ChainerMN's
     ``PureNcclCommunicator``: pick the device, rank 0 makes ``nccl.get_unique_id()``,
     MPI broadcasts it, every rank builds ``nccl.NcclCommunicator(size, uid, rank)``.
     """

@@ -14,8 +14,9 @@ Entry-point tables map a name to ``(arguments, body)``; the arguments follow
 ``long long n`` and may use ``{T}`` (instantiated for float as ``_f32`` and double as
 ``_f64``); the body is the work of item ``i``.
 
-**Not verified on a GPU**: NVRTC, the launches and device rounding are unchecked; ``nvcc`` compiles the GPU build in the
-tests where it is installed.
+Run on an H200 (NVRTC builds and launches of every module but the im2col / col2im entries of
+:mod:`~flowpp_ref.kernels.cuda.layers`); without a GPU the tests compile the GPU build with NVRTC
+(where libnvrtc loads) and ``nvcc`` (where installed).
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """CuPy kernels for concat_elu, gate and layer norm (forward and backward), one source text
 built for the GPU and, in the tests, for the CPU (:mod:`flowpp_ref.kernels.cuda.build`).
 
-**Not verified on a GPU**; the tests compare the CPU build of this source with the
+concat_elu, gate and layer norm **ran on an H200** (the GPU tests compare them with the references
+there); im2col and col2im have not run on a GPU (NVRTC compiles them). The tests compare the CPU build of this source with the
 references of :mod:`flowpp_ref.nn.activations` and :mod:`flowpp_ref.nn.layernorm`.
 
 Math (the same as the numba kernels, :mod:`flowpp_ref.kernels.numba.activations`)::

@@ -1,7 +1,7 @@
 """Mixture-of-logistics kernels for CuPy: fused log F / log(1-F) / log p, its backward,
 and the hybrid (safeguarded Newton) inverse CDF, one GPU thread per element.
 
-**Not verified on a GPU.** The per-element math below is plain C++ (templates over
+**Run on an H200** (the GPU tests compare them with the references on the device). The per-element math below is plain C++ (templates over
 float / double), built twice by
 :mod:`flowpp_ref.kernels.cuda.build`: by NVRTC for CuPy (one thread per element), and
 by the machine's C++ compiler for the tests, which compare the *same source text* with

@@ -20,8 +20,8 @@ Three launches over flat buffers (parameters p, gradients g, Adam moments m, v, 
 The counters are read from one buffer and written to another (the caller alternates them), so no
 work item reads a value another one writes in the same launch.
 
-**Not yet run on a GPU**; the tests compare the CPU build of this source with
-:func:`flowpp_ref.training.fused.fused_step_reference`.
+**Ran on an H200** (a GPU test compares it with the numba twin in float64). The tests compare the CPU
+build of this source with :func:`flowpp_ref.training.fused.fused_step_reference`.
 """
 from __future__ import annotations
 
