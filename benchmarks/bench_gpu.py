@@ -195,23 +195,28 @@ def worker_ours(a):
     return out
 
 
-def worker_torch(a):
+def _torch_twin(a):
+    """(torch, the twin of the saved parameters in train mode on --torch-device, device, cuda?, sync) at --tf32."""
     import numpy as np
     import torch
     from torch_twin import TorchFlowPP
 
     from flowpp_ref.model import FlowPP
     from flowpp_ref.model.presets import get_preset
-    p = get_preset(a.preset)
-    batch, params = _load(a.path)
-    host_model = FlowPP(p.model, seed=0, dtype=np.float32)
+    _, params = _load(a.path)
+    host_model = FlowPP(get_preset(a.preset).model, seed=0, dtype=np.float32)
     host_model.load_parameters(params)
     dev = a.torch_device
     cuda = dev.startswith("cuda")
     _set_tf32(torch, a.tf32)
     twin = TorchFlowPP(host_model, dtype=torch.float32, device=dev).train()
+    return torch, twin, dev, cuda, (torch.cuda.synchronize if cuda else (lambda: None))
+
+
+def worker_torch(a):
+    batch, _ = _load(a.path)
+    torch, twin, dev, cuda, sync = _torch_twin(a)
     rng = TorchDeviceRNG(3, dev)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     times = []
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -278,21 +283,8 @@ def worker_traj_ours(a):
 
 def worker_traj_torch(a):
     import numpy as np
-    import torch
-    from torch_twin import TorchFlowPP
-
-    from flowpp_ref.model import FlowPP
-    from flowpp_ref.model.presets import get_preset
-    p = get_preset(a.preset)
-    _, params = _load(a.path)
-    host_model = FlowPP(p.model, seed=0, dtype=np.float32)
-    host_model.load_parameters(params)
-    dev = a.torch_device
-    cuda = dev.startswith("cuda")
-    _set_tf32(torch, a.tf32)
-    twin = TorchFlowPP(host_model, dtype=torch.float32, device=dev).train()
+    torch, twin, dev, cuda, sync = _torch_twin(a)
     opt = torch.optim.Adam(twin.parameters(), lr=TRAJ_LR, betas=(0.9, 0.999), eps=1e-8)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     losses, t_opt = [], []
     for i, batch in enumerate(_traj_batches(a)):
         twin.zero_grad()

@@ -236,8 +236,11 @@ def test_two_process_realnvp_with_batch_norm_and_glow_equal_one_process(tmp_path
         z = np.load(tmp_path / f"{fam}.npz")
         params = s["model"].parameters()
         assert set(z.files) == set(params)
+        # atol: a bias that feeds a batch norm has a zero gradient in exact arithmetic (the norm removes the
+        # mean), so its float64 gradient is rounding noise, different for 1 and 2 processes (~1e-17), and
+        # Adam's g / (|g| + eps) turns it into updates of about lr |dg| / eps ~ 3e-12 per step
         for k, v in params.items():
-            np.testing.assert_allclose(z[k], v, rtol=1e-9, atol=1e-12, err_msg=f"{fam} {k}")
+            np.testing.assert_allclose(z[k], v, rtol=1e-9, atol=2e-11, err_msg=f"{fam} {k}")
 
 
 @needs_mpi
