@@ -188,6 +188,14 @@ class MixLogisticAttnCoupling(_AttnCoupling):
         draw[..., 2 + 2 * K:] = g["logscales"] * cache["lsc_on"]   # max(raw, -7): gradient 0 below
         return draw, g["e"]
 
+    def transform_parameters(self, c, context=None):
+        """What the network predicts from the condition half ``c`` (eval mode), as the transform uses it:
+        ``{"a", "b"}`` (the affine part; a = tanh of the raw output) [B, H, W, C] and ``{"logits",
+        "means", "logscales"}`` (logscales clamped at LOGSCALE_MIN) [B, H, W, C, K]."""
+        raw, _ = self.net.forward(c, context)
+        a, b, logits, means, logscales, _ = self._heads(self._raw(c, raw))
+        return dict(a=a, b=b, logits=logits, means=means, logscales=logscales)
+
     # ------------------------------------------------------------- protocol
 
     def inverse(self, y, context=None):

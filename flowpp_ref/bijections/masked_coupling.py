@@ -270,6 +270,14 @@ class MaskedAffineCoupling(Bijection):
         u = 1 - self._m(x_in)
         return u * logs, u * t, dlr, th
 
+    def transform_parameters(self, x, context=None):
+        """What the network predicts from the kept part of ``x`` (eval mode), masked as the transform uses
+        it: ``{"a": u log s, "b": u t}`` [B, H, W, C] (u = 1 - mask: zero on the kept dimensions)."""
+        self._check(x, "transform_parameters")
+        h, _ = self.net.forward(self._net_input(x), context)
+        a, b, _, _ = self._heads(x, h)
+        return dict(a=a, b=b)
+
     # ------------------------------------------------------------- protocol
     def forward(self, x, context=None, *, train=False, rng=None):
         self._check(x, "forward")

@@ -1,4 +1,4 @@
-"""Command line: ``flowpp train | eval | sample | demo`` (also ``python -m flowpp_ref``).
+"""Command line: ``flowpp train | eval | sample | export | demo`` (also ``python -m flowpp_ref``).
 
 Run ``flowpp COMMAND --help`` for every option (each numeric one with its range).
 Errors are one line ``flowpp: error: ...`` (exit 2; 1 for a diverged run; 130/143 when
@@ -28,6 +28,7 @@ from flowpp_ref.runtime import distributed, runfolder
 from flowpp_ref.runtime.distributed import launched_rank
 from flowpp_ref.training.evaluation import evaluate, use_ema
 from flowpp_ref.training.loop import load_model, train
+from flowpp_ref.training.weights import export_weights, load_pretrained, load_weights
 
 
 def _load_data(args, split):
@@ -156,7 +157,7 @@ def build_parser():
     _add_distributed(t)
 
     e = sub.add_parser("eval", help="bits/dim of a checkpoint on a test set (EMA parameters)")
-    e.add_argument("checkpoint", help="path to checkpoint.npz")
+    e.add_argument("checkpoint", help="checkpoint.npz or a .safetensors weights file")
     _add_data(e)
     e.add_argument("--k", type=int, default=1, help="importance samples of the dequantizer (1: the ELBO; "
                    "the release's evaluation: 4096, each image's copies batched, float64 log-sum-exp)")
@@ -168,12 +169,22 @@ def build_parser():
     _add_common(e)
     _add_distributed(e)
 
-    s = sub.add_parser("sample", help="draw samples from a checkpoint into a PNG grid")
-    s.add_argument("checkpoint", help="path to checkpoint.npz")
+    s = sub.add_parser("sample", help="draw samples from a checkpoint (or the shipped model) into a PNG grid")
+    s.add_argument("checkpoint", nargs="?", default=None,
+                   help="checkpoint.npz or a .safetensors weights file [the shipped model, small-cifar10]")
     s.add_argument("--n", type=int, default=64, help="number of samples [64]")
     s.add_argument("--temperature", type=float, default=1.0, help="prior temperature T: z ~ N(0, T^2 I) [1.0]")
     s.add_argument("--out", default="samples.png", help="PNG file [samples.png]")
     _add_common(s)
+
+    x = sub.add_parser("export", help="write a checkpoint's parameters and config as a .safetensors weights file")
+    x.add_argument("checkpoint", help="path to checkpoint.npz")
+    x.add_argument("--out", required=True, help="the .safetensors file to write")
+    x.add_argument("--float16", action="store_true", help="store float16 (half the size) instead of float32")
+    x.add_argument("--raw", action="store_true", help="the training parameters instead of their EMA")
+    x.add_argument("--info", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra metadata, e.g. --info data=cifar10 (repeatable)")
+    _add_common(x)
 
     d = sub.add_parser("demo", help="train the 'small' preset on the embedded images for a few minutes on the CPU")
     d.add_argument("--minutes", type=float, default=4.0, help="training budget [4]")
@@ -254,7 +265,7 @@ def cmd_eval(args):
 
 
 def _eval(args, comm):
-    model, p, _ = load_model(args.checkpoint, backend=args.backend)
+    model, p, _ = _load_any(args.checkpoint, args.backend)
     x = _load_data(args, "test")
     x = _fit_default(args, x, p.model.image_shape)
     cli_args.check_images_fit(x.shape, p.model.image_shape, f"checkpoint {args.checkpoint}", args.data)
@@ -278,12 +289,38 @@ def cmd_sample(args):
     if launched_rank() != 0:                                # under mpiexec: rank 0 samples
         return None
     with _output_lock(args.out, "sample"):                   # refused at once in a run folder in use
-        model, _, _ = load_model(args.checkpoint, backend=args.backend)
+        model, _, meta = _load_any(args.checkpoint, args.backend)
+        if args.checkpoint is None:
+            print(f"no checkpoint given: sampling the shipped model small-cifar10 ({meta.get('trained', '')})")
         imgs, dt = model.sample(args.n, rng=make_rng(args.seed or 0, model.xp), temperature=args.temperature,
                                 return_time=True)
         save_sample_grid(imgs, args.out, nrow=int(np.ceil(np.sqrt(args.n))))
     print(f"sampled {args.n} images in {dt:.3f} s -> {args.out}")
     return imgs
+
+
+def _load_any(path, backend):
+    """(model, preset, metadata) of a checkpoint.npz, a .safetensors weights file, or (None) the shipped model."""
+    if path is None:
+        return load_pretrained("small-cifar10", backend=backend)
+    if str(path).endswith(".safetensors"):
+        return load_weights(path, backend=backend)
+    model, p, _ = load_model(path, backend=backend)
+    return model, p, {}
+
+
+def cmd_export(args):
+    info = {}
+    for item in args.info:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--info {item!r}: expected KEY=VALUE")
+        info[key] = value
+    path = export_weights(args.checkpoint, args.out, use_ema=not args.raw, dtype="float16" if args.float16 else "float32",
+                          info=info)
+    print(f"wrote {path} ({os.path.getsize(path) / 2 ** 20:.2f} MiB, {'raw' if args.raw else 'EMA'} parameters, "
+          f"{'float16' if args.float16 else 'float32'})")
+    return path
 
 
 def cmd_demo(args):
@@ -297,7 +334,8 @@ def main(argv=None):
     """Entry point of the ``flowpp`` script; returns the exit status (0 ok, 1 diverged, 2 error,
     130/143 stopped by SIGINT/SIGTERM after a checkpoint; see :func:`flowpp_ref.cli.args.run`)."""
     args = build_parser().parse_args(argv)
-    return cli_args.run({"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "demo": cmd_demo}[args.cmd],
+    return cli_args.run({"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "export": cmd_export,
+                         "demo": cmd_demo}[args.cmd],
                         args)
 
 
