@@ -18,6 +18,7 @@ LAZY_OK = {
     "numba.np.ufunc": "optional: numba's OpenMP pool may be missing",
     "PIL": "loaded only to decode or write images", "matplotlib": "loaded only to draw",
     "tqdm": "loaded only when a progress bar is shown",
+    "safetensors": "optional: weights files (the weights extra)",
 }
 LAZY_OK_IN = {("flowpp_ref.cli", "flowpp_ref.cli.commands"): "the CLI tunes the thread pools before NumPy loads"}
 
