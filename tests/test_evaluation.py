@@ -118,6 +118,7 @@ def test_inverse_error_is_small_and_reacts_to_a_broken_inverse():
     assert inverse_error(model, x, batch_size=3) > 1e-3
 
 
+@pytest.mark.slow                 # end-to-end training (the fast tier's budget: README, "Two commands")
 def test_training_logs_val_inverr_with_the_test_bpd_and_plots_it(tmp_path):
     import json
 

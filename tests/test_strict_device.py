@@ -195,7 +195,9 @@ def test_bijection_on_device_matches_numpy_float64(name, strict_xp):
 
 
 # ====================================================================== 2. a training step
-@pytest.mark.parametrize("preset,batch,attention", [("tiny", 4, "fused"), ("small", 2, "fused"), ("small", 2, "default")])
+@pytest.mark.parametrize("preset,batch,attention", [
+    ("tiny", 4, "fused"), ("tiny", 4, "default"),
+    pytest.param("small", 2, "fused", marks=pytest.mark.slow), pytest.param("small", 2, "default", marks=pytest.mark.slow)])
 def test_training_step_makes_no_host_round_trip(preset, batch, attention, strict_xp, record_property):
     """``attention``: the device default (plain matmuls) or the fused CUDA kernels (their launches checked)."""
     from flowpp_ref.nn.attention import SelfAttention
