@@ -159,17 +159,23 @@ def _load(path):
     return d["batch"], {k[2:]: d[k] for k in d.files if k.startswith("p/")}
 
 
-def worker_ours(a):
+def _our_model(a):
+    """(xp, the saved batch, our float32 model on --backend with the saved parameters)."""
     import numpy as np
 
-    from flowpp_ref.core.backend import asarray, make_rng, to_numpy
+    from flowpp_ref.core.backend import asarray
     from flowpp_ref.model import FlowPP
     from flowpp_ref.model.presets import get_preset
     xp = _xp(a)
-    p = get_preset(a.preset)
     batch, params = _load(a.path)
-    model = FlowPP(p.model, seed=0, xp=xp, dtype=np.float32)
+    model = FlowPP(get_preset(a.preset).model, seed=0, xp=xp, dtype=np.float32)
     model.load_parameters({k: asarray(v, xp) for k, v in params.items()})
+    return xp, batch, model
+
+
+def worker_ours(a):
+    from flowpp_ref.core.backend import make_rng, to_numpy
+    xp, batch, model = _our_model(a)
     rng = make_rng(3, xp)
 
     def sync():
@@ -246,16 +252,10 @@ def _traj_batches(a):
 def worker_traj_ours(a):
     import numpy as np
 
-    from flowpp_ref.core.backend import asarray, to_numpy
-    from flowpp_ref.model import FlowPP
-    from flowpp_ref.model.presets import get_preset
+    from flowpp_ref.core.backend import to_numpy
     from flowpp_ref.training.fused import FusedUpdate
     from flowpp_ref.training.optim import EMA, Adam, clip_scale, global_grad_norm_array
-    xp = _xp(a)
-    p = get_preset(a.preset)
-    _, params = _load(a.path)
-    model = FlowPP(p.model, seed=0, xp=xp, dtype=np.float32)
-    model.load_parameters({k: asarray(v, xp) for k, v in params.items()})
+    xp, _, model = _our_model(a)
     fused = FusedUpdate(model, Adam(model.parameters()), EMA(model.parameters(), decay=0.999))
     losses, t_opt = [], []
     for i, batch in enumerate(_traj_batches(a)):

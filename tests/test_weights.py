@@ -29,6 +29,7 @@ def _images(n=4):
     return np.random.default_rng(5).integers(0, 256, size=(n, 4, 4, 3)).astype(np.uint8)
 
 
+@pytest.mark.slow                 # trains a checkpoint first (end-to-end)
 def test_export_then_load_gives_the_checkpoints_ema_model(checkpoint, tmp_path):
     out = export_weights(checkpoint, tmp_path / "w.safetensors", info={"note": "test"})
     tensors, meta = read_weights(out)
@@ -48,6 +49,7 @@ def test_export_then_load_gives_the_checkpoints_ema_model(checkpoint, tmp_path):
     assert set(other) == set(tensors)
 
 
+@pytest.mark.slow                 # trains a checkpoint first (end-to-end)
 def test_float16_halves_the_file_and_keeps_the_model_close(checkpoint, tmp_path):
     f32 = export_weights(checkpoint, tmp_path / "a.safetensors")
     f16 = export_weights(checkpoint, tmp_path / "b.safetensors", dtype="float16", use_ema=False)
@@ -63,6 +65,7 @@ def test_float16_halves_the_file_and_keeps_the_model_close(checkpoint, tmp_path)
     assert not np.array_equal(a, b)                     # float16 rounding is visible, and small
 
 
+@pytest.mark.slow                 # trains a checkpoint first (end-to-end)
 def test_bad_weights_are_refused_with_a_reason(checkpoint, tmp_path):
     with pytest.raises(WeightsError, match="no such weights file"):
         read_weights(tmp_path / "missing.safetensors")
@@ -114,6 +117,7 @@ def test_the_shipped_model_loads_and_scores_test_images_as_stated():
         load_pretrained("glow-imagenet")
 
 
+@pytest.mark.slow                 # trains a checkpoint first (end-to-end)
 def test_cli_export_and_sample_from_weights_and_from_the_shipped_model(checkpoint, tmp_path, capsys):
     out = tmp_path / "w.safetensors"
     assert cli_main(["export", checkpoint, "--out", str(out), "--float16", "--info", "data=random"]) == 0
