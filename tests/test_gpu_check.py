@@ -24,6 +24,7 @@ def _log(tmp_path):
     return open(tmp_path / "log.txt", "w")
 
 
+@pytest.mark.slow                 # subprocesses (the fast tier's budget)
 def test_run_stage_records_failures_and_timeouts(tmp_path):
     with _log(tmp_path) as log:
         ok = gc.run_stage("a", [sys.executable, "-c", "print('hello')"], 30, log)
@@ -45,6 +46,7 @@ def test_run_stage_records_failures_and_timeouts(tmp_path):
     assert "hello" in text and "stage c: timeout" in text
 
 
+@pytest.mark.slow                 # subprocesses (the fast tier's budget)
 def test_a_killed_stage_keeps_its_partial_result(tmp_path):
     res = tmp_path / "res.json"
     code = f"import json, time; json.dump({{'steps': 7}}, open({str(res) + '.partial'!r}, 'w')); time.sleep(60)"
@@ -84,6 +86,7 @@ def test_cifar_batches_are_read_raw_xz_and_gz(tmp_path):
         gc.read_cifar_batch(str(tmp_path), "data_batch_1")
 
 
+@pytest.mark.slow                 # subprocesses (the fast tier's budget)
 def test_env_stage_writes_the_report(tmp_path):
     report = gc.main(["--dry-run", "--stages", "env", "--out", str(tmp_path)])
     assert report["stages"]["env"]["status"] == "ok"

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def _env_after(code, extra):
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
@@ -75,6 +77,7 @@ def _has_gnu_openmp():
     return omppool.openmp_vendor in ("GNU", "Intel")
 
 
+@pytest.mark.slow                 # subprocesses (the fast tier's budget)
 def test_without_a_bounded_spin_the_kernels_use_workqueue_and_nothing_is_set():
     # libgomp's default spin fights OpenBLAS for the cores: without GOMP_SPINCOUNT / OMP_WAIT_POLICY
     # (no tune_threads() call, nothing from the user) the kernels run on numba's workqueue layer
@@ -83,6 +86,7 @@ def test_without_a_bounded_spin_the_kernels_use_workqueue_and_nothing_is_set():
         "omp" if _has_gnu_openmp() else "workqueue")
 
 
+@pytest.mark.slow                 # subprocesses (the fast tier's budget)
 def test_openmp_layer_with_a_short_spin_after_tune_threads():
     out = _layer_after({})
     want = "omp" if _has_gnu_openmp() else "workqueue"
@@ -90,6 +94,7 @@ def test_openmp_layer_with_a_short_spin_after_tune_threads():
     assert "'GOMP_SPINCOUNT'" in out
 
 
+@pytest.mark.slow                 # subprocesses (the fast tier's budget)
 def test_users_spin_policy_and_layer_are_kept():
     assert _layer_after({"OMP_WAIT_POLICY": "passive"}).split()[1] == "None"
     assert _layer_after({"GOMP_SPINCOUNT": "77"}).split()[1] == "77"
