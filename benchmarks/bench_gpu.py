@@ -245,7 +245,8 @@ TRAJ_LR = 1e-3
 
 
 def _traj_batches(a):
-    d = __import__("numpy").load(a.path)
+    import numpy as np
+    d = np.load(a.path)
     return [d[f"batch{i}"] for i in range(a.repeats)] if "batch1" in d.files else [d["batch"]] * a.repeats
 
 

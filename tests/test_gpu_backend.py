@@ -8,7 +8,7 @@ kernels sum in other orders than NumPy/numba).
 import numpy as np
 import pytest
 
-from flowpp_ref.core.backend import gpu_available
+from flowpp_ref.core.backend import HostDraws, gpu_available
 from flowpp_ref.model import FlowPP
 from flowpp_ref.model.presets import get_preset
 
@@ -16,15 +16,9 @@ pytestmark = pytest.mark.skipif(not gpu_available(),
                                 reason="cupy backend: CuPy or a CUDA device is not available on this machine")
 
 
-class HostDrawsOnDevice:
-    """A ``np.random.Generator`` whose draws are moved to the device: both backends see the same noise."""
-
-    def __init__(self, seed, xp):
-        self._gen, self._xp = np.random.default_rng(seed), xp
-
-    def __getattr__(self, name):
-        fn = getattr(self._gen, name)
-        return lambda *a, **k: self._xp.asarray(fn(*a, **k))
+def HostDrawsOnDevice(seed, xp):
+    """A NumPy generator whose draws are moved to ``xp``: both backends see the same noise."""
+    return HostDraws(np.random.default_rng(seed), xp)
 
 
 def _images(n, shape, seed=0):

@@ -49,6 +49,13 @@ def _strip(md: str) -> str:
     return "\n".join(line for line in md.splitlines() if not line.lstrip().startswith("#"))
 
 
+def _prose(nb):
+    """(cell index, stripped text) of every markdown cell."""
+    for i, c in enumerate(nb["cells"]):
+        if c["cell_type"] == "markdown":
+            yield i, _strip("".join(c["source"]))
+
+
 def _output_text(nb) -> str:
     out = []
     for c in nb["cells"]:
@@ -79,10 +86,7 @@ def unprinted_numbers(nb) -> list[str]:
     written = set(re.findall(r"\d+(?:\.\d+)?", _code_text(nb)))
     listed = set(nb.get("metadata", {}).get("flowpp", {}).get("numbers_not_printed", {}))
     bad = []
-    for i, c in enumerate(nb["cells"]):
-        if c["cell_type"] != "markdown":
-            continue
-        text = _strip("".join(c["source"]))
+    for i, text in _prose(nb):
         for m in NUMBER.finditer(text):
             whole, frac, pct = m.groups()
             if not frac and not pct:
@@ -100,7 +104,7 @@ def unprinted_numbers(nb) -> list[str]:
 
 
 def stale_listed_numbers(nb) -> list[str]:
-    prose = "\n".join(_strip("".join(c["source"])) for c in nb["cells"] if c["cell_type"] == "markdown")
+    prose = "\n".join(text for _, text in _prose(nb))
     listed = nb.get("metadata", {}).get("flowpp", {}).get("numbers_not_printed", {})
     return [s for s in listed if s not in prose]
 
@@ -121,10 +125,7 @@ def contradicted_runtimes(nb) -> list[str]:
     if total is None:
         return ["no execution timestamps stored (run it with scripts/execute_tutorials.py)"]
     bad = []
-    for i, c in enumerate(nb["cells"]):
-        if c["cell_type"] != "markdown":
-            continue
-        text = _strip("".join(c["source"]))
+    for i, text in _prose(nb):
         for m in DURATION.finditer(text):
             bound, a, b, unit = m.groups()
             a = a.lower()

@@ -370,8 +370,9 @@ def train_step(st, run, step, *, time_up=False, signum=None):
 
     Loss and gradients of the batch of ``step`` (on N ranks: this rank's shard, then the
     mean over the ranks, :func:`_reduced_step`); the global gradient norm ||g||; Adam on
-    g * min(1, clip / ||g||) at the warm-up learning rate; the EMA of the parameters. A
-    step whose loss or ||g|| is not finite changes nothing (``apply=ok`` on the device).
+    g * min(1, clip / ||g||) at the warm-up learning rate; the EMA of the parameters (all three
+    fused, :class:`~flowpp_ref.training.fused.FusedUpdate`). A step whose loss or ||g|| is not
+    finite changes nothing (decided on the device; ``ok`` is 1.0 for an applied step, 0.0 else).
     Returns the pending scalars ``(step + 1, loss, ||g||, ok, lr)`` and, on N ranks,
     (stop, signal) of the all-reduce (else ``(False, None)``).
     """

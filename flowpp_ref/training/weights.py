@@ -39,12 +39,14 @@ class WeightsError(CheckpointError):
 
 
 def _safetensors():
+    """The safetensors package (``safe_open`` and its numpy API), or a clear error when it is missing."""
     try:
-        import safetensors.numpy as st       # optional dependency: imported only where used
+        import safetensors                    # optional dependency: imported only where used
+        import safetensors.numpy  # noqa: F401
     except ImportError as e:
         raise WeightsError("safetensors is not installed: pip install 'flowpp-ref[weights]' "
                            "(or pip install safetensors)") from e
-    return st
+    return safetensors
 
 
 def export_weights(checkpoint_path, out_path, *, use_ema: bool = True, dtype: str = "float32",
@@ -71,7 +73,7 @@ def export_weights(checkpoint_path, out_path, *, use_ema: bool = True, dtype: st
             "parameters": "ema" if use_ema else "raw", "dtype": dtype}
     for k, v in (info or {}).items():
         meta[str(k)] = str(v)
-    data = _safetensors().save(tensors, metadata=meta)
+    data = _safetensors().numpy.save(tensors, metadata=meta)
     atomic_write(os.fspath(out_path), lambda f: f.write(data))
     return os.fspath(out_path)
 
@@ -83,11 +85,9 @@ def read_weights(path) -> tuple[dict, dict]:
         raise WeightsError(f"{path}: no such weights file")
     st = _safetensors()
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        tensors = st.load(raw)
-        header_len = int.from_bytes(raw[:8], "little")
-        meta = dict(json.loads(raw[8:8 + header_len]).get("__metadata__") or {})
+        with st.safe_open(path, framework="numpy") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
         raise WeightsError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
     if meta.get("format") != FORMAT:
