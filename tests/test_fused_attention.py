@@ -456,7 +456,8 @@ def test_cuda_fused_attention_matches_reference_on_gpu():
     np.testing.assert_allclose(cupy.asnumpy(lse), lse_ref, rtol=1e-11, atol=1e-11)
     for g, r in zip(grads, g_ref):
         np.testing.assert_allclose(cupy.asnumpy(g), r, rtol=1e-11, atol=1e-11)
-    att = SelfAttention(32, heads=4, rng=np.random.default_rng(1), xp=cupy, dtype=np.float64)
+    # fused=True: the CuPy default is the plain path (FUSED_DEFAULT), so ask for the kernels
+    att = SelfAttention(32, heads=4, rng=np.random.default_rng(1), xp=cupy, dtype=np.float64, fused=True)
     x = cupy.asarray(rng.standard_normal((2, 4, 5, 32)))
     pos = cupy.asarray(rng.standard_normal((4, 5, 32)))
     out_f, cache_f = att.forward(x, pos)
