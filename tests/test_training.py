@@ -130,3 +130,21 @@ def test_checkpoint_reloads_for_evaluation_and_importance_sampling(tmp_path):
     assert np.isfinite(r1["bpd"]) and np.isfinite(r8["bpd"])
     # the K-sample bound is tighter than the ELBO on average (Burda et al.), up to noise
     assert r8["bpd"] <= r1["bpd"] + 0.05
+
+
+def test_periodic_evaluation_and_training_time_in_the_log(tmp_path):
+    """eval_every logs test bits/dim (EMA) at those steps; time_s counts training seconds, grows
+    step after step, continues across a resume, and leaves the evaluations out."""
+    x, te = images(), images(8, seed=1)
+    ov = dict(eval_every=2, log_every=1, eval_batches=1, checkpoint_every=3)
+    train("tiny", x, te, out_dir=str(tmp_path), steps=3, progress=False, overrides=ov)
+    train("tiny", x, te, out_dir=str(tmp_path), steps=6, progress=False, overrides=ov)
+    recs = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
+    evals = [r for r in recs if "test_bpd" in r and "val_inverr" not in r]
+    assert [r["step"] for r in evals] == [2, 4, 6] and all(np.isfinite(r["test_bpd"]) for r in evals)
+    steps = [r for r in recs if "train_bpd" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    t = [r["time_s"] for r in steps]
+    assert all(b > a for a, b in zip(t, t[1:])), t          # no restart at the resume (step 4)
+    ev = {r["step"]: r["time_s"] for r in evals}
+    assert ev[2] <= t[2] and ev[4] <= t[4], (ev, t)         # an evaluation does not move the clock on

@@ -1,4 +1,4 @@
-"""Command line: ``flowpp train | eval | sample | export | demo`` (also ``python -m flowpp_ref``).
+"""Command line: ``flowpp train | eval | sample | export | demo | study`` (also ``python -m flowpp_ref``).
 
 Run ``flowpp COMMAND --help`` for every option (each numeric one with its range).
 Errors are one line ``flowpp: error: ...`` (exit 2; 1 for a diverged run; 130/143 when
@@ -21,12 +21,14 @@ from flowpp_ref import datasets
 from flowpp_ref.cli import args as cli_args
 from flowpp_ref.cli.args import UsageError
 from flowpp_ref.cli.plotting import plot_training_curve, save_sample_grid
+from flowpp_ref.cli.study_report import table_markdown, write_report
 from flowpp_ref.core.backend import make_rng
 from flowpp_ref.datasets import DataError, block_average, reduce_bits
 from flowpp_ref.model.presets import PRESETS, ModelConfig, TrainConfig, get_preset
 from flowpp_ref.runtime import distributed, runfolder
 from flowpp_ref.runtime.distributed import launched_rank
 from flowpp_ref.training.evaluation import evaluate, use_ema
+from flowpp_ref.training import study as study_mod
 from flowpp_ref.training.loop import load_model, train
 from flowpp_ref.training.weights import export_weights, load_pretrained, load_weights
 
@@ -190,7 +192,37 @@ def build_parser():
     d.add_argument("--minutes", type=float, default=4.0, help="training budget [4]")
     d.add_argument("--out", default="runs/demo", help="output folder [runs/demo]")
     _add_common(d)
+    _add_study_parser(sub)
     return cli_args.apply_ranges(ap)
+
+
+def _add_study_parser(sub):
+    sc = study_mod.StudyScale()
+    st = sub.add_parser("study", help="Flow++, its three ablations, RealNVP and Glow trained side by side over "
+                        "seeds at one matched scale (the paper's Tables 1 and 2); resumable")
+    st.add_argument("--data", default="default", choices=["default", "cifar10"],
+                    help="'default': the embedded CIFAR-10 subset; 'cifar10': the official python layout in --data-dir")
+    st.add_argument("--data-dir", default=None, help="folder with cifar-10-batches-py/ (--data cifar10)")
+    st.add_argument("--out", default="runs/study", help="study folder (runs/, study.json, table.md, curves.png, "
+                    "samples.png); an unfinished study there is continued [runs/study]")
+    st.add_argument("--variants", nargs="+", default=list(study_mod.VARIANTS), choices=study_mod.VARIANTS,
+                    help=f"variants to train [all: {' '.join(study_mod.VARIANTS)}]")
+    st.add_argument("--seeds", type=int, default=sc.seeds, help=f"seeds per variant [{sc.seeds}]")
+    st.add_argument("--minutes", type=float, default=sc.minutes, help=f"training minutes per run [{sc.minutes:g}]")
+    st.add_argument("--image-size", type=int, default=sc.image_size, choices=[4, 8, 16, 32],
+                    help=f"CIFAR-10 averaged over 2x2 (16), 4x4 (8) ... blocks [{sc.image_size}]")
+    st.add_argument("--base-preset", default=sc.base_preset, choices=["small", "cpu-bench", "cifar10-paper"],
+                    help=f"the Flow++ preset the variants are built from [{sc.base_preset}]")
+    st.add_argument("--batch-size", type=int, default=sc.batch_size, help=f"batch size of every run [{sc.batch_size}]")
+    st.add_argument("--eval-every", type=int, default=sc.eval_every,
+                    help=f"steps between the logged test evaluations (the curves) [{sc.eval_every}]")
+    st.add_argument("--eval-images", type=int, default=sc.eval_images,
+                    help=f"test images of the final ELBO [{sc.eval_images}]")
+    st.add_argument("--iw-k", type=int, default=sc.iw_k, help=f"importance samples of the final bound [{sc.iw_k}]")
+    st.add_argument("--iw-images", type=int, default=sc.iw_images,
+                    help=f"test images of the importance-weighted bound [{sc.iw_images}]")
+    st.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common(st, seed=False)
 
 
 def _fit_default(args, x, shape, say=False):
@@ -330,12 +362,50 @@ def cmd_demo(args):
     return cmd_train(args, preset="small")
 
 
+def _study_scale(args) -> "study_mod.StudyScale":
+    for name, lo in (("seeds", 1), ("batch_size", 1), ("eval_every", 1), ("eval_images", 1), ("iw_k", 1),
+                     ("iw_images", 1)):
+        if getattr(args, name) < lo:
+            raise UsageError(f"--{name.replace('_', '-')} must be an integer >= {lo}, got {getattr(args, name)}")
+    if not args.minutes > 0:
+        raise UsageError(f"--minutes must be > 0, got {args.minutes:g}")
+    return study_mod.StudyScale(image_size=args.image_size, base_preset=args.base_preset, minutes=args.minutes,
+                                seeds=args.seeds, batch_size=args.batch_size, eval_every=args.eval_every,
+                                eval_batches=max(1, 64 // args.batch_size), eval_images=args.eval_images,
+                                iw_k=args.iw_k, iw_images=args.iw_images)
+
+
+def cmd_study(args):
+    scale = _study_scale(args)
+    size = (scale.image_size, scale.image_size)
+    train_x, test_x = (datasets.block_average(_load_data(args, split), size) for split in ("train", "test"))
+    n_runs = scale.seeds * len(args.variants)
+    print(f"flowpp study: {n_runs} runs ({len(args.variants)} variants x {scale.seeds} seeds) of {scale.minutes:g} "
+          f"min on {len(train_x):,} CIFAR-10 training images at {size[0]}x{size[1]}, into {args.out}/")
+    bar = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=round(n_runs * scale.minutes * 60), unit="s", desc="study")
+    try:
+        st = study_mod.run_study(args.out, train_x, test_x, scale, args.variants, backend=args.backend,
+                                 progress=None if bar is None else bar.update)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    files = write_report(st, args.out)
+    print(table_markdown(st))
+    print(f"wrote {args.out}/" + ", ".join(files))
+    return st
+
+
 def main(argv=None):
     """Entry point of the ``flowpp`` script; returns the exit status (0 ok, 1 diverged, 2 error,
     130/143 stopped by SIGINT/SIGTERM after a checkpoint; see :func:`flowpp_ref.cli.args.run`)."""
     args = build_parser().parse_args(argv)
     return cli_args.run({"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "export": cmd_export,
-                         "demo": cmd_demo}[args.cmd],
+                         "demo": cmd_demo, "study": cmd_study}[args.cmd],
                         args)
 
 

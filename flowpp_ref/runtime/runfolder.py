@@ -133,6 +133,27 @@ def load_for_resume(ckpt_path) -> dict:
                               "(resume=False), which replaces this run's checkpoints") from e
 
 
+def read_jsonl(path) -> list:
+    """The JSON-object records of a JSONL log (``[]`` if it is missing); unreadable lines are left out."""
+    records = []
+    if path and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(rec, dict):
+                    records.append(rec)
+    return records
+
+
+def last_log_value(path, key: str, default=None):
+    """The value of ``key`` in the last record of the JSONL log ``path`` that has it (``default`` if none)."""
+    values = [rec[key] for rec in read_jsonl(path) if key in rec]
+    return values[-1] if values else default
+
+
 def truncate_log(path, step: int) -> int:
     """Keep the records of ``path`` with ``step <= step`` (drop later and unreadable lines).
 

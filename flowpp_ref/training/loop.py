@@ -410,10 +410,13 @@ def _run_steps(run, st, log, ckpts, guard):
                 step = scalars[0]
                 log.add(scalars)
                 due_ckpt = ckpts.due(step)
-                if step % tc.log_every == 0 or step == run.total or due_ckpt:
+                due_eval = bool(tc.eval_every) and step % tc.eval_every == 0 and run.test_images is not None
+                if step % tc.log_every == 0 or step == run.total or due_ckpt or due_eval:
                     log.flush()                                  # the only host sync of the loop
                 if due_ckpt:
                     ckpts.write(step, skipped=log.bad > 0)
+                if due_eval:                                     # the clock stops while it evaluates
+                    deadline += _periodic_eval(run, st, log, step)
             log.flush()
     except BaseException as e:
         dist.abort_on_error(run.comm, e)          # an error only this rank saw: end every rank
@@ -442,6 +445,14 @@ class _ScalarLog:
         self.bad = self.skipped = 0                  # consecutive / all skipped steps
         self.bar = _progress(progress, run.start, run.steps, run.preset.name)
         self.t_last = time.perf_counter()
+        # time_s in the records: seconds of training since the run's first step, continued from the
+        # resumed log's last record; periodic evaluations are not counted (pause)
+        self.t_origin = self.t_last - (runfolder.last_log_value(path, "time_s", 0.0) if path else 0.0)
+
+    def pause(self, seconds):
+        """Leave ``seconds`` (an evaluation) out of ``time_s``."""
+        self.t_origin += seconds
+        self.t_last += seconds
 
     def add(self, scalars):
         self.pending.append(scalars)
@@ -465,6 +476,7 @@ class _ScalarLog:
         if self.history and self.history[-1]["step"] == self.pending[-1][0]:
             last = self.history[-1]
             last["img_per_s"] = n_ok * self.tc.batch_size / max(now - self.t_last, 1e-9)
+            last["time_s"] = round(now - self.t_origin, 3)
             self.write(last)
             if self.bar is not None:
                 self.bar.set_postfix(bpd=f"{last['train_bpd']:.3f}", ips=f"{last['img_per_s']:.1f}")
@@ -596,6 +608,20 @@ def _test_scores(run, st, step):
         inverr = inverse_error(st.model, run.test_images, batch_size=tc.batch_size, max_batches=tc.eval_batches,
                                seed=tc.seed)
     return {"test_bpd": bpd, "val_inverr": inverr}
+
+
+def _periodic_eval(run, st, log, step) -> float:
+    """Every ``eval_every`` steps: test bits/dim with the EMA parameters (the end-of-run protocol,
+    :func:`_test_scores`, without ``val_inverr``), logged as ``{"step", "test_bpd", "time_s"}``.
+    Returns the seconds it took, which the time budget and ``time_s`` leave out."""
+    tc, t0 = run.preset.train, time.perf_counter()
+    with use_ema(st.model, st.ema):
+        bpd = evaluate(st.model, run.test_images, batch_size=tc.batch_size, max_batches=tc.eval_batches,
+                       seed=tc.seed, label=f"the test images at step {step}", comm=run.comm)["bpd"]
+    log.write({"step": step, "test_bpd": bpd, "time_s": round(t0 - log.t_origin, 3)})
+    spent = time.perf_counter() - t0
+    log.pause(spent)
+    return spent
 
 
 def _interruption(run, ckpts, step, signum, wrote):
