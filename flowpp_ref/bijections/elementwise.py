@@ -34,7 +34,7 @@ def softplus(x):
 
 
 def sigmoid(x):
-    """1 / (1 + e^-x) without overflow: uses e^{-|x|} <= 1 on both branches."""
+    """1 / (1 + e^-x) without overflow: uses ``e^{-|x|} <= 1`` on both branches."""
     xp = array_module(x)
     e = xp.exp(-xp.abs(x))
     return xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False)

@@ -67,7 +67,7 @@ from flowpp_ref.core.validation import FlowInputError, check_array
 def lu_decompose(A):
     """``A = P L U`` by Gaussian elimination with partial pivoting (float64, NumPy).
 
-    Returns ``(P, L, U)``: P a permutation matrix, L unit lower triangular (|entries| <= 1),
+    Returns ``(P, L, U)``: P a permutation matrix, L unit lower triangular (``|entries| <= 1``),
     U upper triangular. Raises ``ValueError`` for a non-square or (exactly) singular A.
     """
     U = np.array(A, dtype=np.float64)

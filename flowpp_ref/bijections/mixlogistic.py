@@ -12,11 +12,11 @@ Math (per element; w = softmax(logits) over the K components, s = logscales)::
     log p    = LSE_k[ log w_k + log sigmoid(z_k) + log sigmoid(-z_k) - s_k ]
              = LSE_k[ log w_k + z_k - s_k - 2 softplus(z_k) ]   (the release's form)
 
-with LSE the log-sum-exp over k and, stably for any |z| (no cancellation)::
+with LSE the log-sum-exp over k and, stably for any ``|z|`` (no cancellation)::
 
     L = log1p(exp(-|z|)),  log sigmoid(z) = min(z, 0) - L,  log sigmoid(-z) = -max(z, 0) - L
 
-Everything stays in log space, so the tails (|x - mu| of 50 scales, log-scales at
+Everything stays in log space, so the tails (``|x - mu|`` of 50 scales, log-scales at
 the coupling's clamp of -7, z of order 1e5) give finite log F / log(1-F) / log p.
 
 Backward of the fused triple (log F, log(1-F), log p) with upstream gradients
@@ -60,7 +60,7 @@ Inverse CDF (F is strictly increasing), two methods, both per element:
 
 Tolerances per dtype (:func:`invcdf_defaults`): float64 uses the release's
 ``tol = 1e-10, max_iters = 100``; float32 uses ``tol = 1e-6`` (about 8 ulp at
-|x| = 1; the release's 1e-10 lies below float32's resolution for any |x| > 1e-3)
+``|x| = 1``; the release's 1e-10 lies below float32's resolution for any ``|x| > 1e-3``)
 and ``max_iters = 64`` (enough to shrink a bracket of width 2^40 to below
 float32 resolution; bisection usually stops earlier, when the midpoint stops
 moving).

@@ -53,7 +53,7 @@ class Normalize(Bijection):
         init_scale: target standard deviation after :meth:`data_init` (default 1).
         xp, dtype: where and how the parameters are stored.
 
-    Shapes: x [B, *shape] (or a tuple of such) -> same; logdet (B,).
+    Shapes: ``x [B, *shape]`` (or a tuple of such) -> same; logdet (B,).
     Cache: forward keeps the inputs ``x`` (list, one array per element);
     inverse keeps its inputs ``y``. The parameters are read from ``self.params``
     again in backward (they must not change between forward and backward).

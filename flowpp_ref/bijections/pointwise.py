@@ -22,6 +22,7 @@ numerically singular in float64: the smallest singular value is at most
 number exceeds ``1 / (C * eps64)`` ~ 4.5e15 / C.
 
 Inits (a host ``np.random.Generator`` is passed to the constructor):
+
 * ``noisy_identity_init=0.001`` (CIFAR setting): ``W = I + 0.001 * N(0, 1)``;
 * ``noisy_identity_init=None`` (or 0): a random orthogonal matrix, the Q factor
   of the QR decomposition of a standard normal matrix.

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import os
+import platform
 import re
 import sys
 
@@ -375,6 +376,14 @@ def _study_scale(args) -> "study_mod.StudyScale":
                                 iw_k=args.iw_k, iw_images=args.iw_images)
 
 
+def _study_meta(args, train_x) -> dict:
+    """What a reader of study.json needs besides the settings: the command, the data, the machine."""
+    return {"command": "flowpp " + " ".join(sys.argv[1:]) if sys.argv and "flowpp" in sys.argv[0] else None,
+            "data": args.data, "train_images": int(len(train_x)), "machine": f"{platform.machine()}, "
+            f"{os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}, "
+            f"numpy {np.__version__}", "backend": args.backend}
+
+
 def cmd_study(args):
     scale = _study_scale(args)
     size = (scale.image_size, scale.image_size)
@@ -385,10 +394,11 @@ def cmd_study(args):
     bar = None
     if not args.no_progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=round(n_runs * scale.minutes * 60), unit="s", desc="study")
+        bar = tqdm(total=round(n_runs * scale.minutes * 60), unit="s", desc="study",
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total} s of training [{elapsed}<{remaining}]")
     try:
         st = study_mod.run_study(args.out, train_x, test_x, scale, args.variants, backend=args.backend,
-                                 progress=None if bar is None else bar.update)
+                                 progress=None if bar is None else bar.update, meta=_study_meta(args, train_x))
     except ValueError as e:
         raise UsageError(str(e)) from None
     finally:

@@ -102,7 +102,7 @@ def plot_training_curve(log, path, *, train_key: str = "train_bpd", test_key: st
     ``log``: a JSONL path or a list of dicts; records need ``step`` and ``train_key``
     and/or ``test_key`` (others, e.g. skipped steps, are ignored). ``smooth`` > 1 adds
     a running mean over that many train points. Records with ``inverr_key`` (the inverse
-    error max |y - f^-1(f(y))| logged beside the test bits/dim) are drawn on a second,
+    error ``max |y - f^-1(f(y))|`` logged beside the test bits/dim) are drawn on a second,
     logarithmic y axis. Returns ``path``.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg

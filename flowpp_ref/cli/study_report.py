@@ -80,7 +80,8 @@ def plot_curves(study: dict, path: str) -> None:
     axes[1].set(xlabel="training time (min)", title="against time")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
+    if axes[1].get_legend_handles_labels()[0]:
+        axes[1].legend(fontsize=8)
     h, w, _ = study["image_shape"]
     fig.suptitle(f"CIFAR-10 {h}x{w}: mean over seeds, range shaded", fontsize=10)
     fig.tight_layout()

@@ -24,7 +24,7 @@ from flowpp_ref.core.backend import array_module, to_numpy
 
 
 def rel_error(a, b, floor: float = 1e-8) -> float:
-    """max|a - b| / max(max(|a| + |b|), floor): a relative error for whole tensors."""
+    """``max|a - b| / max(max(|a| + |b|), floor)``: a relative error for whole tensors."""
     a = to_numpy(a).astype(np.float64)
     b = to_numpy(b).astype(np.float64)
     if a.shape != b.shape:

@@ -38,11 +38,13 @@ def load_cifar10(root, split: str = "train", *, download: bool = False, timeout:
     """Load CIFAR-10 from disk (the official python version).
 
     ``root`` may be
+
       * a directory holding ``cifar-10-batches-py/`` (the unpacked official archive);
       * the ``cifar-10-batches-py`` directory itself (holding ``data_batch_1..5``, ``test_batch``);
       * a directory holding ``cifar-10-python.tar.gz``, or the path of that archive:
         its MD5 is checked against :data:`CIFAR10_MD5`, then the batches are unpacked
         next to it (into ``cifar-10-batches-py/``) and read.
+
     With ``download=True`` and none of these present, the archive is fetched from
     :data:`CIFAR10_URL` into ``root`` (``timeout`` seconds per network operation).
 

@@ -14,7 +14,7 @@ else to the reference.
 
 Caches: both ``concat_elu_forward`` and ``gate_forward`` return their *input* as
 the cache (a reference, no copy): for concat_elu that is half the size of the
-output and the backward recomputes exp(-|x|); for gate the input is all the
+output and the backward recomputes ``exp(-|x|)``; for gate the input is all the
 backward needs.
 """
 from __future__ import annotations

@@ -18,6 +18,7 @@ class Dropout(Module):
 
     Math:   train and p > 0: mask = (u >= p), u ~ U[0,1) from ``rng.random(x.shape)``;
             out = x * mask / (1 - p).  Eval (or p = 0): out = x.
+
     Shapes: any.
     Cache:  the boolean mask (1 byte per element), or None in eval mode.
     """

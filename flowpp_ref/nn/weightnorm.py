@@ -254,7 +254,9 @@ class Conv2d(Module):
 
     Math:   out[b,h,w,o] = sum_{i,j,c} xpad[b, h+i, w+j, c] * W[i,j,c,o] + b[o],
             W = g * V / ||V||  (norm over kh, kw, Cin per output unit o).
+
     Shapes: x [B,H,W,Cin] -> out [B,H,W,Cout]; V [kh,kw,Cin,Cout], g [Cout], b [Cout].
+
     Cache:  dict(x=input (a reference, no copy), W=[kh,kw,Cin,Cout], n=[Cout]).
             The im2col matrix (kh*kw times the input) is NOT kept: the backward
             rebuilds it (one copy) for dW. A caller that can recompute ``x`` may
@@ -352,6 +354,7 @@ class NIN(Module):
 
     Math:   out[..., o] = sum_c x[..., c] W[c, o] + b[o],  W = g * V / ||V|| (norm over Cin).
     Shapes: x [..., Cin] (any rank >= 1) -> out [..., Cout]; V [Cin,Cout], g [Cout], b [Cout].
+
     Cache:  dict(x=input (a reference, no copy), W=[Cin,Cout], n=[Cout]); like Conv2d,
             ``x`` may be dropped by a caller that can recompute it.
     """

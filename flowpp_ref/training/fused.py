@@ -23,7 +23,7 @@ run hands over its all-reduce buffer instead). Then one step is, per element j::
     p_j <- p_j - lr / (1 - b1^t) m_j / (sqrt(v_j / (1 - b2^t)) + eps)
     s_j <- d s_j + (1 - d) p_j                       (nothing changes where not ok)
 
-(Adamax: v_j <- max(b2 v_j, |c g_j|), p_j <- p_j - lr sqrt(1 - b2^t) / (1 - b1^t) m_j / (v_j + eps).)
+(Adamax: ``v_j <- max(b2 v_j, |c g_j|)``, p_j <- p_j - lr sqrt(1 - b2^t) / (1 - b1^t) m_j / (v_j + eps).)
 That is :meth:`Adam.step` on ``g * clip_scale(||g||, max_norm)`` followed by :meth:`EMA.update`, both with
 ``apply=ok``, computed in float64 per element and stored in the parameters' dtype.
 

@@ -257,10 +257,11 @@ def summarize(results: list[dict], curves: dict, variants) -> dict:
 
 
 def run_study(study_dir: str, train_images, test_images, scale: StudyScale, variants=VARIANTS, *,
-              backend="numpy", progress=None) -> dict:
+              backend="numpy", progress=None, meta=None) -> dict:
     """Run (or continue) a study; writes ``study.json`` (plan, per-run results, the evaluation curves,
     summary) and
-    returns it. ``progress(seconds)`` is called as training time passes (for a progress bar)."""
+    returns it. ``progress(seconds)`` is called as training time passes (for a progress bar); ``meta``
+    (the command, the machine) is stored as it is."""
     check_study_folder(study_dir, scale, variants)
     runs = plan(scale, variants)
     results, curves = [], {}
@@ -268,7 +269,7 @@ def run_study(study_dir: str, train_images, test_images, scale: StudyScale, vari
         results.append(run_one(run, study_dir, train_images, test_images, scale, backend=backend,
                                on_seconds=progress))
         curves[run["name"]] = run_curves(os.path.join(study_dir, "runs", run["name"]))["eval"]
-    study = {**_scale_record(scale, variants), "image_shape": list(runs[0]["preset"].model.image_shape),
+    study = {**_scale_record(scale, variants), "meta": meta or {}, "image_shape": list(runs[0]["preset"].model.image_shape),
              "runs": results, "curves": curves, "summary": summarize(results, curves, variants),
              "presets": {r["name"]: {"preset": r["preset"].name, "model": dataclasses.asdict(r["preset"].model),
                                      "train": dataclasses.asdict(r["preset"].train)} for r in runs}}

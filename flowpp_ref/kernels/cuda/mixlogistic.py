@@ -27,7 +27,7 @@ Backward (responsibilities rF, rG, rP; upstream gF, gG, gP)::
 
 Inverse: rtsafe on g(x) = log F - log(1-F) - logit(y), bracket [min_k q_k, max_k q_k]
 with q_k = mu_k + exp(s_k) logit(y), start sum_k w_k q_k; per-element stopping rule
-(|step| <= tol or bracket narrower than tol), exactly as ``_ref_invcdf_hybrid``.
+(``|step| <= tol`` or bracket narrower than tol), exactly as ``_ref_invcdf_hybrid``.
 The release's bisection has a *global* stopping rule (all elements at once), so it stays
 on the plain-array reference on every backend (on CuPy with the rule evaluated on the device,
 no host read per iteration: ``_ref_invcdf_bisection_device`` in

@@ -1,21 +1,21 @@
 """CuPy kernels of the fused optimiser step (:mod:`flowpp_ref.training.fused`): one source text built for
 the GPU and, in the tests, for the CPU (:mod:`flowpp_ref.kernels.cuda.build`).
 
-Three launches over flat buffers (parameters p, gradients g, Adam moments m, v, EMA shadow s):
+Three launches over flat buffers (parameters p, gradients g, Adam moments m, v, EMA shadow s)::
 
-``sumsq_partial`` (P work items)   partial[i] = sum_{j = i, i + P, ...} g_j^2              (double)
-``step_finish``   (1 work item)    ||g|| = sqrt(sum_i partial[i]),  ok = loss and ||g|| finite
-                                   c = ok ? max_norm / max(||g||, max_norm) : 0       (clipping)
-                                   t' = t + ok (applied updates, Adam's and the EMA's counters)
-                                   scal = [||g||, ok, c, lr / (1 - b1^t'), 1 / sqrt(1 - b2^t')]
-``step_update``   (N work items)   if ok:  g = c g
-                                           m = b1 m + (1 - b1) g
-                                           v = b2 v + (1 - b2) g^2          (Adam)
-                                             = max(b2 v, |g|)               (Adamax, Glow's release)
-                                           p -= lr_t m / (sqrt(v) / sqrt(1 - b2^t') + eps)             (Adam)
-                                              -= lr_t sqrt(1 - b2^t') m / (v + eps)                     (Adamax)
-                                           s = d s + (1 - d) p
-                                   (lr_t = lr / (1 - b1^t'); t' = max(t', 1) in the corrections)
+    sumsq_partial     (P work items)   partial[i] = sum_{j = i, i + P, ...} g_j^2              (double)
+    step_finish       (1 work item)    ||g|| = sqrt(sum_i partial[i]),  ok = loss and ||g|| finite
+                                       c = ok ? max_norm / max(||g||, max_norm) : 0       (clipping)
+                                       t' = t + ok (applied updates, Adam's and the EMA's counters)
+                                       scal = [||g||, ok, c, lr / (1 - b1^t'), 1 / sqrt(1 - b2^t')]
+    step_update       (N work items)   if ok:  g = c g
+                                               m = b1 m + (1 - b1) g
+                                               v = b2 v + (1 - b2) g^2          (Adam)
+                                                 = max(b2 v, |g|)               (Adamax, Glow's release)
+                                               p -= lr_t m / (sqrt(v) / sqrt(1 - b2^t') + eps)             (Adam)
+                                                  -= lr_t sqrt(1 - b2^t') m / (v + eps)                     (Adamax)
+                                               s = d s + (1 - d) p
+                                       (lr_t = lr / (1 - b1^t'); t' = max(t', 1) in the corrections)
 
 The counters are read from one buffer and written to another (the caller alternates them), so no
 work item reads a value another one writes in the same launch.

@@ -88,7 +88,7 @@ With explicit vectors (:mod:`flowpp_ref.kernels.numba.simd`: an LLVM ``<16 x flo
 register across loops) 16 queries run side by side, one lane each, and the keys one at a time:
 c q^T (8 vectors), the sums l and o (9 vectors) stay in registers, each key's 16 numbers are
 broadcast from memory into the multiply-adds (no transposes, no stored scores, no horizontal
-sums). It has no running maximum: M_i = |c q_i| max_j |k_j| >= S_ij bounds every score of row i
+sums). It has no running maximum: ``M_i = |c q_i| max_j |k_j| >= S_ij`` bounds every score of row i
 (Cauchy-Schwarz), so l_i = sum_j exp(S_ij - M_i) and o_i = sum_j exp(S_ij - M_i) v_j give
 A_i = o_i / l_i and L_i = M_i + log l_i exactly as the maximum would, as long as no term that
 matters underflows. Since l_i <= T exp(max_j S_ij - M_i), l_i > T e^-60 proves

@@ -20,6 +20,8 @@ Math::
 computed for x clamped to [-746, 710] (float32: [-104, 89]): below, exp underflows to 0;
 above, the product overflows to inf; nan stays nan.
 
+::
+
     expm1(x) = x + x^2/2! + ... + x^8/8!   for |x| <= 1/2 (float32; Horner, no cancellation)
              = exp(x) - 1                   otherwise;   float64: np.expm1 (libm)
 
@@ -29,7 +31,7 @@ once; float32 expm1 within 3e-7 relative.
 
 Compiled without ``reassoc`` (``EXACT_OPTS``): reassociation would fold the rounding trick
 ``(v + c) - c`` into ``v`` and the two-constant reduction into one product (7 digits lost at
-|x| ~ 700).
+``|x| ~ 700``).
 
 The kernels that inline these functions live in other modules of this folder; their on-disk
 cache is keyed on every source file of the folder (:mod:`flowpp_ref.kernels.numba`), so a change

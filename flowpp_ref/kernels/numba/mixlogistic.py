@@ -33,7 +33,7 @@ Where the speed comes from (same math as the reference):
    ``exp(-|z|)`` -- against the reference's seven transcendental calls. Sums of
    positive terms lose no precision, they can only underflow: when one of the
    three sums falls below ``_tiny`` (1e-280 in float64, 1e-28 in float32: deep
-   tails, |z| > ~640 or ~64), the element is recomputed in float64 by the
+   tails, ``|z|`` > ~640 or ~64), the element is recomputed in float64 by the
    max-shifted log-space path :func:`_log_eval` (the reference's formulas, libm
    ``exp``/``log1p``). Above ``_tiny`` the terms dropped by underflow are
    negligible to round-off (each is below the smallest normal number).
