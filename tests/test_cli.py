@@ -9,7 +9,7 @@ import pytest
 from flowpp_ref.cli.commands import build_parser, main
 
 
-@pytest.mark.parametrize("cmd", ["train", "eval", "sample", "demo"])
+@pytest.mark.parametrize("cmd", ["train", "eval", "sample", "demo", "study"])
 def test_every_subcommand_explains_its_options(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([cmd, "--help"])

@@ -58,7 +58,7 @@ def test_summary_statistics_and_the_equal_step():
     assert summ["variants"]["glow"]["paper"]["bpd"] == 3.35 and f["paper"]["bpd"] == 3.09
     study = {"scale": S.dataclasses.asdict(S.StudyScale(seeds=2)), "image_shape": [16, 16, 3], "summary": summ}
     md = table_markdown(study)
-    assert "| Flow++ | 1,000 | 450 ± 71 | 5.100 ± 0.141 |" in md and "3.35 (Table 1)" in md, md
+    assert "| Flow++ | 1,000 | 450 ± 71 | 5.100 ± 0.141 |" in md and "3.350 (Table 1)" in md, md
 
 
 @pytest.mark.slow
@@ -111,3 +111,23 @@ def test_a_killed_study_continues_where_it_stopped(tmp_path, monkeypatch):
         assert os.path.getsize(os.path.join(study_dir, f)) > 0
     saved = json.load(open(os.path.join(study_dir, "study.json")))
     assert saved["summary"]["equal_step"] >= 10 and set(saved["curves"]) == set(by)
+
+
+def test_the_study_command_refuses_bad_input_clearly(tmp_path, capsys):
+    """Out-of-range settings, CIFAR-10 without a folder, and a study folder of other settings: exit 2,
+    one line that says what was wrong, nothing trained."""
+    from flowpp_ref.cli import main
+    out = str(tmp_path / "st")
+    for argv, said in ((["--seeds", "0"], "--seeds must be an integer >= 1, got 0"),
+                       (["--minutes", "0"], "--minutes: must be a number > 0, got 0"),
+                       (["--data", "cifar10"], "--data cifar10 needs --data-dir")):
+        try:
+            code = main(["study", "--out", out, "--no-progress", *argv])
+        except SystemExit as e:                 # argparse's range check exits
+            code = e.code
+        assert code == 2 and said in capsys.readouterr().err
+    S.check_study_folder(out, S.StudyScale(minutes=1.0, seeds=1), S.VARIANTS)
+    assert main(["study", "--out", out, "--no-progress", "--minutes", "2", "--seeds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a study with other settings (minutes 1.0 there, 2.0 asked)" in err
+    assert not os.path.exists(os.path.join(out, "runs"))

@@ -42,7 +42,7 @@ def table_markdown(study: dict) -> str:
     for v, r in summ["variants"].items():
         paper = r["paper"]
         lines.append(f"| {LABELS.get(v, v)} | {r['num_parameters']:,} | {_pm(r['steps'], 0)} | {_pm(r['test_bpd'])} | "
-                     f"{_pm(r['iw_bpd'])} | {_pm(r['bpd_at_equal_step'])} | {paper['bpd']} ({paper['table']}) | "
+                     f"{_pm(r['iw_bpd'])} | {_pm(r['bpd_at_equal_step'])} | {paper['bpd']:.3f} ({paper['table']}) | "
                      f"{paper.get('first', '-')} |")
     return "\n".join(lines) + "\n"
 

@@ -210,14 +210,13 @@ def check_study_folder(study_dir: str, scale: StudyScale, variants) -> None:
     if os.path.exists(path):
         with open(path) as f:
             have = json.load(f)
-        diff = [k for k in want["scale"] if have.get("scale", {}).get(k) != want["scale"][k]]
+        diff = [f"{k} {have.get('scale', {}).get(k)!r} there, {v!r} asked" for k, v in want["scale"].items()
+                if have.get("scale", {}).get(k) != v]
         if have.get("variants") != want["variants"]:
-            diff.append("variants")
+            diff.append(f"variants {have.get('variants')} there, {want['variants']} asked")
         if diff:
-            raise ValueError(f"{study_dir} holds a study with other settings ({', '.join(diff)}: "
-                             + "; ".join(f"{k} {have.get('scale', have).get(k)!r} there, {want['scale'].get(k, want.get(k))!r} "
-                                         "asked" for k in diff)
-                             + "): give the same settings to continue it, or another --out for a new study")
+            raise ValueError(f"{study_dir} holds a study with other settings ({'; '.join(diff)}): give the same "
+                             "settings to continue it, or another --out for a new study")
         return
     os.makedirs(study_dir, exist_ok=True)
     runfolder.atomic_write_text(path, json.dumps(want, indent=2))
