@@ -76,6 +76,9 @@ def plot_curves(study: dict, path: str) -> None:
         color = f"C{i}"
         _band(axes[0], [e[:, 0] for e in evs], [e[:, 2] for e in evs], LABELS.get(v, v), color)
         _band(axes[1], [e[:, 1] / 60 for e in evs], [e[:, 2] for e in evs], LABELS.get(v, v), color)
+    finals = [r["test_bpd"] for r in study["runs"]]
+    if finals:                                    # the end of training, not the first steps, decides the scale
+        axes[0].set_ylim(min(finals) - 0.1, max(finals) + 0.6)
     axes[0].set(xlabel="training step", ylabel="test bits/dim (EMA)", title="against steps")
     axes[1].set(xlabel="training time (min)", title="against time")
     for ax in axes:
