@@ -598,13 +598,19 @@ def _finish(run, st, log, ckpts, guard, step):
     return summary
 
 
+def _test_bpd(run, st, step) -> float:
+    """Test bits/dim (the ELBO) of the model's current parameters on the first ``eval_batches`` batches."""
+    tc = run.preset.train
+    return evaluate(st.model, run.test_images, batch_size=tc.batch_size, max_batches=tc.eval_batches,
+                    seed=tc.seed, label=f"the test images at step {step}", comm=run.comm)["bpd"]
+
+
 def _test_scores(run, st, step):
     """Test bits/dim (the ELBO, :func:`~flowpp_ref.training.evaluation.evaluate`) and the
     inverse's error ``val_inverr``, with the EMA parameters."""
     tc = run.preset.train
     with use_ema(st.model, st.ema):
-        bpd = evaluate(st.model, run.test_images, batch_size=tc.batch_size, max_batches=tc.eval_batches,
-                       seed=tc.seed, label=f"the test images at step {step}", comm=run.comm)["bpd"]
+        bpd = _test_bpd(run, st, step)
         inverr = inverse_error(st.model, run.test_images, batch_size=tc.batch_size, max_batches=tc.eval_batches,
                                seed=tc.seed)
     return {"test_bpd": bpd, "val_inverr": inverr}
@@ -614,10 +620,9 @@ def _periodic_eval(run, st, log, step) -> float:
     """Every ``eval_every`` steps: test bits/dim with the EMA parameters (the end-of-run protocol,
     :func:`_test_scores`, without ``val_inverr``), logged as ``{"step", "test_bpd", "time_s"}``.
     Returns the seconds it took, which the time budget and ``time_s`` leave out."""
-    tc, t0 = run.preset.train, time.perf_counter()
+    t0 = time.perf_counter()
     with use_ema(st.model, st.ema):
-        bpd = evaluate(st.model, run.test_images, batch_size=tc.batch_size, max_batches=tc.eval_batches,
-                       seed=tc.seed, label=f"the test images at step {step}", comm=run.comm)["bpd"]
+        bpd = _test_bpd(run, st, step)
     log.write({"step": step, "test_bpd": bpd, "time_s": round(t0 - log.t_origin, 3)})
     spent = time.perf_counter() - t0
     log.pause(spent)
