@@ -16,9 +16,13 @@ without ``nnan``/``ninf`` so that nan/inf behave as in NumPy).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
+import sys
 
 import numba
+
+from flowpp_ref.runtime.threads import foreign_libgomp
 
 SAFE_FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 NUMBA_OPTS = dict(cache=True, nogil=True, fastmath=SAFE_FASTMATH)
@@ -55,20 +59,50 @@ def choose_threading_layer() -> None:
 
     * OpenMP where libgomp loads and its spin is bounded: ``GOMP_SPINCOUNT`` or
       ``OMP_WAIT_POLICY`` is set, by the user or by :func:`flowpp_ref.runtime.threads.tune_threads`
-      (which the ``flowpp`` command calls first);
+      (which the ``flowpp`` command calls first). If another library loaded a libgomp before
+      ``tune_threads`` set the variable (PyTorch does), numba's OpenMP pool is loaded with
+      ``RTLD_DEEPBIND`` so that it uses its own libgomp, which reads the bounded spin as it loads;
+      where that cannot be done, workqueue;
     * otherwise workqueue, which never spins (slower launches, but no fight over the cores).
 
     GNU OpenMP is not fork-safe: a process forked after the first parallel kernel (not exec'd)
     must not run parallel kernels; flowpp_ref forks nowhere.
+
+    Called again after ``tune_threads`` (as :func:`flowpp_ref.training.loop.train` does), it revises
+    its own earlier choice as long as numba has not started its threads.
     """
-    if numba.config.THREADING_LAYER != "default":
+    ours = _state.get("layer") == numba.config.THREADING_LAYER
+    if numba.config.THREADING_LAYER != "default" and not (ours and not _numba_threads_started()):
         return
     bounded_spin = "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ
-    ok = False
-    if bounded_spin:
-        try:
-            from numba.np.ufunc import omppool
-            ok = omppool.openmp_vendor in ("GNU", "Intel")
-        except ImportError:
-            ok = False
-    numba.config.THREADING_LAYER = "omp" if ok else "workqueue"
+    numba.config.THREADING_LAYER = "omp" if bounded_spin and _load_omppool() else "workqueue"
+    _state["layer"] = numba.config.THREADING_LAYER
+
+
+def _numba_threads_started() -> bool:
+    parallel = sys.modules.get("numba.np.ufunc.parallel")
+    return bool(getattr(parallel, "_is_initialized", True)) if parallel else False
+
+
+_OMPPOOL = "numba.np.ufunc.omppool"
+
+
+def _load_omppool() -> bool:
+    """Import numba's OpenMP pool (deep-bound to its own libgomp if a foreign one came first);
+    whether it is a GNU or Intel OpenMP whose spin the environment bounds."""
+    foreign = foreign_libgomp()
+    if foreign and _OMPPOOL in sys.modules:
+        return False                     # loaded before the spin was bounded, and bound as it was
+    flags = sys.getdlopenflags()
+    deep = bool(foreign) and hasattr(os, "RTLD_DEEPBIND")
+    if foreign and not deep:
+        return False
+    try:
+        if deep:
+            sys.setdlopenflags(os.RTLD_NOW | os.RTLD_DEEPBIND)
+        omppool = importlib.import_module(_OMPPOOL)
+    except ImportError:
+        return False
+    finally:
+        sys.setdlopenflags(flags)
+    return omppool.openmp_vendor in ("GNU", "Intel")

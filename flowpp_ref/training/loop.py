@@ -76,6 +76,8 @@ from flowpp_ref.model.presets import ModelConfig, Preset, TrainConfig, get_prese
 from flowpp_ref.runtime import distributed as dist
 from flowpp_ref.runtime import runfolder
 from flowpp_ref.runtime.checkpoint import load_checkpoint, save_checkpoint
+from flowpp_ref.runtime.threads import tune_threads
+from flowpp_ref.kernels import choose_threading_layer
 from flowpp_ref.runtime.options import ConfigError, check_model_config, check_run_limits, check_train_config
 from flowpp_ref.runtime.runfolder import TrainingInterrupted  # noqa: F401  (re-exported)
 from flowpp_ref.training.evaluation import evaluate, inverse_error, use_ema
@@ -221,7 +223,10 @@ def train(preset, train_images, test_images=None, *, out_dir=None, steps=None, m
     a single process unless started by mpiexec/srun); ``batch_size`` is the global batch.
     ``out_dir`` is locked (:class:`~flowpp_ref.runtime.runfolder.RunFolderLock`) while the
     run writes into it: a second run on it raises :class:`~flowpp_ref.runtime.runfolder.RunFolderBusy`.
+    Calls :func:`~flowpp_ref.runtime.threads.tune_threads` first (idle thread pools sleep at once).
     """
+    tune_threads()
+    choose_threading_layer()                # again: the spin may be bounded now
     comm = dist.get_comm(backend=backend) if comm is None else comm
     args = dict(out_dir=out_dir, steps=steps, minutes=minutes, resume=resume, backend=backend, comm=comm,
                 say=_reporter(report, comm))
