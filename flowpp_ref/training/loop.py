@@ -83,6 +83,7 @@ from flowpp_ref.runtime.runfolder import TrainingInterrupted  # noqa: F401  (re-
 from flowpp_ref.training.evaluation import evaluate, inverse_error, use_ema
 from flowpp_ref.training.keyed_rng import KeyedRNG, key_of
 from flowpp_ref.training.fused import FusedUpdate
+from flowpp_ref.training.warmup import start_background_compile
 from flowpp_ref.training.optim import OPTIMIZERS, EMA, Adam, clip_scale, global_grad_norm_array, warmup_lr  # noqa: F401
 from flowpp_ref.training.schedules import learning_rate
 
@@ -227,6 +228,8 @@ def train(preset, train_images, test_images=None, *, out_dir=None, steps=None, m
     """
     tune_threads()
     choose_threading_layer()                # again: the spin may be bounded now
+    if backend == "numpy":
+        start_background_compile()          # empty numba cache: backward kernels compiled alongside
     comm = dist.get_comm(backend=backend) if comm is None else comm
     args = dict(out_dir=out_dir, steps=steps, minutes=minutes, resume=resume, backend=backend, comm=comm,
                 say=_reporter(report, comm))
