@@ -18,8 +18,11 @@ unset in that worker alone, ``--envs``) measures, with ``--threads`` threads:
 
 **Cold start** (``--cold-start``): the time from starting ``python -c`` to the end of the first
 training step of ``flowpp_ref.training.loop.train`` (``steps=1``, data-dependent init included) on the
-embedded images, with an empty numba cache (``NUMBA_CACHE_DIR`` a new folder) and then with the cache
-that run filled.
+embedded images: with an empty numba cache (``NUMBA_CACHE_DIR`` a new folder) and ``FLOWPP_WARMUP=off``
+(every kernel compiled by the training process), with an empty cache as a user's first run has it (the
+backward kernels compiled alongside by :mod:`flowpp_ref.training.warmup`), then with the cache that run
+filled. The worker with ``--torch-first`` calls ``flowpp_ref.tune_threads()`` after importing torch, as
+the worker without it does; its JSON row has ``threads_report`` (what was re-tuned).
 
 Usage::
 
@@ -29,6 +32,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import subprocess
@@ -53,6 +57,8 @@ def worker(a):
     import flowpp_ref
     flowpp_ref.tune_threads()
     import tracemalloc
+
+    from flowpp_ref.runtime.threads import thread_report
 
     import numpy as np
 
@@ -93,7 +99,7 @@ def worker(a):
                           step_gflops=fl["total"] / step / 1e9, efficiency=fl["total"] / step / 1e9 / gflops_gemm,
                           tracemalloc_peak_mb=peak / 2 ** 20, maxrss_growth_mb=(maxrss_bytes() - rss0) / 2 ** 20,
                           torch_first=a.torch_first, batch=p.train.batch_size,
-                          openblas_coretype=os.environ.get("OPENBLAS_CORETYPE"))))
+                          openblas_coretype=os.environ.get("OPENBLAS_CORETYPE"), threads_report=thread_report())))
 
 
 COLD = """
@@ -111,20 +117,31 @@ print("FIRST_STEP_S", first[0] - t_start)
 
 
 def cold_start(preset: str, threads: int) -> dict:
-    """Seconds from process start to the end of the first step: empty numba cache, then warm."""
+    """Seconds from process start to the end of the first step: empty numba cache without the background
+    compile (``FLOWPP_WARMUP=off``), empty cache with it (the default), then the warm cache."""
     out = {}
-    with tempfile.TemporaryDirectory() as cache:
+    for label in ("cold_no_warmup", "cold", "warm"):
+        if label != "warm":
+            cache = tempfile.mkdtemp(prefix="numba-cold-")
         env = thread_env(threads)
         env["NUMBA_CACHE_DIR"] = cache
-        for label in ("cold", "warm"):
-            t0 = time.time()
-            r = subprocess.run([sys.executable, "-c", COLD.format(preset=preset), repr(t0)], env=env, cwd=ROOT,
-                               capture_output=True, text=True, timeout=900)
-            line = [ln for ln in r.stdout.splitlines() if ln.startswith("FIRST_STEP_S")]
-            if r.returncode or not line:
-                raise RuntimeError(f"cold-start worker failed:\n{r.stderr[-3000:]}")
-            out[label] = float(line[0].split()[1])
+        if label == "cold_no_warmup":
+            env["FLOWPP_WARMUP"] = "off"
+        t0 = time.time()
+        r = subprocess.run([sys.executable, "-c", COLD.format(preset=preset), repr(t0)], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=900)
+        line = [ln for ln in r.stdout.splitlines() if ln.startswith("FIRST_STEP_S")]
+        if r.returncode or not line:
+            raise RuntimeError(f"cold-start worker failed:\n{r.stderr[-3000:]}")
+        out[label] = float(line[0].split()[1])
+        _wait_for_warmup(cache)             # the background compile of a cold run finishes before the next run
     return out
+
+
+def _wait_for_warmup(cache, limit_s=300):
+    t0 = time.time()
+    while glob.glob(os.path.join(cache, "**", "flowpp-warmup.lock"), recursive=True) and time.time() - t0 < limit_s:
+        time.sleep(0.5)
 
 
 def run_worker(config, args, unset, torch_first):
@@ -173,7 +190,8 @@ def main(argv=None):
     if a.cold_start:
         result["cold_start"] = {c: cold_start(CONFIGS[c][0], a.threads) for c in a.configs if not CONFIGS[c][1]}
         for c, v in result["cold_start"].items():
-            print(f"cold start {c}: {v['cold']:.1f} s with an empty numba cache, {v['warm']:.1f} s warm")
+            print(f"cold start {c}: {v['cold']:.1f} s with an empty numba cache ({v['cold_no_warmup']:.1f} s without "
+                  f"the background compile, FLOWPP_WARMUP=off), {v['warm']:.1f} s warm")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(result, f, indent=1)
