@@ -76,6 +76,7 @@ def test_numpy_loaded_first_its_openblas_is_retuned():
 _LAYER = ("import flowpp_ref, sys, os; changed = flowpp_ref.tune_threads() if 'tune' in sys.argv else []\n"
           "import numba, numpy as np, os\n"
           "import flowpp_ref.kernels.numba.layernorm  # a kernel module: it picks the layer\n"
+          "import flowpp_ref.kernels.numba.softmax    # and a second one: the same choice\n"
           "@numba.njit(parallel=True)\n"
           "def f(x):\n"
           "    for i in numba.prange(x.shape[0]):\n"

@@ -90,6 +90,8 @@ _OMPPOOL = "numba.np.ufunc.omppool"
 def _load_omppool() -> bool:
     """Import numba's OpenMP pool (deep-bound to its own libgomp if a foreign one came first);
     whether it is a GNU or Intel OpenMP whose spin the environment bounds."""
+    if "omppool_ok" in _state:           # loaded here before (deep-bound or not): the same answer
+        return _state["omppool_ok"]
     foreign = foreign_libgomp()
     if foreign and _OMPPOOL in sys.modules:
         return False                     # loaded before the spin was bounded, and bound as it was
@@ -105,4 +107,5 @@ def _load_omppool() -> bool:
         return False
     finally:
         sys.setdlopenflags(flags)
-    return omppool.openmp_vendor in ("GNU", "Intel")
+    _state["omppool_ok"] = omppool.openmp_vendor in ("GNU", "Intel")
+    return _state["omppool_ok"]
