@@ -111,12 +111,12 @@ from flowpp_ref.training.loop import train
 x = load_default_dataset("train")[0]
 first = []
 train("{preset}", x, steps=1, progress=False, on_step=lambda s, r: first.append(time.time()),
-      overrides=dict(log_every=1))
+      overrides=dict(log_every=1, **{overrides}))
 print("FIRST_STEP_S", first[0] - t_start)
 """
 
 
-def cold_start(preset: str, threads: int) -> dict:
+def cold_start(preset: str, overrides: dict, threads: int) -> dict:
     """Seconds from process start to the end of the first step: empty numba cache without the background
     compile (``FLOWPP_WARMUP=off``), empty cache with it (the default), then the warm cache."""
     out = {}
@@ -128,7 +128,8 @@ def cold_start(preset: str, threads: int) -> dict:
         if label == "cold_no_warmup":
             env["FLOWPP_WARMUP"] = "off"
         t0 = time.time()
-        r = subprocess.run([sys.executable, "-c", COLD.format(preset=preset), repr(t0)], env=env, cwd=ROOT,
+        code = COLD.format(preset=preset, overrides=repr(overrides))
+        r = subprocess.run([sys.executable, "-c", code, repr(t0)], env=env, cwd=ROOT,
                            capture_output=True, text=True, timeout=900)
         line = [ln for ln in r.stdout.splitlines() if ln.startswith("FIRST_STEP_S")]
         if r.returncode or not line:
@@ -188,7 +189,7 @@ def main(argv=None):
                       f"peak {r['tracemalloc_peak_mb']:.0f} MB", flush=True)
     result = {"rows": rows, "threads": a.threads, "repeats": a.repeats}
     if a.cold_start:
-        result["cold_start"] = {c: cold_start(CONFIGS[c][0], a.threads) for c in a.configs if not CONFIGS[c][1]}
+        result["cold_start"] = {c: cold_start(*CONFIGS[c], a.threads) for c in a.configs}
         for c, v in result["cold_start"].items():
             print(f"cold start {c}: {v['cold']:.1f} s with an empty numba cache ({v['cold_no_warmup']:.1f} s without "
                   f"the background compile, FLOWPP_WARMUP=off), {v['warm']:.1f} s warm")
