@@ -69,6 +69,7 @@ import numpy as np
 from flowpp_ref.core.backend import array_module, asarray, get_xp, is_cupy, make_rng, rng_for, to_numpy
 from flowpp_ref.core.validation import check_pixels
 from flowpp_ref.datasets import reduce_bits
+from flowpp_ref.kernels import choose_threading_layer
 from flowpp_ref.bijections.batchnorm import BatchNormFlow
 from flowpp_ref.model import FlowPP
 from flowpp_ref.model.lineage import model_class
@@ -76,10 +77,9 @@ from flowpp_ref.model.presets import ModelConfig, Preset, TrainConfig, get_prese
 from flowpp_ref.runtime import distributed as dist
 from flowpp_ref.runtime import runfolder
 from flowpp_ref.runtime.checkpoint import load_checkpoint, save_checkpoint
-from flowpp_ref.runtime.threads import tune_threads
-from flowpp_ref.kernels import choose_threading_layer
 from flowpp_ref.runtime.options import ConfigError, check_model_config, check_run_limits, check_train_config
 from flowpp_ref.runtime.runfolder import TrainingInterrupted  # noqa: F401  (re-exported)
+from flowpp_ref.runtime.threads import tune_threads
 from flowpp_ref.training.evaluation import evaluate, inverse_error, use_ema
 from flowpp_ref.training.keyed_rng import KeyedRNG, key_of
 from flowpp_ref.training.fused import FusedUpdate
@@ -224,7 +224,8 @@ def train(preset, train_images, test_images=None, *, out_dir=None, steps=None, m
     a single process unless started by mpiexec/srun); ``batch_size`` is the global batch.
     ``out_dir`` is locked (:class:`~flowpp_ref.runtime.runfolder.RunFolderLock`) while the
     run writes into it: a second run on it raises :class:`~flowpp_ref.runtime.runfolder.RunFolderBusy`.
-    Calls :func:`~flowpp_ref.runtime.threads.tune_threads` first (idle thread pools sleep at once).
+    Calls :func:`~flowpp_ref.runtime.threads.tune_threads` first (idle thread pools sleep at once) and,
+    on NumPy with an empty numba cache, :func:`~flowpp_ref.training.warmup.start_background_compile`.
     """
     tune_threads()
     choose_threading_layer()                # again: the spin may be bounded now
